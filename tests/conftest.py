@@ -1,0 +1,21 @@
+"""Shared test set-up: quiet TF, two logical CPUs for MirroredStrategy tests."""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import pytest  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+# Two logical CPU devices, so MirroredStrategy with 2 replicas runs in-process.
+_cpus = tf.config.list_physical_devices("CPU")
+tf.config.set_logical_device_configuration(
+    _cpus[0], [tf.config.LogicalDeviceConfiguration()] * 2)
+
+
+@pytest.fixture
+def tiny_cfg():
+  """A Config for tiny, fast runs; tests override what they exercise."""
+  from tfcapacity import config
+  return config.make(width=8, depth=1, epochs=1, batch_size="32",
+                     eval_batch_size=256, progress_bar=False, export=False)

@@ -1,0 +1,375 @@
+"""Every tfcapacity flag, defined once and validated at the edge.
+
+The flag names are a contract: flagfiles, the sweep tool and outside checks use
+them. Library code never reads `absl.flags.FLAGS`; it takes a `Config`, the
+plain values of these flags, so that tests and notebooks build one with
+`config.make(width=8, epochs=1)` and get exactly the defaults the CLI has.
+
+`--batch_size` is a string because it also takes the value `full`
+(full-batch gradient descent); `Config.batch_size` keeps that string and
+`Config.global_batch_size(num_examples)` resolves it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from absl import flags
+
+from tfcapacity.errors import UserError
+
+# Flags that say how to run, not what is computed: a run directory may be
+# resumed with different values of these.
+OPERATIONAL_FLAGS = frozenset({
+    "model_dir", "overwrite", "progress_bar", "data_dir", "manual_dir",
+    "steps_per_loop", "keep_checkpoints", "checkpoint_every_steps", "export",
+    "cache_dir", "strategy", "cpu_replicas", "eval_batch_size",
+    "full_batch_chunk",
+})
+
+_DEFINED: list[str] = []
+
+
+def _positive(name):
+  return (lambda v: v is None or v > 0, f"--{name} must be positive")
+
+
+def _non_negative(name):
+  return (lambda v: v is None or v >= 0, f"--{name} must be >= 0")
+
+
+def _batch_size_ok(value):
+  if value == "full":
+    return True
+  try:
+    return int(value) > 0
+  except (TypeError, ValueError):
+    return False
+
+
+def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
+  """Defines all tfcapacity flags on `fv` (idempotent per FlagValues)."""
+  if "dataset" in fv:
+    return
+  names_before = set(fv)
+
+  # Data.
+  flags.DEFINE_string(
+      "dataset", "digits",
+      "digits | mnist1d | synthetic | hdf5:<path> | tfds:<name> (e.g. "
+      "tfds:cifar10).", flag_values=fv)
+  flags.DEFINE_string(
+      "test_dataset", None,
+      "Optional second HDF5 file (hdf5:<path> or a path) that serves as the "
+      "test split of an hdf5: dataset.", flag_values=fv)
+  flags.DEFINE_string("data_dir", None,
+                      "tensorflow-datasets data directory.", flag_values=fv)
+  flags.DEFINE_string("manual_dir", None,
+                      "tensorflow-datasets manual-download directory.",
+                      flag_values=fv)
+  flags.DEFINE_string(
+      "cache_dir", None,
+      "Where generated data (mnist1d) is cached; default "
+      "$TFCAPACITY_CACHE or ~/.cache/tfcapacity.", flag_values=fv)
+  flags.DEFINE_string("hdf5_features", "features",
+                      "Name of the features dataset in HDF5 files.",
+                      flag_values=fv)
+  flags.DEFINE_string("hdf5_labels", "labels",
+                      "Name of the labels dataset in HDF5 files.",
+                      flag_values=fv)
+  flags.DEFINE_bool(
+      "standardize", False,
+      "Standardise HDF5 features with training-split mean and std (else "
+      "used as stored).", flag_values=fv)
+  flags.DEFINE_float(
+      "holdout_fraction", 0.0,
+      "For a flat HDF5 file: fraction of examples (the file's last ones) "
+      "held out as the test split. 0 = none.", flag_values=fv)
+  flags.DEFINE_bool("shuffle", True, "Shuffle training examples each epoch.",
+                    flag_values=fv)
+  flags.DEFINE_integer("shuffle_buffer", 10000,
+                       "Shuffle buffer (examples) for streamed datasets.",
+                       flag_values=fv)
+  flags.DEFINE_bool(
+      "augment", False,
+      "Standard CIFAR augmentation (pad 4, random 32x32 crop, horizontal "
+      "flip) on image datasets.", flag_values=fv)
+  flags.DEFINE_bool(
+      "channel_normalize", False,
+      "Normalise image inputs per channel with training-set mean and std.",
+      flag_values=fv)
+  flags.DEFINE_enum(
+      "input_format", "auto", ["auto", "flat", "image"],
+      "Digits as flat 64-vectors or 8x8x1 images; auto = images for conv "
+      "models.", flag_values=fv)
+  flags.DEFINE_integer("data_seed", 0,
+                       "Seed of generated datasets (mnist1d, synthetic).",
+                       flag_values=fv)
+  flags.DEFINE_integer("mnist1d_examples", 5000,
+                       "Total mnist1d examples generated (train + test).",
+                       flag_values=fv)
+  flags.DEFINE_float("mnist1d_test_fraction", 0.2,
+                     "Fraction of mnist1d examples in the test split.",
+                     flag_values=fv)
+  flags.DEFINE_integer("synthetic_examples", 1000,
+                       "Training examples of the synthetic dataset.",
+                       flag_values=fv)
+  flags.DEFINE_integer("synthetic_test_examples", 200,
+                       "Test examples of the synthetic dataset.",
+                       flag_values=fv)
+  flags.DEFINE_integer("synthetic_dim", 20,
+                       "Input dimension of the synthetic dataset.",
+                       flag_values=fv)
+  flags.DEFINE_integer("synthetic_classes", 10,
+                       "Classes of the synthetic dataset.", flag_values=fv)
+  flags.DEFINE_enum(
+      "synthetic_labels", "teacher", ["teacher", "random"],
+      "Synthetic labels: argmax of a random teacher network, or uniform at "
+      "random.", flag_values=fv)
+  flags.DEFINE_bool(
+      "random_labels", False,
+      "Replace training labels by a fixed uniform random draw seeded by "
+      "--seed (Zhang et al. 2017).", flag_values=fv)
+  flags.DEFINE_float(
+      "label_noise", 0.0,
+      "Fraction p of training labels replaced by a uniformly random class.",
+      flag_values=fv)
+  flags.DEFINE_integer("train_subset", None,
+                       "Use only the first N training examples.",
+                       flag_values=fv)
+
+  # Model.
+  flags.DEFINE_string("model", "mlp", "mlp | fc_resnet | resnet.",
+                      flag_values=fv)
+  flags.DEFINE_integer(
+      "width", 256,
+      "Hidden units per layer (mlp, fc_resnet); base filters (resnet, 16 "
+      "in He et al.).", flag_values=fv)
+  flags.DEFINE_integer(
+      "depth", 1,
+      "Hidden layers (mlp, fc_resnet); total layers 6n+2 (resnet: 20, 32, "
+      "56, ...).", flag_values=fv)
+  flags.DEFINE_string(
+      "activation", "relu",
+      "sigmoid | relu | leaky_relu | tanh | softplus | linear.",
+      flag_values=fv)
+  flags.DEFINE_string(
+      "kernel_init", "glorot_uniform",
+      "glorot_uniform | glorot_normal | he_normal | lecun_normal | "
+      "orthogonal.", flag_values=fv)
+  flags.DEFINE_string("normalization", "none", "none | batch | ghost.",
+                      flag_values=fv)
+  flags.DEFINE_integer(
+      "ghost_batch_size", 50,
+      "Sub-batch size of ghost batch norm (must divide the per-replica "
+      "batch).", flag_values=fv)
+  flags.DEFINE_float("bn_momentum", 0.9,
+                     "Momentum of batch-norm moving statistics.",
+                     flag_values=fv)
+  flags.DEFINE_bool(
+      "zero_init_classifier", False,
+      "Initialise the classifier kernel and all biases to zero (the "
+      "capacity study's network).", flag_values=fv)
+  flags.DEFINE_float("residual_scale", 1.0,
+                     "Scale of each residual branch (fc_resnet).",
+                     flag_values=fv)
+  flags.DEFINE_float(
+      "leaky_slope", 0.0,
+      "Initial negative-side slope of rectifiers (resnet, and mlp with "
+      "leaky_relu); 0 = ReLU.", flag_values=fv)
+
+  # Optimisation.
+  flags.DEFINE_string("optimizer", "sgd", "sgd | adam.", flag_values=fv)
+  flags.DEFINE_float("learning_rate", 0.1, "Base learning rate.",
+                     flag_values=fv)
+  flags.DEFINE_float("momentum", 0.0, "SGD momentum.", flag_values=fv)
+  flags.DEFINE_bool("nesterov", False, "Nesterov momentum for SGD.",
+                    flag_values=fv)
+  flags.DEFINE_float("weight_decay", 0.0,
+                     "L2 penalty weight_decay/2 * ||kernels||^2 added to "
+                     "the loss.", flag_values=fv)
+  flags.DEFINE_string("lr_schedule", "constant", "constant | step | cosine.",
+                      flag_values=fv)
+  flags.DEFINE_list("lr_drop_epochs", [],
+                    "Epochs at which the step schedule multiplies the rate by "
+                    "--lr_drop_factor.", flag_values=fv)
+  flags.DEFINE_float("lr_drop_factor", 0.1, "Factor of each step drop.",
+                     flag_values=fv)
+  flags.DEFINE_float("warmup_epochs", 0.0,
+                     "Linear warm-up from 0 over this many epochs.",
+                     flag_values=fv)
+  flags.DEFINE_string(
+      "batch_size", "128",
+      "Global batch size, or 'full' for full-batch gradient descent.",
+      flag_values=fv)
+  flags.DEFINE_integer(
+      "full_batch_chunk", 2048,
+      "Examples per chunk when accumulating a full-batch gradient.",
+      flag_values=fv)
+  flags.DEFINE_integer("epochs", 10, "Training epochs.", flag_values=fv)
+  flags.DEFINE_integer("steps", None,
+                       "Training steps (overrides --epochs when set).",
+                       flag_values=fv)
+  flags.DEFINE_integer("eval_every", 1,
+                       "Evaluate on the whole train and test sets every N "
+                       "epochs (and at the end).", flag_values=fv)
+  flags.DEFINE_integer("eval_batch_size", 1024, "Batch size of evaluation.",
+                       flag_values=fv)
+  flags.DEFINE_integer(
+      "steps_per_loop", 50,
+      "Training steps run inside one tf.function call (in-graph loop).",
+      flag_values=fv)
+  flags.DEFINE_integer("seed", 0,
+                       "Seed of initialisation, data order and label draws.",
+                       flag_values=fv)
+  flags.DEFINE_bool(
+      "deterministic", False,
+      "Seed everything and enable TF op determinism (bitwise reproducible "
+      "runs and resumes).", flag_values=fv)
+
+  # Distribution and run directory.
+  flags.DEFINE_string(
+      "strategy", "auto",
+      "auto | one_device | mirrored | multi_worker_mirrored | tpu.",
+      flag_values=fv)
+  flags.DEFINE_integer(
+      "cpu_replicas", 1,
+      "Split the CPU into N logical devices (to run MirroredStrategy with N "
+      "replicas on a CPU-only machine).", flag_values=fv)
+  flags.DEFINE_string("model_dir", None, "Run directory.", flag_values=fv)
+  flags.DEFINE_bool(
+      "overwrite", False,
+      "Start afresh in a model_dir that holds a run with different flags.",
+      flag_values=fv)
+  flags.DEFINE_integer("keep_checkpoints", 3, "Checkpoints kept.",
+                       flag_values=fv)
+  flags.DEFINE_integer(
+      "checkpoint_every_steps", 0,
+      "Also checkpoint every N steps inside an epoch (0: at evaluations "
+      "only).", flag_values=fv)
+  flags.DEFINE_bool("progress_bar", True,
+                    "Show a progress bar when stderr is a terminal.",
+                    flag_values=fv)
+  flags.DEFINE_bool("export", True,
+                    "Write model.keras and saved_model/ at the end.",
+                    flag_values=fv)
+
+  for name in ("width", "depth", "ghost_batch_size", "epochs", "steps",
+               "eval_every", "eval_batch_size", "steps_per_loop",
+               "cpu_replicas", "keep_checkpoints", "full_batch_chunk",
+               "shuffle_buffer", "mnist1d_examples", "synthetic_examples",
+               "synthetic_test_examples", "synthetic_dim", "train_subset",
+               "learning_rate", "lr_drop_factor", "bn_momentum"):
+    flags.register_validator(name, *_positive(name), flag_values=fv)
+  for name in ("momentum", "weight_decay", "warmup_epochs",
+               "checkpoint_every_steps", "leaky_slope"):
+    flags.register_validator(name, *_non_negative(name), flag_values=fv)
+  flags.register_validator(
+      "synthetic_classes", lambda v: v >= 2,
+      "--synthetic_classes must be at least 2", flag_values=fv)
+  for name in ("label_noise", "holdout_fraction", "mnist1d_test_fraction"):
+    flags.register_validator(
+        name, lambda v: 0.0 <= v < 1.0, f"--{name} must be in [0, 1)",
+        flag_values=fv)
+  flags.register_validator(
+      "batch_size", _batch_size_ok,
+      "--batch_size must be a positive integer or 'full'", flag_values=fv)
+  flags.register_validator(
+      "lr_drop_epochs", _drop_epochs_ok,
+      "--lr_drop_epochs must be a comma-separated list of positive numbers",
+      flag_values=fv)
+
+  _DEFINED.extend(sorted(set(fv) - names_before - set(_DEFINED)))
+
+
+def _drop_epochs_ok(values):
+  try:
+    return all(float(v) > 0 for v in values)
+  except (TypeError, ValueError):
+    return False
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """The values of the tfcapacity flags, as plain attributes."""
+  values: dict
+
+  def __getattr__(self, name: str) -> Any:
+    try:
+      return self.__dict__["values"][name]
+    except KeyError:
+      raise AttributeError(name) from None
+
+  def to_dict(self) -> dict:
+    return dict(self.values)
+
+  def replace(self, **overrides) -> "Config":
+    return make(**{**self.values, **overrides})
+
+  @property
+  def full_batch(self) -> bool:
+    return self.batch_size == "full"
+
+  def global_batch_size(self, num_examples: int) -> int:
+    """The global batch size; `num_examples` when --batch_size=full."""
+    return num_examples if self.full_batch else int(self.batch_size)
+
+  def semantic_dict(self) -> dict:
+    """The flags that define what a run computes (for resume checks)."""
+    return {k: v for k, v in self.values.items()
+            if k not in OPERATIONAL_FLAGS}
+
+
+def make(**overrides) -> Config:
+  """A Config with the CLI defaults and `overrides`, parsed like flags.
+
+  Values go through the same parsers and validators as command-line flags,
+  so `make(batch_size=0)` fails exactly as `--batch_size=0` does.
+
+  Raises:
+    UserError: an unknown flag name or a value its validator refuses.
+  """
+  fv = flags.FlagValues()
+  define_flags(fv)
+  unknown = sorted(set(overrides) - set(fv))
+  if unknown:
+    raise UserError(f"unknown flag --{unknown[0]}; see --helpfull")
+  argv = ["tfcapacity"] + [_flag_arg(k, v) for k, v in overrides.items()
+                           if v is not None]
+  try:
+    fv(argv)
+  except flags.Error as e:
+    raise UserError(str(e).splitlines()[0]) from None
+  return from_flag_values(fv)
+
+
+def from_flag_values(fv: flags.FlagValues = flags.FLAGS) -> Config:
+  """The Config of the tfcapacity flags held by `fv`."""
+  if not _DEFINED:
+    define_flags(flags.FlagValues())
+  return Config({name: fv[name].value for name in _DEFINED if name in fv})
+
+
+def _flag_arg(name: str, value) -> str:
+  if isinstance(value, bool):
+    return f"--{name}" if value else f"--no{name}"
+  if isinstance(value, (list, tuple)):
+    value = ",".join(str(v) for v in value)
+  return f"--{name}={value}"
+
+
+def to_flagfile(cfg: Config) -> str:
+  """A flagfile that reproduces `cfg` (one --name=value per line)."""
+  return "".join(_flag_arg(k, v) + "\n" for k, v in cfg.values.items()
+                 if v is not None)
+
+
+def parse_flagfile(text: str) -> Config:
+  """The Config that a flagfile written by `to_flagfile` describes."""
+  fv = flags.FlagValues()
+  define_flags(fv)
+  argv = ["tfcapacity"] + [line.strip() for line in text.splitlines()
+                           if line.strip() and not line.startswith("#")]
+  fv(argv, known_only=True)
+  return from_flag_values(fv)

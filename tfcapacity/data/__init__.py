@@ -1,0 +1,58 @@
+"""Data sources behind one registry: `get(name, split, cfg)`.
+
+Names: `digits`, `mnist1d`, `synthetic`, `hdf5:<path>`, `tfds:<name>`. Each
+source module has `load(arg, split, cfg) -> Dataset`, where `arg` is the part
+after the colon (or None) and `cfg` a `tfcapacity.config.Config` holding the
+data flags (`--random_labels`, `--label_noise`, `--train_subset`, ...).
+Label transforms and subsets apply to the `train` split only.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from tfcapacity import config as config_lib
+from tfcapacity.data.base import Dataset, DatasetInfo  # noqa: F401
+from tfcapacity.errors import choices_error
+
+# name -> module; a trailing colon marks a prefix that takes an argument.
+_SOURCES = {
+    "digits": "tfcapacity.data.digits",
+    "mnist1d": "tfcapacity.data.mnist1d",
+    "synthetic": "tfcapacity.data.synthetic",
+    "hdf5:": "tfcapacity.data.hdf5",
+    "tfds:": "tfcapacity.data.tfds_source",
+}
+SPLITS = ("train", "test")
+
+
+def names() -> list[str]:
+  return [n + ("<path>" if n == "hdf5:" else "<name>" if n == "tfds:" else "")
+          for n in _SOURCES]
+
+
+def get(name: str, split: str, cfg: config_lib.Config | None = None,
+        **overrides) -> Dataset:
+  """The `split` ('train' or 'test') of dataset `name`.
+
+  Args:
+    name: a registered name, e.g. 'digits', 'hdf5:/data/sbow.h5'.
+    split: 'train' or 'test'.
+    cfg: flag values; defaults to the CLI defaults.
+    **overrides: flag values overriding `cfg` (e.g. input_format='image').
+
+  Raises:
+    UserError: unknown name or split, missing files, bad labels or features.
+  """
+  if split not in SPLITS:
+    raise choices_error("split", split, SPLITS)
+  if cfg is None:
+    cfg = config_lib.make(**overrides)
+  elif overrides:
+    cfg = cfg.replace(**overrides)
+  prefix, sep, arg = name.partition(":")
+  key = prefix + sep
+  if key not in _SOURCES or (sep and not arg):
+    raise choices_error("dataset", name, names())
+  module = importlib.import_module(_SOURCES[key])
+  return module.load(arg or None, split, cfg)
