@@ -175,9 +175,10 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
                      "Scale of each residual branch (fc_resnet).",
                      flag_values=fv)
   flags.DEFINE_float(
-      "leaky_slope", 0.0,
-      "Initial negative-side slope of rectifiers (resnet, and mlp with "
-      "leaky_relu); 0 = ReLU.", flag_values=fv)
+      "leaky_slope", None,
+      "Initial negative-side slope of the rectifiers (resnet, and mlp/"
+      "fc_resnet with leaky_relu); 0 = ReLU. Default: 0 for resnet, 0.01 for "
+      "leaky_relu.", flag_values=fv)
 
   # Optimisation.
   flags.DEFINE_string("optimizer", "sgd", "sgd | adam.", flag_values=fv)
