@@ -1,0 +1,65 @@
+"""The measurement interface: callbacks that return dicts of scalars.
+
+A measurement (lambda_max, gradient confusion, distance from init, ...) is a
+`Callback` that the loop calls every `every_steps` steps or `every_epochs`
+epochs with a `Context`; it returns `{'group/name': float}` and the loop logs
+those scalars to TensorBoard and results.json. The loop never changes for a
+new measurement (the pattern of init2winit's callbacks).
+
+The loop times each callback and logs `timing/<name>_seconds`, so training
+throughput stays honest when measurements are expensive.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import keras
+import tensorflow as tf
+
+
+@dataclasses.dataclass
+class Context:
+  """What a callback may look at. It must not change the model."""
+  model: keras.Model
+  optimizer: keras.optimizers.Optimizer
+  strategy: tf.distribute.Strategy
+  cfg: Any                   # tfcapacity.config.Config
+  train_data: Any            # tfcapacity.data.Dataset, train split
+  test_data: Any             # tfcapacity.data.Dataset, test split
+  model_dir: str | None
+  step: int = 0
+  epoch: int = 0
+  global_batch_size: int = 0
+  steps_per_epoch: int = 0
+
+
+class Callback:
+  """Base class: override `__call__`, set a frequency.
+
+  Attributes:
+    name: used for the timing scalar and in log lines.
+    every_steps: call every this many optimiser steps (0: never by steps).
+    every_epochs: call at the end of every this many epochs (0: never).
+  """
+
+  name = "callback"
+  every_steps = 0
+  every_epochs = 0
+
+  def on_train_begin(self, ctx: Context) -> None:
+    """Called once, after the model is built or restored."""
+
+  def __call__(self, ctx: Context) -> dict[str, float]:
+    raise NotImplementedError
+
+  def on_train_end(self, ctx: Context) -> None:
+    """Called once after the last step."""
+
+  def due(self, step: int, epoch: int, epoch_end: bool) -> bool:
+    """Whether the callback runs at `step` (after it) / `epoch` end."""
+    if self.every_steps and step % self.every_steps == 0:
+      return True
+    return bool(epoch_end and self.every_epochs
+                and epoch % self.every_epochs == 0)

@@ -1,0 +1,599 @@
+"""The training loop: many steps per `tf.function` call under any strategy.
+
+One cross-replica `tf.function` runs up to `--steps_per_loop` SGD steps with
+an in-graph `tf.range` loop, each `strategy.run(replica_step)` (the pattern of
+uncertainty-baselines' CIFAR baselines). On a small CPU model per-step Python
+dispatch, not arithmetic, limits the speed, so this matters: see
+benchmarks/train_throughput.py. Each replica's loss is scaled by the global
+batch size (`tf.nn.compute_average_loss`) because the Keras 3 optimizer sums
+gradients over replicas.
+
+Data order is a function of `(seed, epoch)` (tfcapacity.data.base), so the
+checkpoint's `(step, epoch, batch in epoch)` is the whole data-order state: a
+resumed run asks for the same epoch from the same batch and, with
+`--deterministic`, ends bitwise equal to an uninterrupted run. Every replica's
+share of a global batch is the same slice whatever the number of replicas or
+workers, so 1 and 2 replicas agree to float tolerance.
+
+"Training error" is measured on the whole training set at evaluation time, in
+inference mode and without augmentation (Dauphin & Bengio's Fig. 1 and 3), not
+averaged over the epoch's mini-batches. Top-k errors break ties by class
+index, as argmax does, so that a network with equal logits (zero-initialised
+classifier) is counted as wrong for all but one class.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+from absl import logging
+import keras
+import numpy as np
+import tensorflow as tf
+
+from tfcapacity import data as data_lib
+from tfcapacity import distribute
+from tfcapacity import models as models_lib
+from tfcapacity.errors import UserError
+from tfcapacity.training import callbacks as callbacks_lib
+from tfcapacity.training import optim
+from tfcapacity.training import rundir
+
+EVAL_KEYS = ("train_loss", "train_top1_error", "train_top5_error",
+             "test_loss", "test_top1_error", "test_top5_error")
+
+
+def cross_entropy(labels, logits):
+  """Per-example softmax cross-entropy from logits, float32."""
+  return tf.nn.sparse_softmax_cross_entropy_with_logits(
+      labels=tf.cast(labels, tf.int32), logits=tf.cast(logits, tf.float32))
+
+
+def topk_correct(labels, logits, k):
+  """1.0 where the label is among the top `k` logits, ties broken by index."""
+  labels = tf.cast(labels, tf.int32)
+  true = tf.gather(logits, labels, batch_dims=1)[:, None]
+  index = tf.range(tf.shape(logits)[-1])[None, :]
+  ahead = (logits > true) | ((logits == true) & (index < labels[:, None]))
+  rank = tf.reduce_sum(tf.cast(ahead, tf.int32), axis=-1)
+  return tf.cast(rank < k, tf.float32)
+
+
+def l2_penalty(model, weight_decay: float):
+  """weight_decay / 2 * sum of squared kernels (biases and norms exempt)."""
+  kernels = [v for v in model.trainable_variables
+             if v.path.endswith("kernel")]
+  if not weight_decay or not kernels:
+    return tf.constant(0.0)
+  return 0.5 * weight_decay * tf.add_n(
+      [tf.reduce_sum(tf.square(k)) for k in kernels])
+
+
+def distribute_batches(strategy, dataset, global_batch_size, **batch_kwargs):
+  """`dataset.batches(global_batch_size, ...)` split over replicas.
+
+  Every input pipeline builds the same global batches and keeps its slice,
+  so a replica's examples do not depend on how many workers there are.
+  """
+
+  def dataset_fn(ctx: tf.distribute.InputContext):
+    ds = dataset.batches(global_batch_size, **batch_kwargs)
+    pipelines = ctx.num_input_pipelines
+    per_pipeline = global_batch_size // pipelines
+    if pipelines > 1:
+      lo = ctx.input_pipeline_id * per_pipeline
+      ds = ds.map(lambda *t: tuple(a[lo:lo + per_pipeline] for a in t))
+    per_replica = ctx.get_per_replica_batch_size(global_batch_size)
+    if per_replica != per_pipeline:
+      ds = ds.rebatch(per_replica, drop_remainder=True)
+    return ds
+
+  return strategy.distribute_datasets_from_function(dataset_fn)
+
+
+class Diverged(Exception):
+  pass
+
+
+class Trainer:
+  """Builds data, model and optimizer from a Config and trains.
+
+  Attributes after construction: `strategy`, `train_data`, `test_data`,
+  `model`, `optimizer`, `global_batch_size`, `steps_per_epoch`,
+  `total_steps`, `num_replicas`.
+  """
+
+  def __init__(self, cfg, strategy: tf.distribute.Strategy | None = None,
+               callbacks=(), model_dir: str | None = None):
+    self.cfg = cfg
+    self.model_dir = model_dir if model_dir is not None else cfg.model_dir
+    if self.model_dir is None:
+      raise UserError("--model_dir is required; name a run directory")
+    if cfg.deterministic:
+      tf.config.experimental.enable_op_determinism()
+    self.strategy = strategy or distribute.make_strategy(
+        cfg.strategy, cfg.cpu_replicas)
+    self.num_replicas = self.strategy.num_replicas_in_sync
+    self.chief = distribute.is_chief(self.strategy)
+    self.callbacks = list(callbacks)
+
+    # Everything that can be wrong with the input is found before the run
+    # directory is touched.
+    self.train_data = data_lib.get(cfg.dataset, "train", cfg)
+    self.test_data = data_lib.get(cfg.dataset, "test", cfg)
+    self.eval_train_data = (data_lib.get(cfg.dataset, "train",
+                                         cfg.replace(augment=False))
+                            if cfg.augment else self.train_data)
+    info = self.train_data.info
+    n = info.num_examples
+    self.global_batch_size = cfg.global_batch_size(n)
+    self._check_batch(n)
+    if cfg.full_batch:
+      self.steps_per_epoch = 1
+    else:
+      self.steps_per_epoch = n // self.global_batch_size
+    self.total_steps = cfg.steps or cfg.epochs * self.steps_per_epoch
+
+    with self.strategy.scope():
+      keras.utils.set_random_seed(cfg.seed)
+      self.model = models_lib.from_config(cfg, info.input_shape,
+                                          info.num_classes)
+      self.schedule = optim.make_schedule(cfg, self.steps_per_epoch,
+                                          self.total_steps)
+      self.optimizer = optim.make_optimizer(cfg, self.schedule)
+      # Slot variables must exist before the first distributed step
+      # (keras-team/keras#23085).
+      self.optimizer.build(self.model.trainable_variables)
+      self.step_var = tf.Variable(0, dtype=tf.int64, trainable=False)
+      self.epoch_var = tf.Variable(0, dtype=tf.int64, trainable=False)
+      self.position_var = tf.Variable(0, dtype=tf.int64, trainable=False)
+      self.elapsed_var = tf.Variable(0.0, dtype=tf.float64, trainable=False)
+      if cfg.full_batch:
+        self._accumulators = [
+            tf.Variable(tf.zeros(v.shape, v.dtype), trainable=False,
+                        synchronization=tf.VariableSynchronization.ON_READ,
+                        aggregation=tf.VariableAggregation.SUM)
+            for v in self.model.trainable_variables]
+    self.num_parameters = int(sum(
+        np.prod(v.shape) for v in self.model.trainable_variables))
+    self.checkpoint = tf.train.Checkpoint(
+        model=self.model, optimizer=self.optimizer, step=self.step_var,
+        epoch=self.epoch_var, data_position=self.position_var,
+        elapsed=self.elapsed_var)
+    self._build_functions()
+
+  # -- set-up -------------------------------------------------------------
+
+  def _check_batch(self, n):
+    cfg, r = self.cfg, self.num_replicas
+    b = self.global_batch_size
+    if b > n:
+      raise UserError(
+          f"--batch_size={b} exceeds the {n} training examples; use at most "
+          f"{n} or --batch_size=full")
+    if cfg.full_batch:
+      chunk = min(cfg.full_batch_chunk, n)
+      self.chunk_size = max(r, chunk - chunk % r)
+      if cfg.normalization != "none" and n % self.chunk_size:
+        raise UserError(
+            f"--batch_size=full with --normalization={cfg.normalization} "
+            f"needs --full_batch_chunk to divide the {n} training examples "
+            f"(padding would enter the batch statistics); pick a divisor")
+      per_replica = self.chunk_size // r
+    else:
+      if b % r:
+        raise UserError(
+            f"--batch_size={b} is not divisible by the {r} replicas; use a "
+            f"multiple of {r}")
+      per_replica = b // r
+    if cfg.normalization == "ghost" and per_replica % cfg.ghost_batch_size:
+      raise UserError(
+          f"--ghost_batch_size={cfg.ghost_batch_size} does not divide the "
+          f"per-replica batch of {per_replica} examples (global batch over "
+          f"{r} replicas); choose a divisor of {per_replica}")
+    self.eval_batch_size = -(-cfg.eval_batch_size // r) * r
+
+  def _build_functions(self):
+    strategy, model, optimizer = self.strategy, self.model, self.optimizer
+    tvars = model.trainable_variables
+    b = self.global_batch_size
+    wd = self.cfg.weight_decay
+
+    def replica_step(x, y):
+      with tf.GradientTape() as tape:
+        logits = model(x, training=True)
+        data_loss = tf.nn.compute_average_loss(cross_entropy(y, logits),
+                                               global_batch_size=b)
+        loss = data_loss + tf.nn.scale_regularization_loss(
+            l2_penalty(model, wd))
+      grads = tape.gradient(loss, tvars)
+      optimizer.apply_gradients(zip(grads, tvars))
+      return data_loss
+
+    @tf.function
+    def train_steps(iterator, num_steps):
+      total = tf.constant(0.0)
+      done = tf.constant(0)
+      finite = tf.constant(True)
+      for _ in tf.range(num_steps):
+        loss = strategy.reduce(
+            tf.distribute.ReduceOp.SUM,
+            strategy.run(replica_step, args=next(iterator)), axis=None)
+        total += loss
+        done += 1
+        if not tf.math.is_finite(loss):
+          finite = tf.constant(False)
+          break
+      return total, done, finite
+
+    self.train_steps = train_steps
+
+    k5 = min(5, self.train_data.info.num_classes)
+
+    def replica_eval(x, y, w):
+      logits = tf.cast(model(x, training=False), tf.float32)
+      return tf.stack([
+          tf.reduce_sum(w * cross_entropy(y, logits)),
+          tf.reduce_sum(w * topk_correct(y, logits, 1)),
+          tf.reduce_sum(w * topk_correct(y, logits, k5)),
+          tf.reduce_sum(w)])
+
+    @tf.function
+    def eval_sums(dist_dataset):
+      sums = tf.zeros([4])
+      for batch in dist_dataset:
+        sums += strategy.reduce(tf.distribute.ReduceOp.SUM,
+                                strategy.run(replica_eval, args=batch),
+                                axis=None)
+      return sums
+
+    self.eval_sums = eval_sums
+
+    if self.cfg.full_batch:
+      n = self.train_data.info.num_examples
+      accumulators = self._accumulators
+
+      def replica_accumulate(x, y, w):
+        with tf.GradientTape() as tape:
+          logits = model(x, training=True)
+          loss = tf.reduce_sum(w * cross_entropy(y, logits)) / n
+        grads = tape.gradient(loss, tvars)
+        for a, g in zip(accumulators, grads):
+          a.assign_add(g)
+        return loss
+
+      def replica_apply():
+        with tf.GradientTape() as tape:
+          penalty = tf.nn.scale_regularization_loss(l2_penalty(model, wd))
+        reg = tape.gradient(penalty, tvars, unconnected_gradients="zero")
+        grads = [a.read_value() + g for a, g in zip(accumulators, reg)]
+        optimizer.apply_gradients(zip(grads, tvars))
+        for a in accumulators:
+          a.assign(tf.zeros_like(a))
+
+      @tf.function
+      def full_batch_step(dist_dataset):
+        total = tf.constant(0.0)
+        for batch in dist_dataset:
+          total += strategy.reduce(
+              tf.distribute.ReduceOp.SUM,
+              strategy.run(replica_accumulate, args=batch), axis=None)
+        strategy.run(replica_apply)
+        return total
+
+      self.full_batch_step = full_batch_step
+
+  def _train_iterator(self, epoch, start_batch):
+    return iter(distribute_batches(
+        self.strategy, self.train_data, self.global_batch_size,
+        shuffle=self.cfg.shuffle, seed=self.cfg.seed, epoch=epoch,
+        start_batch=start_batch, drop_remainder=True))
+
+  # -- evaluation ----------------------------------------------------------
+
+  def evaluate(self) -> dict[str, float]:
+    """Loss and top-1/top-5 error over the whole train and test sets."""
+    if not hasattr(self, "_eval_sets"):
+      self._eval_sets = {
+          split: distribute_batches(self.strategy, ds, self.eval_batch_size,
+                                    pad=True)
+          for split, ds in (("train", self.eval_train_data),
+                            ("test", self.test_data))}
+    metrics = {}
+    for split, dist in self._eval_sets.items():
+      loss, top1, top5, count = self.eval_sums(dist).numpy().tolist()
+      metrics[f"{split}_loss"] = loss / count
+      metrics[f"{split}_top1_error"] = 1.0 - top1 / count
+      metrics[f"{split}_top5_error"] = 1.0 - top5 / count
+    return metrics
+
+  # -- the run ------------------------------------------------------------
+
+  def _context(self, step):
+    return callbacks_lib.Context(
+        model=self.model, optimizer=self.optimizer, strategy=self.strategy,
+        cfg=self.cfg, train_data=self.train_data, test_data=self.test_data,
+        model_dir=self.model_dir, step=step,
+        epoch=step // self.steps_per_epoch,
+        global_batch_size=self.global_batch_size,
+        steps_per_epoch=self.steps_per_epoch)
+
+  def _run_callbacks(self, step, epoch_end, writer):
+    scalars = {}
+    ctx = self._context(step)
+    for cb in self.callbacks:
+      if not cb.due(step, ctx.epoch, epoch_end):
+        continue
+      start = time.time()
+      values = cb(ctx) or {}
+      values = {k: float(v) for k, v in values.items()}
+      values[f"timing/{cb.name}_seconds"] = time.time() - start
+      scalars.update(values)
+    if scalars:
+      with writer.as_default(step=step):
+        for k, v in scalars.items():
+          tf.summary.scalar(k, v)
+    return scalars
+
+  def _next_stop(self, step, batch_in_epoch):
+    """The step at which the current chunk of in-graph steps must end."""
+    stops = [step + self.cfg.steps_per_loop,
+             step + self.steps_per_epoch - batch_in_epoch, self.total_steps]
+    every = [cb.every_steps for cb in self.callbacks if cb.every_steps]
+    if self.cfg.checkpoint_every_steps:
+      every.append(self.cfg.checkpoint_every_steps)
+    stops += [(step // e + 1) * e for e in every]
+    return min(stops)
+
+  def run(self) -> dict:
+    """Trains to the end (or resumes there) and returns results.json."""
+    cfg, model_dir = self.cfg, self.model_dir
+    resumable = rundir.prepare(model_dir, cfg, chief=self.chief)
+    ckpt_dir = os.path.join(model_dir, rundir.CHECKPOINT_DIR)
+    save_dir = ckpt_dir if self.chief else tempfile.mkdtemp(
+        prefix="tfcapacity-worker-")
+    manager = tf.train.CheckpointManager(
+        self.checkpoint, save_dir, max_to_keep=cfg.keep_checkpoints,
+        step_counter=self.step_var)
+    latest = tf.train.latest_checkpoint(ckpt_dir) if resumable else None
+    results = (rundir.read_results(model_dir) if resumable else None) or {}
+    if latest:
+      with self.strategy.scope():
+        self.checkpoint.restore(latest).assert_existing_objects_matched()
+      logging.info("Resumed %s at step %d.", latest, int(self.step_var))
+    step = int(self.step_var.numpy())
+    history = [r for r in results.get("history", []) if r["step"] <= step]
+    measurements = [r for r in results.get("measurements", [])
+                    if r["step"] <= step]
+
+    if self.chief:
+      writers = {name: tf.summary.create_file_writer(
+          os.path.join(model_dir, name)) for name in ("train", "eval")}
+    else:
+      writers = {name: tf.summary.create_noop_writer()
+                 for name in ("train", "eval")}
+    if step == 0 and self.chief:
+      self._write_run_summaries(model_dir)
+
+    session_start = time.time()
+    elapsed_before = float(self.elapsed_var.numpy())
+
+    def wall():
+      return elapsed_before + time.time() - session_start
+
+    def summary(status):
+      out = {
+          "status": status, "flags": self.cfg.to_dict(), "history": history,
+          "final": history[-1] if history else {},
+          "examples_per_second": throughput.rate(),
+          "num_parameters": self.num_parameters,
+          "num_replicas": self.num_replicas, "steps": step,
+          "total_steps": self.total_steps,
+          "steps_per_epoch": self.steps_per_epoch,
+          "global_batch_size": self.global_batch_size,
+      }
+      if measurements:
+        out["measurements"] = measurements
+      return out
+
+    def save_results(status):
+      if self.chief:
+        rundir.write_json(os.path.join(model_dir, rundir.RESULTS_FILE),
+                          summary(status))
+
+    def save_checkpoint():
+      self.step_var.assign(step)
+      self.epoch_var.assign(step // self.steps_per_epoch)
+      self.position_var.assign(step % self.steps_per_epoch)
+      self.elapsed_var.assign(wall())
+      manager.save(checkpoint_number=step)
+
+    throughput = _Throughput(results.get("examples_per_second"))
+    for cb in self.callbacks:
+      cb.on_train_begin(self._context(step))
+
+    if (results.get("status") == "completed" and step >= self.total_steps
+        and history):
+      logging.info("%s already holds a completed run.", model_dir)
+      if self.chief and cfg.export and not os.path.exists(
+          os.path.join(model_dir, "saved_model")):
+        rundir.export_model(self.model, model_dir)
+      return results
+
+    def evaluation_row(epoch_end):
+      metrics = self.evaluate()
+      row = {"epoch": step // self.steps_per_epoch, "step": step, **metrics,
+             "learning_rate": float(self.schedule(max(step - 1, 0))),
+             "wall_seconds": wall()}
+      with writers["eval"].as_default(step=step):
+        for key, value in metrics.items():
+          split, name = key.split("_", 1)
+          tf.summary.scalar(f"{split}/{name}", value)
+      row.update(self._run_callbacks(step, epoch_end, writers["train"]))
+      return row
+
+    def diverged(where, value):
+      logging.error("Run diverged at step %d (%s is %s); the last good "
+                    "checkpoint is kept.", step, where, value)
+      save_results("diverged")
+      out = summary("diverged")
+      out["diverged_at_step"] = step
+      return out
+
+    if step == 0 and not history:
+      row = evaluation_row(epoch_end=True)
+      history.append(row)
+      if not all(math.isfinite(row[k]) for k in EVAL_KEYS):
+        return diverged("the initial loss", row["train_loss"])
+      save_checkpoint()
+      save_results("running")
+      self._log_epoch(row)
+
+    progbar = None
+    if cfg.progress_bar and sys.stdout.isatty() and self.chief:
+      progbar = keras.utils.Progbar(self.total_steps,
+                                    stateful_metrics=["loss"])
+      progbar.update(step)
+    if cfg.full_batch:
+      full_batch_data = distribute_batches(
+          self.strategy, self.train_data, self.chunk_size, pad=True)
+
+    while step < self.total_steps:
+      epoch = step // self.steps_per_epoch
+      batch_in_epoch = step % self.steps_per_epoch
+      iterator = (None if cfg.full_batch
+                  else self._train_iterator(epoch, batch_in_epoch))
+      while True:
+        stop = self._next_stop(step, batch_in_epoch)
+        start = time.time()
+        if cfg.full_batch:
+          loss_sum = self.full_batch_step(full_batch_data)
+          done, finite = 1, bool(tf.math.is_finite(loss_sum))
+          loss_sum = float(loss_sum)
+        else:
+          loss_sum, done, finite = self.train_steps(
+              iterator, tf.constant(stop - step, tf.int32))
+          loss_sum, done, finite = float(loss_sum), int(done), bool(finite)
+        seconds = time.time() - start
+        step += done
+        batch_in_epoch += done
+        if not finite:
+          return diverged("the training loss", loss_sum / max(done, 1))
+        throughput.add(done * self.global_batch_size, seconds)
+        with writers["train"].as_default(step=step):
+          tf.summary.scalar("train/batch_loss", loss_sum / done)
+          tf.summary.scalar("train/learning_rate",
+                            float(self.schedule(step - 1)))
+          tf.summary.scalar("train/examples_per_second",
+                            done * self.global_batch_size / seconds)
+        if progbar is not None:
+          progbar.update(step, [("loss", loss_sum / done)])
+        if batch_in_epoch >= self.steps_per_epoch or step >= self.total_steps:
+          break
+        scalars = self._run_callbacks(step, False, writers["train"])
+        if scalars:
+          measurements.append({"epoch": epoch, "step": step, **scalars})
+        if (cfg.checkpoint_every_steps
+            and step % cfg.checkpoint_every_steps == 0):
+          save_checkpoint()
+          save_results("running")
+
+      epoch_end = batch_in_epoch >= self.steps_per_epoch
+      epochs_done = step // self.steps_per_epoch
+      final = step >= self.total_steps
+      if final or (epoch_end and epochs_done % cfg.eval_every == 0):
+        row = evaluation_row(epoch_end)
+        if not all(math.isfinite(row[k]) for k in EVAL_KEYS):
+          history.append(row)
+          return diverged("the evaluation loss", row["train_loss"])
+        history.append(row)
+        save_checkpoint()
+        save_results("completed" if final else "running")
+        self._log_epoch(row)
+      else:
+        scalars = self._run_callbacks(step, epoch_end, writers["train"])
+        if scalars:
+          measurements.append({"epoch": epochs_done, "step": step,
+                               **scalars})
+        logging.info("epoch %d step %d: batch loss %.4f", epochs_done, step,
+                     loss_sum / done)
+        if cfg.checkpoint_every_steps and (
+            step % cfg.checkpoint_every_steps == 0):
+          save_checkpoint()
+
+    for cb in self.callbacks:
+      cb.on_train_end(self._context(step))
+    for w in writers.values():
+      w.flush()
+    if self.chief and cfg.export:
+      rundir.export_model(self.model, model_dir)
+    save_results("completed")
+    if not self.chief:
+      shutil.rmtree(save_dir, ignore_errors=True)
+    return summary("completed")
+
+  def _log_epoch(self, row):
+    logging.info(
+        "epoch %d step %d: train loss %.4f top1 %.4f top5 %.4f | test loss "
+        "%.4f top1 %.4f top5 %.4f | lr %.4g | %.0fs", row["epoch"],
+        row["step"], row["train_loss"], row["train_top1_error"],
+        row["train_top5_error"], row["test_loss"], row["test_top1_error"],
+        row["test_top5_error"], row["learning_rate"], row["wall_seconds"])
+
+  def _write_run_summaries(self, model_dir):
+    """HParams (so sweeps compare in its dashboard) and the flags as text."""
+    from tensorboard.plugins.hparams import api as hp  # pylint: disable=g-import-not-at-top
+    from tfcapacity import config as config_lib  # pylint: disable=g-import-not-at-top
+    hparams = {}
+    for key, value in self.cfg.semantic_dict().items():
+      if isinstance(value, (list, tuple)):
+        value = ",".join(str(v) for v in value)
+      hparams[key] = "" if value is None else value
+    metrics = [hp.Metric(f"{split}/{name}", group="eval")
+               for split in ("train", "test")
+               for name in ("loss", "top1_error", "top5_error")]
+    writer = tf.summary.create_file_writer(model_dir)
+    with writer.as_default(step=0):
+      hp.hparams_config(hparams=[hp.HParam(k) for k in hparams],
+                        metrics=metrics)
+      hp.hparams(hparams, trial_id=os.path.basename(
+          os.path.abspath(model_dir)))
+      tf.summary.text("flags", "```\n" + config_lib.to_flagfile(self.cfg)
+                      + "```")
+    writer.close()
+
+
+class _Throughput:
+  """Examples per second of training steps, the first (tracing) call out."""
+
+  def __init__(self, previous=None):
+    self.previous = previous
+    self.calls = 0
+    self.examples = 0
+    self.seconds = 0.0
+    self.first = None
+
+  def add(self, examples, seconds):
+    self.calls += 1
+    if self.calls == 1:
+      self.first = (examples, seconds)
+      return
+    self.examples += examples
+    self.seconds += seconds
+
+  def rate(self):
+    if self.seconds > 0:
+      return self.examples / self.seconds
+    if self.first and self.first[1] > 0:
+      return self.first[0] / self.first[1]
+    return self.previous or 0.0
+
+
+def train(cfg, strategy=None, callbacks=(), model_dir=None) -> dict:
+  """Builds and runs a `Trainer`; returns the results.json contents."""
+  return Trainer(cfg, strategy, callbacks, model_dir).run()
