@@ -51,9 +51,17 @@ def main(argv):
                cfg.model_dir)
 
 
+def parse_flags(argv):
+  """absl's parser, but a bad flag is one line on stderr and status 2."""
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    fail(f"{e}; see --helpfull")
+
+
 def run():
   """Console-script entry point (tfcapacity-train)."""
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":
