@@ -64,10 +64,14 @@ def topk_correct(labels, logits, k):
   return tf.cast(rank < k, tf.float32)
 
 
+def is_decayed(variable) -> bool:
+  """Weight decay applies to kernels; biases and normalisation are exempt."""
+  return variable.path.endswith("kernel")
+
+
 def l2_penalty(model, weight_decay: float):
   """weight_decay / 2 * sum of squared kernels (biases and norms exempt)."""
-  kernels = [v for v in model.trainable_variables
-             if v.path.endswith("kernel")]
+  kernels = [v for v in model.trainable_variables if is_decayed(v)]
   if not weight_decay or not kernels:
     return tf.constant(0.0)
   return 0.5 * weight_decay * tf.add_n(
@@ -268,10 +272,11 @@ class Trainer:
         return loss
 
       def replica_apply():
-        with tf.GradientTape() as tape:
-          penalty = tf.nn.scale_regularization_loss(l2_penalty(model, wd))
-        reg = tape.gradient(penalty, tvars, unconnected_gradients="zero")
-        grads = [a.read_value() + g for a, g in zip(accumulators, reg)]
+        # The gradient of the L2 term, split over the replicas whose
+        # gradients the optimizer sums.
+        decay = wd / strategy.num_replicas_in_sync
+        grads = [a.read_value() + decay * v if wd and is_decayed(v)
+                 else a.read_value() for a, v in zip(accumulators, tvars)]
         optimizer.apply_gradients(zip(grads, tvars))
         for a in accumulators:
           a.assign(tf.zeros_like(a))
