@@ -113,7 +113,13 @@ class Trainer:
   """
 
   def __init__(self, cfg, strategy: tf.distribute.Strategy | None = None,
-               callbacks=(), model_dir: str | None = None):
+               callbacks=(), model_dir: str | None = None, datasets=None):
+    """Builds everything; see `train` for the arguments.
+
+    Args:
+      datasets: optional `(train, test)` `tfcapacity.data.Dataset`s used
+        instead of `--dataset` (notebooks, benchmarks).
+    """
     self.cfg = cfg
     self.model_dir = model_dir if model_dir is not None else cfg.model_dir
     if self.model_dir is None:
@@ -128,11 +134,15 @@ class Trainer:
 
     # Everything that can be wrong with the input is found before the run
     # directory is touched.
-    self.train_data = data_lib.get(cfg.dataset, "train", cfg)
-    self.test_data = data_lib.get(cfg.dataset, "test", cfg)
-    self.eval_train_data = (data_lib.get(cfg.dataset, "train",
-                                         cfg.replace(augment=False))
-                            if cfg.augment else self.train_data)
+    if datasets is not None:
+      self.train_data, self.test_data = datasets
+      self.eval_train_data = self.train_data
+    else:
+      self.train_data = data_lib.get(cfg.dataset, "train", cfg)
+      self.test_data = data_lib.get(cfg.dataset, "test", cfg)
+      self.eval_train_data = (data_lib.get(cfg.dataset, "train",
+                                           cfg.replace(augment=False))
+                              if cfg.augment else self.train_data)
     info = self.train_data.info
     n = info.num_examples
     self.global_batch_size = cfg.global_batch_size(n)
@@ -599,6 +609,15 @@ class _Throughput:
     return self.previous or 0.0
 
 
-def train(cfg, strategy=None, callbacks=(), model_dir=None) -> dict:
-  """Builds and runs a `Trainer`; returns the results.json contents."""
-  return Trainer(cfg, strategy, callbacks, model_dir).run()
+def train(cfg, strategy=None, callbacks=(), model_dir=None,
+          datasets=None) -> dict:
+  """Builds and runs a `Trainer`; returns the results.json contents.
+
+  Args:
+    cfg: a `tfcapacity.config.Config`.
+    strategy: a `tf.distribute.Strategy`; default from `--strategy`.
+    callbacks: `tfcapacity.training.Callback`s (measurements).
+    model_dir: the run directory; default `cfg.model_dir`.
+    datasets: optional `(train, test)` Datasets replacing `--dataset`.
+  """
+  return Trainer(cfg, strategy, callbacks, model_dir, datasets).run()
