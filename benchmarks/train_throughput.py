@@ -1,0 +1,169 @@
+"""Training throughput of tfcapacity's loop against `keras.Model.fit`.
+
+Runs in one process, so the ratios are fair on a shared, noisy machine:
+  * examples/s of `tfcapacity.training.Trainer` (the real run path, with
+    evaluation excluded), of plain `fit`, and of `fit(steps_per_execution=20)`
+    on the same model, data and batch;
+  * the loop's achieved GFLOP/s as a share of this machine's float32 matmul
+    peak (2048 x 2048 `tf.linalg.matmul`).
+FLOPs are counted analytically from the Dense and Conv2D layers (2 per
+multiply-add) and a training step is taken as 3x the forward pass (forward,
+and backward for inputs and weights); element-wise work is not counted, so
+the share is a lower bound.
+
+Printed, never asserted:  python benchmarks/train_throughput.py [--quick]
+"""
+
+import os
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from tfcapacity import config  # noqa: E402
+from tfcapacity import models  # noqa: E402
+from tfcapacity import training  # noqa: E402
+from tfcapacity.data import base  # noqa: E402
+
+_QUICK = flags.DEFINE_bool("quick", False, "Fewer steps (a smoke run).")
+_CASES = flags.DEFINE_list("cases", ["mlp", "resnet20"], "mlp, resnet20.")
+_STEPS_PER_LOOP = flags.DEFINE_integer(
+    "loop_steps_per_loop", 50, "The loop's --steps_per_loop.")
+
+BATCH = 128
+
+
+def matmul_peak_gflops(n=2048, reps=20):
+  a = tf.random.normal([n, n])
+  b = tf.random.normal([n, n])
+
+  @tf.function
+  def run():
+    acc = tf.zeros([n, n])
+    for _ in tf.range(reps):
+      acc += tf.linalg.matmul(a, b)
+    return acc
+
+  run().numpy()
+  best = float("inf")
+  for _ in range(3):
+    start = time.perf_counter()
+    run().numpy()
+    best = min(best, time.perf_counter() - start)
+  return 2 * n ** 3 * reps / best / 1e9
+
+
+def forward_flops(model):
+  """FLOPs of one example's forward pass through Dense and Conv2D layers."""
+  total = 0
+  for layer in model._flatten_layers(include_self=False):  # pylint: disable=protected-access
+    if isinstance(layer, keras.layers.Dense):
+      total += 2 * layer.kernel.shape[0] * layer.kernel.shape[1]
+    elif isinstance(layer, keras.layers.Conv2D):
+      kh, kw, cin, cout = layer.kernel.shape
+      _, h, w, _ = layer.output.shape
+      total += 2 * kh * kw * cin * cout * h * w
+  return total
+
+
+def cases(quick):
+  rng = np.random.default_rng(0)
+  mlp_steps = 100 if quick else 600
+  res_steps = 6 if quick else 40
+  yield ("MLP 40-1000-10", dict(model="mlp", width=1000, depth=1,
+                                activation="relu"),
+         rng.normal(size=(BATCH * mlp_steps, 40)).astype(np.float32),
+         3)
+  yield ("ResNet-20 32x32x3", dict(model="resnet", width=16, depth=20,
+                                   normalization="batch",
+                                   kernel_init="he_normal"),
+         rng.normal(size=(BATCH * res_steps, 32, 32, 3)).astype(np.float32),
+         2)
+
+
+def loop_rate(model_kwargs, x, y, epochs):
+  n = len(y)
+  info = base.DatasetInfo("bench", "train", 10, x.shape[1:], n)
+  data = base.ArrayDataset(info, x, y)
+  test = base.ArrayDataset(info, x[:BATCH], y[:BATCH])
+  cfg = config.make(batch_size=str(BATCH), epochs=epochs, eval_every=1000,
+                    learning_rate=0.01, progress_bar=False, export=False,
+                    steps_per_loop=_STEPS_PER_LOOP.value, **model_kwargs)
+  with tempfile.TemporaryDirectory() as model_dir:
+    trainer = training.Trainer(
+        cfg, tf.distribute.OneDeviceStrategy("/cpu:0"),
+        model_dir=model_dir, datasets=(data, test))
+    results = trainer.run()
+  return results["examples_per_second"], trainer.model
+
+
+def fit_rate(model_kwargs, x, y, epochs, steps_per_execution):
+  keras.utils.set_random_seed(0)
+  cfg = config.make(**model_kwargs)
+  model = models.from_config(cfg, x.shape[1:], 10)
+  model.compile(optimizer=keras.optimizers.SGD(0.01),
+                loss=keras.losses.SparseCategoricalCrossentropy(
+                    from_logits=True),
+                steps_per_execution=steps_per_execution)
+  ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(
+      BATCH, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+
+  class Timer(keras.callbacks.Callback):
+
+    def __init__(self):
+      super().__init__()
+      self.times = []
+
+    def on_epoch_begin(self, epoch, logs=None):
+      self.start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+      self.times.append(time.perf_counter() - self.start)
+
+  timer = Timer()
+  model.fit(ds, epochs=epochs, verbose=0, callbacks=[timer])
+  # The first epoch traces and compiles: leave it out, as the loop does.
+  steady = timer.times[1:] or timer.times
+  return (len(y) // BATCH * BATCH) * len(steady) / sum(steady)
+
+
+def main(argv):
+  del argv
+  print(f"TensorFlow {tf.__version__}, Keras {keras.__version__}, "
+        f"{os.cpu_count()} CPUs, batch {BATCH}")
+  peak = matmul_peak_gflops()
+  print(f"float32 matmul peak (2048x2048): {peak:.1f} GFLOP/s\n")
+  rows = []
+  for name, kwargs, x, epochs in cases(_QUICK.value):
+    if ("mlp" if kwargs["model"] == "mlp" else "resnet20") not in (
+        _CASES.value):
+      continue
+    y = np.random.default_rng(1).integers(0, 10, len(x)).astype(np.int64)
+    loop, model = loop_rate(kwargs, x, y, epochs)
+    fit = fit_rate(kwargs, x, y, epochs, 1)
+    fit20 = fit_rate(kwargs, x, y, epochs, 20)
+    gflops = loop * 3 * forward_flops(model) / 1e9
+    rows.append((name, loop, fit, fit20, gflops, gflops / peak))
+    print(f"{name}: loop {loop:,.0f} ex/s | fit {fit:,.0f} ex/s | "
+          f"fit(spe=20) {fit20:,.0f} ex/s | loop/fit {loop / fit:.2f}x | "
+          f"loop/fit(spe=20) {loop / fit20:.2f}x | {gflops:.1f} GFLOP/s = "
+          f"{100 * gflops / peak:.0f}% of matmul peak")
+    sys.stdout.flush()
+  print("\n| model | loop ex/s | fit ex/s | fit(spe=20) ex/s | loop/fit | "
+        "loop/fit(spe=20) | loop GFLOP/s | % of peak |")
+  print("|---|---|---|---|---|---|---|---|")
+  for name, loop, fit, fit20, gflops, share in rows:
+    print(f"| {name} | {loop:,.0f} | {fit:,.0f} | {fit20:,.0f} | "
+          f"{loop / fit:.2f} | {loop / fit20:.2f} | {gflops:.1f} | "
+          f"{100 * share:.0f}% |")
+
+
+if __name__ == "__main__":
+  app.run(main)
