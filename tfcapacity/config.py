@@ -84,8 +84,9 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
       "used as stored).", flag_values=fv)
   flags.DEFINE_float(
       "holdout_fraction", 0.0,
-      "For a flat HDF5 file: fraction of examples (the file's last ones) "
-      "held out as the test split. 0 = none.", flag_values=fv)
+      "For a flat HDF5 file: a fixed random fraction of examples (seeded "
+      "by --data_seed) held out as the test split. 0 = none.",
+      flag_values=fv)
   flags.DEFINE_bool("shuffle", True, "Shuffle training examples each epoch.",
                     flag_values=fv)
   flags.DEFINE_integer("shuffle_buffer", 10000,

@@ -82,7 +82,10 @@ def distribute_batches(strategy, dataset, global_batch_size, **batch_kwargs):
   """`dataset.batches(global_batch_size, ...)` split over replicas.
 
   Every input pipeline builds the same global batches and keeps its slice,
-  so a replica's examples do not depend on how many workers there are.
+  so a replica's examples do not depend on how many workers there are. With
+  a single replica the plain `tf.data` pipeline is returned: a distributed
+  iterator costs about a quarter of the throughput of a small model on CPU
+  (benchmarks/train_throughput.py), and `strategy.run` takes plain tensors.
   """
 
   def dataset_fn(ctx: tf.distribute.InputContext):
@@ -97,6 +100,8 @@ def distribute_batches(strategy, dataset, global_batch_size, **batch_kwargs):
       ds = ds.rebatch(per_replica, drop_remainder=True)
     return ds
 
+  if strategy.num_replicas_in_sync == 1:
+    return dataset_fn(tf.distribute.InputContext())
   return strategy.distribute_datasets_from_function(dataset_fn)
 
 
