@@ -147,8 +147,9 @@ def pad_batches(ds: tf.data.Dataset, batch_size: int) -> tf.data.Dataset:
 class ArrayDataset(Dataset):
   """A split held in memory as numpy arrays.
 
-  Batches are gathered by index from tensors placed once in the pipeline, so
-  an epoch costs one gather per batch rather than per-example work.
+  Each epoch permutes the arrays once in numpy and slices batches from the
+  copy: on a small model this feeds ~1.3x more examples/s than gathering
+  each batch by index inside tf.data (benchmarks/train_throughput.py).
   """
 
   def __init__(self, info: DatasetInfo, x: np.ndarray, y: np.ndarray,
@@ -170,10 +171,9 @@ class ArrayDataset(Dataset):
     if drop_remainder:
       order = order[:n - n % batch_size]
     order = order[start_batch * batch_size:]
-    x, y = tf.constant(self.x), tf.constant(self.y)
-    ds = tf.data.Dataset.from_tensor_slices(order).batch(
-        batch_size, drop_remainder=drop_remainder)
-    ds = ds.map(lambda idx: (tf.gather(x, idx), tf.gather(y, idx)))
+    ds = tf.data.Dataset.from_tensor_slices(
+        (self.x[order], self.y[order])).batch(
+            batch_size, drop_remainder=drop_remainder)
     if pad:
       ds = pad_batches(ds, batch_size)
     return ds.prefetch(tf.data.AUTOTUNE)

@@ -486,11 +486,13 @@ class Trainer:
     while step < self.total_steps:
       epoch = step // self.steps_per_epoch
       batch_in_epoch = step % self.steps_per_epoch
+      # Throughput counts everything but evaluation, callbacks and
+      # checkpoints: iterator creation, the steps, summaries, progress.
+      start = time.time()
       iterator = (None if cfg.full_batch
                   else self._train_iterator(epoch, batch_in_epoch))
       while True:
         stop = self._next_stop(step, batch_in_epoch)
-        start = time.time()
         if cfg.full_batch:
           loss_sum = self.full_batch_step(full_batch_data)
           done, finite = 1, bool(tf.math.is_finite(loss_sum))
@@ -499,20 +501,20 @@ class Trainer:
           loss_sum, done, finite = self.train_steps(
               iterator, tf.constant(stop - step, tf.int32))
           loss_sum, done, finite = float(loss_sum), int(done), bool(finite)
-        seconds = time.time() - start
         step += done
         batch_in_epoch += done
         if not finite:
           return diverged("the training loss", loss_sum / max(done, 1))
-        throughput.add(done * self.global_batch_size, seconds)
         with writers["train"].as_default(step=step):
           tf.summary.scalar("train/batch_loss", loss_sum / done)
           tf.summary.scalar("train/learning_rate",
                             float(self.schedule(step - 1)))
-          tf.summary.scalar("train/examples_per_second",
-                            done * self.global_batch_size / seconds)
+          if throughput.last_rate:
+            tf.summary.scalar("train/examples_per_second",
+                              throughput.last_rate)
         if progbar is not None:
           progbar.update(step, [("loss", loss_sum / done)])
+        throughput.add(done * self.global_batch_size, time.time() - start)
         if batch_in_epoch >= self.steps_per_epoch or step >= self.total_steps:
           break
         scalars = self._run_callbacks(step, False, writers["train"])
@@ -522,6 +524,7 @@ class Trainer:
             and step % cfg.checkpoint_every_steps == 0):
           save_checkpoint()
           save_results("running")
+        start = time.time()
 
       epoch_end = batch_in_epoch >= self.steps_per_epoch
       epochs_done = step // self.steps_per_epoch
@@ -593,12 +596,14 @@ class _Throughput:
 
   def __init__(self, previous=None):
     self.previous = previous
+    self.last_rate = 0.0
     self.calls = 0
     self.examples = 0
     self.seconds = 0.0
     self.first = None
 
   def add(self, examples, seconds):
+    self.last_rate = examples / seconds if seconds > 0 else 0.0
     self.calls += 1
     if self.calls == 1:
       self.first = (examples, seconds)
