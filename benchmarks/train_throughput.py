@@ -1,9 +1,10 @@
 """Training throughput of tfcapacity's loop against `keras.Model.fit`.
 
 Runs in one process, so the ratios are fair on a shared, noisy machine:
-  * examples/s of `tfcapacity.training.Trainer` (the real run path, with
-    evaluation excluded), of plain `fit`, and of `fit(steps_per_execution=20)`
-    on the same model, data and batch;
+  * examples/s of `tfcapacity.training.Trainer`'s epoch (iterator and
+    multi-step `tf.function` calls, as in `Trainer.run`), of plain `fit`, and
+    of `fit(steps_per_execution=20)` on the same model, data and batch, in
+    interleaved rounds (medians of the per-round ratios);
   * the loop's achieved GFLOP/s as a share of this machine's float32 matmul
     peak (2048 x 2048 `tf.linalg.matmul`).
 FLOPs are counted analytically from the Dense and Conv2D layers (2 per
@@ -75,63 +76,76 @@ def forward_flops(model):
 
 def cases(quick):
   rng = np.random.default_rng(0)
-  mlp_steps = 100 if quick else 600
-  res_steps = 6 if quick else 40
+  mlp_steps = 100 if quick else 400
+  res_steps = 4 if quick else 20
   yield ("MLP 40-1000-10", dict(model="mlp", width=1000, depth=1,
                                 activation="relu"),
          rng.normal(size=(BATCH * mlp_steps, 40)).astype(np.float32),
-         3)
+         2 if quick else 9)
   yield ("ResNet-20 32x32x3", dict(model="resnet", width=16, depth=20,
                                    normalization="batch",
                                    kernel_init="he_normal"),
          rng.normal(size=(BATCH * res_steps, 32, 32, 3)).astype(np.float32),
-         2)
+         1 if quick else 5)
 
 
-def loop_rate(model_kwargs, x, y, epochs):
-  n = len(y)
-  info = base.DatasetInfo("bench", "train", 10, x.shape[1:], n)
-  data = base.ArrayDataset(info, x, y)
-  test = base.ArrayDataset(info, x[:BATCH], y[:BATCH])
-  cfg = config.make(batch_size=str(BATCH), epochs=epochs, eval_every=1000,
-                    learning_rate=0.01, progress_bar=False, export=False,
-                    steps_per_loop=_STEPS_PER_LOOP.value, **model_kwargs)
-  with tempfile.TemporaryDirectory() as model_dir:
-    trainer = training.Trainer(
-        cfg, tf.distribute.OneDeviceStrategy("/cpu:0"),
-        model_dir=model_dir, datasets=(data, test))
-    results = trainer.run()
-  return results["examples_per_second"], trainer.model
+class LoopContender:
+  """The tfcapacity loop: a real Trainer, timed over whole epochs.
+
+  An epoch is what `Trainer.run` does between evaluations: make the epoch's
+  iterator, then call the multi-step `tf.function` every --steps_per_loop
+  steps. The Trainer's first `run()` traces and warms up.
+  """
+
+  def __init__(self, model_kwargs, x, y, model_dir):
+    n = len(y)
+    info = base.DatasetInfo("bench", "train", 10, x.shape[1:], n)
+    data = base.ArrayDataset(info, x, y)
+    test = base.ArrayDataset(info, x[:BATCH], y[:BATCH])
+    cfg = config.make(batch_size=str(BATCH), epochs=1, eval_every=1000,
+                      learning_rate=0.01, progress_bar=False, export=False,
+                      steps_per_loop=_STEPS_PER_LOOP.value, **model_kwargs)
+    self.trainer = training.Trainer(
+        cfg, tf.distribute.OneDeviceStrategy("/cpu:0"), model_dir=model_dir,
+        datasets=(data, test))
+    self.trainer.run()
+    self.model = self.trainer.model
+    self.epoch = 1
+
+  def epoch_rate(self):
+    trainer = self.trainer
+    spe, per_call = trainer.steps_per_epoch, trainer.cfg.steps_per_loop
+    start = time.perf_counter()
+    iterator = trainer.train_iterator(self.epoch)
+    done = 0
+    while done < spe:
+      steps = min(per_call, spe - done)
+      trainer.train_steps(iterator, tf.constant(steps, tf.int32))[0].numpy()
+      done += steps
+    self.epoch += 1
+    return spe * BATCH / (time.perf_counter() - start)
 
 
-def fit_rate(model_kwargs, x, y, epochs, steps_per_execution):
-  keras.utils.set_random_seed(0)
-  cfg = config.make(**model_kwargs)
-  model = models.from_config(cfg, x.shape[1:], 10)
-  model.compile(optimizer=keras.optimizers.SGD(0.01),
-                loss=keras.losses.SparseCategoricalCrossentropy(
-                    from_logits=True),
-                steps_per_execution=steps_per_execution)
-  ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(
-      BATCH, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+class FitContender:
+  """`keras.Model.fit` on the same model, data and batch, one epoch a call."""
 
-  class Timer(keras.callbacks.Callback):
+  def __init__(self, model_kwargs, x, y, steps_per_execution):
+    keras.utils.set_random_seed(0)
+    cfg = config.make(**model_kwargs)
+    self.model = models.from_config(cfg, x.shape[1:], 10)
+    self.model.compile(optimizer=keras.optimizers.SGD(0.01),
+                       loss=keras.losses.SparseCategoricalCrossentropy(
+                           from_logits=True),
+                       steps_per_execution=steps_per_execution)
+    self.ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(
+        BATCH, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+    self.examples = len(y) // BATCH * BATCH
+    self.epoch_rate()  # traces
 
-    def __init__(self):
-      super().__init__()
-      self.times = []
-
-    def on_epoch_begin(self, epoch, logs=None):
-      self.start = time.perf_counter()
-
-    def on_epoch_end(self, epoch, logs=None):
-      self.times.append(time.perf_counter() - self.start)
-
-  timer = Timer()
-  model.fit(ds, epochs=epochs, verbose=0, callbacks=[timer])
-  # The first epoch traces and compiles: leave it out, as the loop does.
-  steady = timer.times[1:] or timer.times
-  return (len(y) // BATCH * BATCH) * len(steady) / sum(steady)
+  def epoch_rate(self):
+    start = time.perf_counter()
+    self.model.fit(self.ds, epochs=1, verbose=0)
+    return self.examples / (time.perf_counter() - start)
 
 
 def main(argv):
@@ -141,27 +155,40 @@ def main(argv):
   peak = matmul_peak_gflops()
   print(f"float32 matmul peak (2048x2048): {peak:.1f} GFLOP/s\n")
   rows = []
-  for name, kwargs, x, epochs in cases(_QUICK.value):
-    if ("mlp" if kwargs["model"] == "mlp" else "resnet20") not in (
-        _CASES.value):
+  for name, kwargs, x, rounds in cases(_QUICK.value):
+    key = "mlp" if kwargs["model"] == "mlp" else "resnet20"
+    if key not in _CASES.value:
       continue
     y = np.random.default_rng(1).integers(0, 10, len(x)).astype(np.int64)
-    loop, model = loop_rate(kwargs, x, y, epochs)
-    fit = fit_rate(kwargs, x, y, epochs, 1)
-    fit20 = fit_rate(kwargs, x, y, epochs, 20)
-    gflops = loop * 3 * forward_flops(model) / 1e9
-    rows.append((name, loop, fit, fit20, gflops, gflops / peak))
+    with tempfile.TemporaryDirectory() as model_dir:
+      contenders = {"loop": LoopContender(kwargs, x, y, model_dir),
+                    "fit": FitContender(kwargs, x, y, 1),
+                    "fit20": FitContender(kwargs, x, y, 20)}
+      # Interleaved rounds: the machine's load drifts, so each ratio is
+      # taken within a round and the medians are reported.
+      rates = {k: [] for k in contenders}
+      for _ in range(rounds):
+        for key, contender in contenders.items():
+          rates[key].append(contender.epoch_rate())
+    loop = float(np.median(rates["loop"]))
+    fit = float(np.median(rates["fit"]))
+    fit20 = float(np.median(rates["fit20"]))
+    vs_fit = float(np.median(np.divide(rates["loop"], rates["fit"])))
+    vs_fit20 = float(np.median(np.divide(rates["loop"], rates["fit20"])))
+    gflops = loop * 3 * forward_flops(contenders["loop"].model) / 1e9
+    rows.append((name, loop, fit, fit20, vs_fit, vs_fit20, gflops,
+                 gflops / peak))
     print(f"{name}: loop {loop:,.0f} ex/s | fit {fit:,.0f} ex/s | "
-          f"fit(spe=20) {fit20:,.0f} ex/s | loop/fit {loop / fit:.2f}x | "
-          f"loop/fit(spe=20) {loop / fit20:.2f}x | {gflops:.1f} GFLOP/s = "
-          f"{100 * gflops / peak:.0f}% of matmul peak")
+          f"fit(spe=20) {fit20:,.0f} ex/s | loop/fit {vs_fit:.2f}x | "
+          f"loop/fit(spe=20) {vs_fit20:.2f}x | {gflops:.1f} GFLOP/s = "
+          f"{100 * gflops / peak:.0f}% of matmul peak ({rounds} rounds)")
     sys.stdout.flush()
   print("\n| model | loop ex/s | fit ex/s | fit(spe=20) ex/s | loop/fit | "
         "loop/fit(spe=20) | loop GFLOP/s | % of peak |")
   print("|---|---|---|---|---|---|---|---|")
-  for name, loop, fit, fit20, gflops, share in rows:
+  for name, loop, fit, fit20, vs_fit, vs_fit20, gflops, share in rows:
     print(f"| {name} | {loop:,.0f} | {fit:,.0f} | {fit20:,.0f} | "
-          f"{loop / fit:.2f} | {loop / fit20:.2f} | {gflops:.1f} | "
+          f"{vs_fit:.2f} | {vs_fit20:.2f} | {gflops:.1f} | "
           f"{100 * share:.0f}% |")
 
 

@@ -308,7 +308,8 @@ class Trainer:
 
       self.full_batch_step = full_batch_step
 
-  def _train_iterator(self, epoch, start_batch):
+  def train_iterator(self, epoch: int, start_batch: int = 0):
+    """An iterator over epoch `epoch` of training batches, from a batch on."""
     return iter(distribute_batches(
         self.strategy, self.train_data, self.global_batch_size,
         shuffle=self.cfg.shuffle, seed=self.cfg.seed, epoch=epoch,
@@ -490,7 +491,7 @@ class Trainer:
       # checkpoints: iterator creation, the steps, summaries, progress.
       start = time.time()
       iterator = (None if cfg.full_batch
-                  else self._train_iterator(epoch, batch_in_epoch))
+                  else self.train_iterator(epoch, batch_in_epoch))
       while True:
         stop = self._next_stop(step, batch_in_epoch)
         if cfg.full_batch:
