@@ -589,3 +589,38 @@ def test_padded_shortcut():
   assert y.shape == (2, 3, 3, 8)
   np.testing.assert_array_equal(y[..., :3], x[:, ::2, ::2, :])
   np.testing.assert_array_equal(y[..., 3:], 0.0)
+
+
+@pytest.mark.parametrize("shape", [(12, 5, 5, 3), (12, 6)])
+def test_fused_batch_norm_matches_explicit_path_to_second_order(
+    monkeypatch, shape):
+  """The fused float32 kernel gives the explicit formula's values, gradients,
+  Hessian-vector products and moving statistics."""
+  x = tf.random.stateless_normal(shape, seed=[7, 1]) * 2.0 + 0.5
+  w = tf.random.stateless_normal(shape, seed=[7, 2])
+
+  def measure(fused):
+    if not fused:
+      monkeypatch.setattr(layers.GhostBatchNormalization, "_fusable",
+                          lambda self, x: False)
+    layer = layers.BatchNormalization(momentum=0.8)
+    layer.build(shape)
+    layer.gamma.assign(tf.linspace(0.5, 1.5, shape[-1]))
+    layer.beta.assign(tf.linspace(-0.2, 0.3, shape[-1]))
+    params = [layer.gamma, layer.beta]
+    v = [tf.ones_like(p) * 0.3 for p in params]
+    xin = tf.Variable(x)
+    with tf.GradientTape() as outer:
+      with tf.GradientTape() as inner:
+        y = layer(xin, training=True)
+        loss = tf.reduce_sum(tf.tanh(y) * w)
+      grads = inner.gradient(loss, params + [xin])
+      gv = tf.add_n([tf.reduce_sum(g * u) for g, u in zip(grads, v)])
+    hvp = outer.gradient(gv, params + [xin])
+    monkeypatch.undo()
+    return ([y.numpy()] + [g.numpy() for g in grads]
+            + [h.numpy() for h in hvp]
+            + [layer.moving_mean.numpy(), layer.moving_variance.numpy()])
+
+  for got, want in zip(measure(True), measure(False)):
+    np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-5)
