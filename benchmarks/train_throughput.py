@@ -120,7 +120,7 @@ class LoopContender:
     done = 0
     while done < spe:
       steps = min(per_call, spe - done)
-      trainer.train_steps(iterator, tf.constant(steps, tf.int32))[0].numpy()
+      trainer.run_steps(iterator, steps)
       done += steps
     self.epoch += 1
     return spe * BATCH / (time.perf_counter() - start)

@@ -246,8 +246,28 @@ def test_no_retracing_across_epochs(tmp_path):
   trainer = training.Trainer(synthetic_cfg(tmp_path, epochs=3,
                                            steps_per_loop=4), mirrored())
   trainer.run()
+  assert not trainer.resident
   assert trainer.train_steps.experimental_get_tracing_count() == 1
   assert trainer.eval_sums.experimental_get_tracing_count() <= 2
+  single = training.Trainer(synthetic_cfg(tmp_path, "one", epochs=3,
+                                          steps_per_loop=4), one_device())
+  single.run()
+  assert single.resident
+  assert single.train_steps_resident.experimental_get_tracing_count() == 1
+
+
+def test_resident_and_iterator_feeds_train_identically(tmp_path, monkeypatch):
+  cfg = synthetic_cfg(tmp_path, epochs=2, steps_per_loop=4,
+                      deterministic=True)
+  resident = training.Trainer(cfg, one_device())
+  resident.run()
+  monkeypatch.setattr(training.Trainer, "resident", property(lambda s: False))
+  streamed = training.Trainer(cfg.replace(model_dir=str(tmp_path / "it")),
+                              one_device())
+  streamed.run()
+  assert streamed.train_steps.experimental_get_tracing_count() == 1
+  for a, b in zip(weights(resident.model), weights(streamed.model)):
+    np.testing.assert_array_equal(a, b)
 
 
 def test_exports_round_trip(tmp_path):

@@ -163,11 +163,28 @@ class ArrayDataset(Dataset):
     self.info = info
     self.x, self.y = x, y
 
+  def _order(self, shuffle, seed, epoch):
+    n = len(self.y)
+    return epoch_rng(seed, epoch).permutation(n) if shuffle else np.arange(n)
+
+  def epoch_arrays(self, batch_size, *, shuffle=False, seed=0, epoch=0):
+    """The epoch's full batches stacked, in the order of `batches()`.
+
+    Returns:
+      `x` of shape [num_batches, batch_size, *input_shape] and `y` of shape
+      [num_batches, batch_size]: batch k equals the k-th element of
+      `batches(batch_size, ..., drop_remainder=True)`.
+    """
+    order = self._order(shuffle, seed, epoch)
+    k = len(order) // batch_size
+    order = order[:k * batch_size]
+    return (self.x[order].reshape((k, batch_size) + self.x.shape[1:]),
+            self.y[order].reshape(k, batch_size))
+
   def batches(self, batch_size, *, shuffle=False, seed=0, epoch=0,
               start_batch=0, drop_remainder=False, pad=False):
-    n = len(self.y)
-    order = (epoch_rng(seed, epoch).permutation(n) if shuffle
-             else np.arange(n))
+    order = self._order(shuffle, seed, epoch)
+    n = len(order)
     if drop_remainder:
       order = order[:n - n % batch_size]
     order = order[start_batch * batch_size:]

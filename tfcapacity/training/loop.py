@@ -234,23 +234,32 @@ class Trainer:
       optimizer.apply_gradients(zip(grads, tvars))
       return data_loss
 
-    @tf.function
-    def train_steps(iterator, num_steps):
+    def steps(fetch, num_steps):
+      # Stops after the first non-finite loss. The test sits in the loop's
+      # condition rather than in a `tf.cond` in its body: on small models a
+      # conditional per step costs a measurable share of the step.
       total = tf.constant(0.0)
       done = tf.constant(0)
       finite = tf.constant(True)
-      for _ in tf.range(num_steps):
+      while done < num_steps and finite:
         loss = strategy.reduce(
             tf.distribute.ReduceOp.SUM,
-            strategy.run(replica_step, args=next(iterator)), axis=None)
+            strategy.run(replica_step, args=fetch(done)), axis=None)
         total += loss
         done += 1
-        if not tf.math.is_finite(loss):
-          finite = tf.constant(False)
-          break
+        finite = tf.math.is_finite(loss)
       return total, done, finite
 
+    @tf.function
+    def train_steps(iterator, num_steps):
+      return steps(lambda _: next(iterator), num_steps)
+
+    @tf.function
+    def train_steps_resident(x, y, start, num_steps):
+      return steps(lambda i: (x[start + i], y[start + i]), num_steps)
+
     self.train_steps = train_steps
+    self.train_steps_resident = train_steps_resident
 
     k5 = min(5, self.train_data.info.num_classes)
 
@@ -308,12 +317,42 @@ class Trainer:
 
       self.full_batch_step = full_batch_step
 
+  @property
+  def resident(self) -> bool:
+    """Whether training batches are sliced in-graph from the epoch's arrays.
+
+    With one replica and an in-memory dataset, indexing a tensor that holds
+    the epoch feeds ~1.2x more examples/s to a small model than a tf.data
+    iterator's per-step `IteratorGetNext`; the batches are the same.
+    """
+    return (self.num_replicas == 1 and not self.cfg.full_batch
+            and isinstance(self.train_data, data_lib.base.ArrayDataset))
+
   def train_iterator(self, epoch: int, start_batch: int = 0):
-    """An iterator over epoch `epoch` of training batches, from a batch on."""
+    """The feed of epoch `epoch`'s training batches, from a batch on.
+
+    Pass it to `run_steps`: an iterator, or the resident epoch (`resident`).
+    """
+    if self.resident:
+      x, y = self.train_data.epoch_arrays(
+          self.global_batch_size, shuffle=self.cfg.shuffle,
+          seed=self.cfg.seed, epoch=epoch)
+      return _ResidentEpoch(tf.constant(x), tf.constant(y), start_batch)
     return iter(distribute_batches(
         self.strategy, self.train_data, self.global_batch_size,
         shuffle=self.cfg.shuffle, seed=self.cfg.seed, epoch=epoch,
         start_batch=start_batch, drop_remainder=True))
+
+  def run_steps(self, feed, num_steps: int) -> tuple[float, int, bool]:
+    """Runs up to `num_steps` steps; returns (loss sum, steps, finite)."""
+    n = tf.constant(num_steps, tf.int32)
+    if isinstance(feed, _ResidentEpoch):
+      total, done, finite = self.train_steps_resident(
+          feed.x, feed.y, tf.constant(feed.position, tf.int32), n)
+      feed.position += int(done)
+    else:
+      total, done, finite = self.train_steps(feed, n)
+    return float(total), int(done), bool(finite)
 
   # -- evaluation ----------------------------------------------------------
 
@@ -499,9 +538,7 @@ class Trainer:
           done, finite = 1, bool(tf.math.is_finite(loss_sum))
           loss_sum = float(loss_sum)
         else:
-          loss_sum, done, finite = self.train_steps(
-              iterator, tf.constant(stop - step, tf.int32))
-          loss_sum, done, finite = float(loss_sum), int(done), bool(finite)
+          loss_sum, done, finite = self.run_steps(iterator, stop - step)
         step += done
         batch_in_epoch += done
         if not finite:
@@ -549,6 +586,7 @@ class Trainer:
         if cfg.checkpoint_every_steps and (
             step % cfg.checkpoint_every_steps == 0):
           save_checkpoint()
+          save_results("running")
 
     for cb in self.callbacks:
       cb.on_train_end(self._context(step))
@@ -590,6 +628,13 @@ class Trainer:
       tf.summary.text("flags", "```\n" + config_lib.to_flagfile(self.cfg)
                       + "```")
     writer.close()
+
+
+class _ResidentEpoch:
+  """One epoch's batches as tensors [num_batches, batch, ...] and a cursor."""
+
+  def __init__(self, x, y, position):
+    self.x, self.y, self.position = x, y, position
 
 
 class _Throughput:
