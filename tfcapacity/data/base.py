@@ -91,6 +91,14 @@ def check_finite(x: np.ndarray, where: str) -> None:
         f"clean the data before training")
 
 
+def check_indices(indices, num_examples: int) -> np.ndarray:
+  """`indices` as a flat int64 array; IndexError outside [0, num_examples)."""
+  indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+  if indices.size and (indices.min() < 0 or indices.max() >= num_examples):
+    raise IndexError(f"example indices must lie in [0, {num_examples})")
+  return indices
+
+
 def num_batches(num_examples: int, batch_size: int, drop_remainder: bool):
   if drop_remainder:
     return num_examples // batch_size

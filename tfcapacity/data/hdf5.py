@@ -482,10 +482,7 @@ class HDF5Dataset(base.Dataset):
     return ds.prefetch(tf.data.AUTOTUNE)
 
   def examples(self, indices):
-    indices = np.asarray(indices, dtype=np.int64).reshape(-1)
-    n = self.info.num_examples
-    if indices.size and (indices.min() < 0 or indices.max() >= n):
-      raise IndexError(f"example indices must lie in [0, {n})")
+    indices = base.check_indices(indices, self.info.num_examples)
     unique, inverse = np.unique(indices, return_inverse=True)
     x = np.empty((0,) + self.info.input_shape, np.float32)
     if unique.size:

@@ -270,10 +270,7 @@ class TFDSDataset(base.Dataset):
 
   def examples(self, indices):
     """The examples at `indices`, without augmentation (one pass at most)."""
-    indices = np.asarray(indices, dtype=np.int64).reshape(-1)
-    n = self.info.num_examples
-    if indices.size and (indices.min() < 0 or indices.max() >= n):
-      raise IndexError(f"example indices must lie in [0, {n})")
+    indices = base.check_indices(indices, self.info.num_examples)
     wanted = np.unique(indices)
     found_x, found_i, found_y = [], [], []
     if wanted.size:
