@@ -105,10 +105,6 @@ def distribute_batches(strategy, dataset, global_batch_size, **batch_kwargs):
   return strategy.distribute_datasets_from_function(dataset_fn)
 
 
-class Diverged(Exception):
-  pass
-
-
 class Trainer:
   """Builds data, model and optimizer from a Config and trains.
 
