@@ -45,6 +45,7 @@ import h5py
 import numpy as np
 import tensorflow as tf
 
+from tfcapacity.data import arrays
 from tfcapacity.data import base
 from tfcapacity.errors import UserError
 
@@ -353,20 +354,14 @@ class HDF5Dataset(base.Dataset):
     rows = None
     if mask is not None:
       rows = np.flatnonzero(mask if split == "test" else ~mask)
-    if split == "train" and cfg.train_subset:
-      n = cfg.train_subset
-      if n > len(labels):
-        raise UserError(
-            f"--train_subset={n} exceeds the {len(labels)} training examples "
-            f"of {path}; use --train_subset<={len(labels)}")
+    if split == "train":
+      n = arrays.subset_size(f"hdf5:{path}", len(labels), cfg)
       labels = labels[:n]
       if rows is not None:
         rows = rows[:n]
-    if split == "train":
-      transform = base.LabelTransform(
-          len(labels), num_classes, random_labels=cfg.random_labels,
-          label_noise=cfg.label_noise, seed=cfg.seed)
-      labels = transform.numpy(np.arange(len(labels)), labels)
+      transform = arrays.train_label_transform(n, num_classes, cfg)
+      if transform is not None:
+        labels = transform.numpy(np.arange(n), labels)
 
     self.info = base.DatasetInfo(
         name=f"hdf5:{path}", split=split, num_classes=num_classes,

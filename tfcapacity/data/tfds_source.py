@@ -37,6 +37,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from tfcapacity.data import arrays
 from tfcapacity.data import base
 from tfcapacity.errors import UserError
 
@@ -192,23 +193,16 @@ class TFDSDataset(base.Dataset):
     self.tfds_split = _split_name(builder, name, split)
     n = _num_examples(builder, self.tfds_split)
     train = split == "train"
-    if train and cfg.train_subset:
-      if cfg.train_subset > n:
-        raise UserError(
-            f"--train_subset={cfg.train_subset} exceeds the {n} training "
-            f"examples of tfds:{name}; use --train_subset<={n}")
-      n = cfg.train_subset
+    if train:
+      n = arrays.subset_size(f"tfds:{name}", n, cfg)
     self.info = base.DatasetInfo(
         name=f"tfds:{name}", split=split, num_classes=int(label.num_classes),
         input_shape=tuple(int(d) for d in image.shape), num_examples=n)
     self.augment = bool(cfg.augment and train)
     self.shuffle_buffer = cfg.shuffle_buffer
     self._image_dtype = image.dtype
-    self._transform = None
-    if train:
-      self._transform = base.LabelTransform(
-          n, self.info.num_classes, random_labels=cfg.random_labels,
-          label_noise=cfg.label_noise, seed=cfg.seed)
+    self._transform = (arrays.train_label_transform(
+        n, self.info.num_classes, cfg) if train else None)
     self.mean = self.std = None
     if cfg.channel_normalize:
       train_split = _split_name(builder, name, "train")
