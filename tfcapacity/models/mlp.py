@@ -59,9 +59,9 @@ def build(input_shape, num_classes: int, width: int, depth: int,
       leaky_slope=leaky_slope)
   inputs = keras.Input(tuple(input_shape), name="inputs")
   h = keras.layers.Flatten(name="flatten")(inputs)
-  h = hidden_stack(h, prefix="hidden", start=0, count=depth, width=width,
-                   activation=activation, kernel_init=kernel_init,
-                   normalization=normalization,
+  for i in range(depth):
+    h = dense_unit(h, name=f"hidden_{i}", width=width, activation=activation,
+                   kernel_init=kernel_init, normalization=normalization,
                    ghost_batch_size=ghost_batch_size, bn_momentum=bn_momentum,
                    leaky_slope=leaky_slope)
   logits = classifier(h, num_classes, kernel_init, zero_init_classifier)
@@ -83,13 +83,6 @@ def dense_unit(h, *, name: str, width: int, activation: str, kernel_init: str,
     h = norm(h)
   return layers_lib.activation_layer(activation, leaky_slope=leaky_slope,
                                      name=f"{name}_act")(h)
-
-
-def hidden_stack(h, *, prefix: str, start: int, count: int, **unit_kwargs):
-  """`count` dense units named `{prefix}_{start}`, `{prefix}_{start+1}`, ..."""
-  for i in range(start, start + count):
-    h = dense_unit(h, name=f"{prefix}_{i}", **unit_kwargs)
-  return h
 
 
 def classifier(h, num_classes: int, kernel_init: str,
