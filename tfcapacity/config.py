@@ -332,17 +332,34 @@ def make(**overrides) -> Config:
   Raises:
     UserError: an unknown flag name or a value its validator refuses.
   """
-  fv = flags.FlagValues()
-  define_flags(fv)
-  unknown = sorted(set(overrides) - set(fv))
+  if not _DEFINED:
+    define_flags(flags.FlagValues())
+  unknown = sorted(set(overrides) - set(_DEFINED))
   if unknown:
     raise UserError(f"unknown flag --{unknown[0]}; see --helpfull")
-  argv = ["tfcapacity"] + [_flag_arg(k, v) for k, v in overrides.items()
-                           if v is not None]
+  return parse_args([_flag_arg(k, v) for k, v in overrides.items()
+                     if v is not None])
+
+
+def parse_args(args: list[str]) -> Config:
+  """The Config that `python -m tfcapacity.train ARGS` would run.
+
+  `args` are command-line flags, `--flagfile=FILE` included (read relative
+  to the working directory, as the CLI reads it).
+
+  Raises:
+    UserError: an unknown flag, a value its validator refuses, or a
+      flagfile that cannot be read.
+  """
+  fv = flags.FlagValues()
+  define_flags(fv)
   try:
-    fv(argv)
+    rest = fv(["tfcapacity", *args])
   except flags.Error as e:
     raise UserError(str(e).splitlines()[0]) from None
+  if len(rest) > 1:
+    raise UserError(f"unexpected arguments {rest[1:]}; all options are "
+                    f"--flags")
   return from_flag_values(fv)
 
 

@@ -1,4 +1,17 @@
-"""Training: the loop, optimisers and schedules, callbacks, run directory."""
+"""Training: the loop, optimisers and schedules, callbacks, run directory.
 
-from tfcapacity.training.callbacks import Callback, Context  # noqa: F401
-from tfcapacity.training.loop import Trainer, train  # noqa: F401
+The loop and callbacks import TensorFlow; they load on first use, so light
+tools (the sweep runner, reports) can use `training.rundir` without it.
+"""
+
+import importlib
+
+_LAZY = {"Callback": "callbacks", "Context": "callbacks", "Trainer": "loop",
+         "train": "loop"}
+
+
+def __getattr__(name):
+  if name in _LAZY:
+    module = importlib.import_module(f"tfcapacity.training.{_LAZY[name]}")
+    return getattr(module, name)
+  raise AttributeError(name)

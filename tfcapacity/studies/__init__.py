@@ -1,0 +1,1 @@
+"""Studies built from many runs: the sweep runner and per-study reports."""

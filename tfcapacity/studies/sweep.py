@@ -1,0 +1,534 @@
+"""Grids of training runs: the shared runner behind every tfcapacity study.
+
+A sweep is a base flagfile and a grid such as
+`width=1000,2000,5000;learning_rate=0.1,0.01;seed=0,1`. Each cell of the
+grid's Cartesian product is one `python -m tfcapacity.train` run in its own
+model_dir, `<sweep_dir>/<cell name>`, named after its grid values
+(`width=1000,learning_rate=0.1,seed=0`).
+
+What makes a sweep safe to kill, rerun and split:
+  * A cell's state lives in its run directory (results.json), so a rerun
+    skips completed and diverged cells and resumes interrupted ones from
+    their checkpoints: the train CLI resumes by itself when rerun with the
+    same flags.
+  * Every cell is validated (flags parsed with the base flagfile) before
+    any process starts, so a bad grid fails at once with one line.
+  * A running cell holds an exclusive lock on `<cell>/.sweep.lock` that the
+    training process inherits, so two sweeps (or two shards given the same
+    index by mistake) never train the same cell at once.
+  * `sweep.csv` is rebuilt from all cells' run directories after every
+    finished cell and written atomically: one row per cell, whichever shard
+    or invocation ran it.
+  * Shard k of n takes cells k, k+n, k+2n, ... of the grid's fixed order.
+
+The base flags are stored resolved in `<sweep_dir>/base.flags` and every cell
+runs from that copy, so a sweep's cells agree even if the original flagfile
+is edited later; a rerun whose base flags differ is refused.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import fcntl
+import io
+import itertools
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from typing import Callable, Iterable, Sequence
+
+from absl import logging
+
+from tfcapacity import config as config_lib
+from tfcapacity.errors import UserError
+from tfcapacity.training import rundir
+
+SWEEP_FILE = "sweep.json"
+BASE_FLAGS_FILE = "base.flags"
+CSV_FILE = "sweep.csv"
+LOCK_FILE = ".sweep.lock"
+LOG_FILE = "train.log"
+ATTEMPTS_FILE = "sweep_attempts.json"
+
+# Comment lines in a flagfile that carry its study's grid, one flag per line:
+#   # sweep.grid: width=16,32,64
+GRID_COMMENT = re.compile(r"^\s*#\s*sweep\.grid:\s*(.+?)\s*$")
+
+# A cell's final state, from its run directory and its last attempt.
+COMPLETED, DIVERGED, FAILED, INTERRUPTED, PENDING, RUNNING = (
+    "completed", "diverged", "failed", "interrupted", "pending", "running")
+FINISHED = (COMPLETED, DIVERGED)
+
+EXIT_DIVERGED = 3
+METRIC_KEYS = ("train_loss", "train_top1_error", "train_top5_error",
+               "test_loss", "test_top1_error", "test_top5_error")
+# Flags a grid may not set: the sweep owns them.
+_RESERVED = frozenset({"model_dir", "flagfile", "overwrite"})
+_UNSAFE = re.compile(r"[^A-Za-z0-9._+=,-]")
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+  """One grid point: its overrides of the base flags, in grid order."""
+  index: int
+  overrides: tuple[tuple[str, str], ...]
+
+  @property
+  def name(self) -> str:
+    return cell_name(self.overrides)
+
+  def args(self) -> list[str]:
+    return [f"--{key}={value}" for key, value in self.overrides]
+
+
+def parse_grid(spec: str) -> list[tuple[str, list[str]]]:
+  """`'width=1,2;learning_rate=0.1'` -> [('width', ['1', '2']), ...].
+
+  Raises:
+    UserError: an empty or malformed part, a repeated flag or value, or a
+      flag the sweep sets itself.
+  """
+  grid = []
+  for part in spec.split(";"):
+    part = part.strip()
+    if not part:
+      continue
+    key, sep, values = part.partition("=")
+    key = key.strip().lstrip("-")
+    values = [v.strip() for v in values.split(",")]
+    if not sep or not key or not all(values):
+      raise UserError(
+          f"bad --grid part {part!r}; write flag=value1,value2,... and "
+          f"separate flags with ';'")
+    if key in _RESERVED:
+      raise UserError(f"--grid may not set --{key}; the sweep sets it")
+    if key in dict(grid):
+      raise UserError(f"--grid names --{key} twice; give all its values in "
+                      f"one part")
+    if len(set(values)) != len(values):
+      raise UserError(f"--grid repeats a value of --{key}: {part!r}")
+    grid.append((key, values))
+  if not grid:
+    raise UserError("--grid is empty; give e.g. --grid='width=16,64;"
+                    "learning_rate=0.1,0.01'")
+  return grid
+
+
+def grid_from_flagfile(text: str) -> str | None:
+  """The grid spec held in `# sweep.grid:` comment lines, or None."""
+  parts = [m.group(1) for m in map(GRID_COMMENT.match, text.splitlines())
+           if m]
+  return ";".join(parts) if parts else None
+
+
+def format_grid(grid: Sequence[tuple[str, Sequence[str]]]) -> str:
+  return ";".join(f"{key}={','.join(values)}" for key, values in grid)
+
+
+def cell_name(overrides: Iterable[tuple[str, str]]) -> str:
+  """The cell's directory name: `key=value` pairs joined by commas.
+
+  Characters outside [A-Za-z0-9._+=,-] (a '/' in a path, say) become '_'.
+  """
+  return ",".join(f"{key}={_UNSAFE.sub('_', value)}"
+                  for key, value in overrides)
+
+
+def cells(grid: Sequence[tuple[str, Sequence[str]]]) -> list[Cell]:
+  """The grid's Cartesian product; the first flag varies slowest.
+
+  Raises:
+    UserError: two cells would share a directory name.
+  """
+  keys = [key for key, _ in grid]
+  out = [Cell(i, tuple(zip(keys, combo))) for i, combo in
+         enumerate(itertools.product(*(values for _, values in grid)))]
+  names = [c.name for c in out]
+  if len(set(names)) != len(names):
+    raise UserError("two grid cells get the same directory name after "
+                    "replacing characters outside [A-Za-z0-9._+=,-]; make "
+                    "the values differ in other characters")
+  return out
+
+
+def shard(all_cells: Sequence[Cell], index: int, num_shards: int
+          ) -> list[Cell]:
+  """Cells index, index + num_shards, ... (a job array's share)."""
+  if num_shards < 1 or not 0 <= index < num_shards:
+    raise UserError(f"--shard_index={index} must be in [0, --num_shards="
+                    f"{num_shards})")
+  return list(all_cells[index::num_shards])
+
+
+def validate(base_args: Sequence[str], grid_cells: Sequence[Cell]
+             ) -> dict[str, config_lib.Config]:
+  """Each cell's Config (base args, then its overrides), before any run.
+
+  Raises:
+    UserError: naming the first cell whose flags the train CLI would refuse.
+  """
+  configs = {}
+  for cell in grid_cells:
+    try:
+      configs[cell.name] = config_lib.parse_args(
+          [*base_args, *cell.args()])
+    except UserError as e:
+      raise UserError(f"cell {cell.name}: {e}") from None
+  return configs
+
+
+# --- The sweep directory -----------------------------------------------------
+
+
+def prepare_sweep_dir(sweep_dir: str, base: config_lib.Config,
+                      grid: Sequence[tuple[str, Sequence[str]]]) -> bool:
+  """Writes base.flags and sweep.json; returns whether the grid is new.
+
+  Raises:
+    UserError: the directory holds a sweep of different base flags.
+  """
+  os.makedirs(sweep_dir, exist_ok=True)
+  base_path = os.path.join(sweep_dir, BASE_FLAGS_FILE)
+  base_text = config_lib.to_flagfile(base.replace(model_dir=None))
+  if os.path.exists(base_path):
+    with open(base_path) as f:
+      old = config_lib.parse_flagfile(f.read()).semantic_dict()
+    new = base.semantic_dict()
+    diffs = [f"--{k}={new.get(k)} (sweep has {old.get(k)})"
+             for k in sorted(set(old) | set(new))
+             if old.get(k) != new.get(k)]
+    if diffs:
+      raise UserError(
+          f"--sweep_dir={sweep_dir} holds a sweep of different base flags: "
+          f"{'; '.join(diffs[:3])}; use another --sweep_dir")
+  else:
+    rundir.atomic_write(base_path, base_text)
+  spec = format_grid(grid)
+  previous = read_sweep(sweep_dir)
+  rundir.write_json(os.path.join(sweep_dir, SWEEP_FILE),
+                    {"grid": spec, "base_flags": BASE_FLAGS_FILE})
+  return previous is None or previous.get("grid") != spec
+
+
+def read_sweep(sweep_dir: str) -> dict | None:
+  path = os.path.join(sweep_dir, SWEEP_FILE)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def _lock(cell_dir: str) -> int | None:
+  """An fd holding the cell's exclusive lock, or None if it is taken."""
+  os.makedirs(cell_dir, exist_ok=True)
+  fd = os.open(os.path.join(cell_dir, LOCK_FILE), os.O_RDWR | os.O_CREAT,
+               0o644)
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except OSError:
+    os.close(fd)
+    return None
+  return fd
+
+
+def is_locked(cell_dir: str) -> bool:
+  if not os.path.exists(os.path.join(cell_dir, LOCK_FILE)):
+    return False
+  fd = _lock(cell_dir)
+  if fd is None:
+    return True
+  os.close(fd)
+  return False
+
+
+def _read_attempts(cell_dir: str) -> list[dict]:
+  path = os.path.join(cell_dir, ATTEMPTS_FILE)
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return json.load(f)
+
+
+def cell_state(cell_dir: str) -> str:
+  """One of completed, diverged, running, failed, interrupted, pending."""
+  results = None
+  try:
+    results = rundir.read_results(cell_dir)
+  except (OSError, ValueError):
+    pass
+  status = (results or {}).get("status")
+  if status == COMPLETED and results.get("steps", 0) >= results.get(
+      "total_steps", math.inf):
+    return COMPLETED
+  if status == DIVERGED:
+    return DIVERGED
+  if is_locked(cell_dir):
+    return RUNNING
+  attempts = _read_attempts(cell_dir)
+  if attempts and attempts[-1].get("exit_code") not in (None, 0,
+                                                        EXIT_DIVERGED):
+    return FAILED
+  if results is not None or attempts:
+    return INTERRUPTED
+  return PENDING
+
+
+def collect(sweep_dir: str, grid_cells: Sequence[Cell],
+            configs: dict[str, config_lib.Config] | None = None
+            ) -> list[dict]:
+  """One row per cell: name, state, grid values, final metrics, flags."""
+  rows = []
+  for cell in grid_cells:
+    cell_dir = os.path.join(sweep_dir, cell.name)
+    state = cell_state(cell_dir)
+    row = {"cell": cell.name, "status": state, **dict(cell.overrides)}
+    results = None
+    if os.path.exists(os.path.join(cell_dir, rundir.RESULTS_FILE)):
+      try:
+        results = rundir.read_results(cell_dir)
+      except (OSError, ValueError):
+        results = None
+    final = (results or {}).get("final", {})
+    for key in METRIC_KEYS:
+      row[key] = final.get(key, "")
+    row["epoch"] = final.get("epoch", "")
+    row["steps"] = (results or {}).get("steps", "")
+    row["wall_seconds"] = final.get("wall_seconds", "")
+    row["examples_per_second"] = (results or {}).get(
+        "examples_per_second", "")
+    row["num_parameters"] = (results or {}).get("num_parameters", "")
+    row["diverged_at_step"] = (results or {}).get("diverged_at_step", "")
+    attempts = _read_attempts(cell_dir)
+    row["error"] = attempts[-1].get("error", "") if (
+        attempts and state == FAILED) else ""
+    row["model_dir"] = cell_dir
+    cfg = (configs or {}).get(cell.name)
+    if cfg is not None:
+      for key, value in sorted(cfg.semantic_dict().items()):
+        row.setdefault(key, "" if value is None else value)
+    rows.append(row)
+  return rows
+
+
+def write_csv(path: str, rows: Sequence[dict]) -> None:
+  """Writes rows (the union of their keys, first-seen order) atomically."""
+  columns = list(dict.fromkeys(k for row in rows for k in row))
+  buf = io.StringIO()
+  writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
+  writer.writeheader()
+  for row in rows:
+    writer.writerow({k: _csv_value(v) for k, v in row.items()})
+  rundir.atomic_write(path, buf.getvalue())
+
+
+def _csv_value(value):
+  if isinstance(value, (list, tuple)):
+    return ",".join(str(v) for v in value)
+  return value
+
+
+def read_csv(path: str) -> list[dict]:
+  with open(path, newline="") as f:
+    return list(csv.DictReader(f))
+
+
+def write_hparams_config(sweep_dir: str, grid, configs) -> None:
+  """The sweep's HParams experiment: the grid's flags and their values.
+
+  Written at the sweep's root, so TensorBoard pointed at --sweep_dir shows
+  every cell as one session of one experiment, with the grid's flags as
+  columns and the training and test metrics of the cells' `eval` runs.
+  Imports TensorFlow: call it after the cells' processes have started.
+  """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from tensorboard.plugins.hparams import api as hp  # pylint: disable=g-import-not-at-top
+  for entry in os.listdir(sweep_dir):
+    if entry.startswith("events.out.tfevents."):
+      os.unlink(os.path.join(sweep_dir, entry))
+  hparams = []
+  for key, _ in grid:
+    values = {cfg.values[key] for cfg in configs.values()
+              if isinstance(cfg.values[key], (bool, int, float, str))}
+    if len({type(v) for v in values}) == 1 and len(values) == len(
+        {str(cfg.values[key]) for cfg in configs.values()}):
+      hparams.append(hp.HParam(key, hp.Discrete(sorted(values))))
+    else:  # Lists or None: the dashboard shows the values, no domain.
+      hparams.append(hp.HParam(key))
+  metrics = [hp.Metric(f"{split}/{name}", group="eval")
+             for split in ("train", "test")
+             for name in ("top1_error", "top5_error", "loss")]
+  writer = tf.summary.create_file_writer(sweep_dir)
+  with writer.as_default(step=0):
+    hp.hparams_config(hparams=hparams, metrics=metrics)
+  writer.close()
+
+
+def has_hparams_config(sweep_dir: str) -> bool:
+  return any(entry.startswith("events.out.tfevents.")
+             for entry in os.listdir(sweep_dir))
+
+
+# --- Running -----------------------------------------------------------------
+
+
+def _die_with_parent(parent_pid: int) -> Callable[[], None] | None:
+  """A preexec_fn: the child gets SIGKILL when the sweep process dies.
+
+  Linux only (prctl PR_SET_PDEATHSIG); elsewhere cells outlive a killed
+  sweep, and their locks keep a rerun from training them twice.
+  """
+  try:
+    import ctypes  # pylint: disable=g-import-not-at-top
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # Loaded before fork.
+  except (OSError, AttributeError):
+    return None
+
+  def preexec():
+    prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent_pid:
+      os._exit(1)  # pylint: disable=protected-access
+  return preexec
+
+
+@dataclasses.dataclass
+class _Job:
+  cell: Cell
+  process: subprocess.Popen
+  lock_fd: int
+  log: io.TextIOBase
+  started: float
+
+
+def _last_error_line(log_path: str) -> str:
+  """The train CLI's one-line error, else the log's last line."""
+  try:
+    with open(log_path, errors="replace") as f:
+      lines = [line.rstrip() for line in f if line.strip()]
+  except OSError:
+    return ""
+  for line in reversed(lines):
+    if "error:" in line:
+      return line
+  return lines[-1] if lines else ""
+
+
+def run(sweep_dir: str, grid_cells: Sequence[Cell],
+        my_cells: Sequence[Cell], configs: dict[str, config_lib.Config], *,
+        parallel: int = 1, threads_per_cell: int = 0,
+        progress: bool | None = None, python: str = sys.executable,
+        extra_env: dict | None = None) -> dict[str, str]:
+  """Runs `my_cells` (this shard's), `parallel` at a time.
+
+  Args:
+    sweep_dir: where base.flags lives and each cell gets its directory.
+    grid_cells: every cell of the grid (the CSV covers them all).
+    my_cells: the cells this process may run.
+    configs: every cell's validated Config, by name.
+    parallel: training processes at once.
+    threads_per_cell: TF intra-op threads per process (0: TF's default).
+    progress: a progress bar over cells (None: only on a terminal).
+    python: the interpreter that runs `-m tfcapacity.train`.
+    extra_env: environment additions for the cells.
+
+  Returns:
+    The state of each of `my_cells` at the end, by name.
+  """
+  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+  base_path = os.path.join(sweep_dir, BASE_FLAGS_FILE)
+  states = {c.name: cell_state(os.path.join(sweep_dir, c.name))
+            for c in my_cells}
+  todo = [c for c in my_cells if states[c.name] not in FINISHED]
+  done_before = len(my_cells) - len(todo)
+  if done_before:
+    logging.info("%d of this shard's %d cells already finished; skipping "
+                 "them.", done_before, len(my_cells))
+  env = dict(os.environ, **(extra_env or {}))
+  env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  if threads_per_cell:
+    env["TF_NUM_INTRAOP_THREADS"] = str(threads_per_cell)
+    env["TF_NUM_INTEROP_THREADS"] = str(min(threads_per_cell, 2))
+    env["OMP_NUM_THREADS"] = str(threads_per_cell)
+  tqdm.monitor_interval = 0  # No monitor thread: we fork children.
+  bar = tqdm(total=len(my_cells), initial=done_before, unit="cell",
+             desc="sweep", disable=(None if progress is None
+                                    else not progress), file=sys.stderr,
+             dynamic_ncols=True)
+  running: list[_Job] = []
+  queue = list(todo)
+
+  def refresh_csv():
+    write_csv(os.path.join(sweep_dir, CSV_FILE),
+              collect(sweep_dir, grid_cells, configs))
+
+  def start(cell: Cell) -> bool:
+    cell_dir = os.path.join(sweep_dir, cell.name)
+    fd = _lock(cell_dir)
+    if fd is None:
+      logging.warning("cell %s is running in another process; skipping it.",
+                      cell.name)
+      states[cell.name] = RUNNING
+      return False
+    log = open(os.path.join(cell_dir, LOG_FILE), "a")
+    log.write(f"\n=== sweep attempt {time.strftime('%Y-%m-%d %H:%M:%S')} "
+              f"===\n")
+    log.flush()
+    cmd = [python, "-m", "tfcapacity.train", f"--flagfile={base_path}",
+           *cell.args(), f"--model_dir={cell_dir}", "--noprogress_bar"]
+    process = subprocess.Popen(
+        cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        env=env, pass_fds=(fd,), process_group=0,  # Ctrl-C: the sweep's.
+        preexec_fn=_die_with_parent(os.getpid()))
+    running.append(_Job(cell, process, fd, log, time.time()))
+    logging.info("started cell %s", cell.name)
+    return True
+
+  def finish(job: _Job, code: int):
+    cell_dir = os.path.join(sweep_dir, job.cell.name)
+    job.log.close()
+    attempts = _read_attempts(cell_dir)
+    attempt = {"started": job.started, "seconds": time.time() - job.started,
+               "exit_code": code}
+    if code not in (0, EXIT_DIVERGED):
+      attempt["error"] = _last_error_line(os.path.join(cell_dir, LOG_FILE))
+    rundir.write_json(os.path.join(cell_dir, ATTEMPTS_FILE),
+                      attempts + [attempt])
+    os.close(job.lock_fd)
+    state = cell_state(cell_dir)
+    states[job.cell.name] = state
+    if state == FAILED:
+      logging.error("cell %s failed (exit %d): %s; see %s", job.cell.name,
+                    code, attempt["error"], os.path.join(cell_dir, LOG_FILE))
+    else:
+      logging.info("cell %s %s in %.0f s", job.cell.name, state,
+                   attempt["seconds"])
+    bar.update(1)
+    refresh_csv()
+
+  try:
+    refresh_csv()
+    while queue or running:
+      while queue and len(running) < parallel:
+        start(queue.pop(0))
+        bar.set_postfix_str(", ".join(j.cell.name for j in running),
+                            refresh=True)
+      for job in list(running):
+        code = job.process.poll()
+        if code is not None:
+          running.remove(job)
+          finish(job, code)
+      time.sleep(0.2)
+  finally:
+    for job in running:  # Interrupted: stop the cells, keep checkpoints.
+      job.process.kill()
+      job.process.wait()
+      job.log.close()
+      os.close(job.lock_fd)
+    bar.close()
+  refresh_csv()
+  return states

@@ -1,0 +1,147 @@
+"""Runs a grid of tfcapacity training runs: one model_dir per cell.
+
+  python tools/sweep.py --flagfile=flags/capacity_mnist1d_cpu.flags \
+      --grid='width=16,64,256;learning_rate=0.1,0.01;seed=0,1' \
+      --sweep_dir=runs/capacity --parallel=2
+
+`--flagfile` is the base flagfile of the training runs (not a flagfile of
+this tool's own flags). Without `--grid`, the grid is read from the base
+flagfile's `# sweep.grid: flag=v1,v2` comment lines. Rerunning the same
+command skips finished cells and resumes interrupted ones; a job array runs
+one sweep across machines with `--shard_index=$i --num_shards=$n` on a
+shared --sweep_dir. `sweep.csv` in --sweep_dir has one row per cell, and
+`tensorboard --logdir=SWEEP_DIR` shows the sweep in the HParams dashboard.
+
+Exit status: 0 every cell of this shard finished (completed or diverged),
+1 some cell failed or is running elsewhere, 2 bad input.
+"""
+
+import os
+import signal
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(
+    __file__))))
+
+from tfcapacity.errors import UserError  # noqa: E402
+from tfcapacity.studies import sweep  # noqa: E402
+
+flags.DEFINE_string("base_flagfile", None,
+                    "The training runs' base flagfile (also --flagfile).")
+flags.DEFINE_string("grid", None,
+                    "flag=v1,v2;flag2=v1,v2 ... (default: the base "
+                    "flagfile's '# sweep.grid:' lines).")
+flags.DEFINE_string("sweep_dir", None, "Directory of the sweep's cells.")
+flags.DEFINE_integer("parallel", 1, "Training processes at once.",
+                     lower_bound=1)
+flags.DEFINE_integer(
+    "threads_per_cell", None,
+    "TensorFlow threads per training process (default: the CPU count "
+    "divided by --parallel when --parallel > 1, else TF's default).",
+    lower_bound=1)
+flags.DEFINE_integer("shard_index", 0, "This job's shard, in [0, "
+                     "--num_shards).")
+flags.DEFINE_integer("num_shards", 1, "Shards the grid is split into.",
+                     lower_bound=1)
+flags.DEFINE_bool("dry_run", False,
+                  "List the cells of this shard and their states; run "
+                  "nothing.")
+flags.DEFINE_bool("progress", None,
+                  "Progress bar over cells (default: on a terminal).")
+FLAGS = flags.FLAGS
+
+
+def fail(message: str, status: int = 2):
+  print(f"sweep: error: {message}", file=sys.stderr)
+  sys.exit(status)
+
+
+def _terminate(signum, frame):
+  del frame
+  raise SystemExit(128 + signum)
+
+
+def main(argv):
+  if len(argv) > 1:
+    fail(f"unexpected arguments {argv[1:]}; all options are --flags")
+  if not FLAGS.sweep_dir:
+    fail("--sweep_dir is required: the directory that holds the cells")
+  if not FLAGS.base_flagfile:
+    fail("--flagfile is required: the base flagfile of the training runs")
+  try:
+    with open(FLAGS.base_flagfile) as f:
+      base_text = f.read()
+  except OSError as e:
+    fail(f"cannot read --flagfile={FLAGS.base_flagfile}: {e.strerror}")
+  try:
+    spec = FLAGS.grid or sweep.grid_from_flagfile(base_text)
+    if spec is None:
+      raise UserError(f"no --grid given and {FLAGS.base_flagfile} has no "
+                      f"'# sweep.grid: flag=v1,v2' lines")
+    grid = sweep.parse_grid(spec)
+    all_cells = sweep.cells(grid)
+    base_args = [f"--flagfile={FLAGS.base_flagfile}"]
+    configs = sweep.validate(base_args, all_cells)
+    mine = sweep.shard(all_cells, FLAGS.shard_index, FLAGS.num_shards)
+    from tfcapacity import config as config_lib  # pylint: disable=g-import-not-at-top
+    base = config_lib.parse_args(base_args)
+    if FLAGS.dry_run:
+      for cell in mine:
+        state = sweep.cell_state(os.path.join(FLAGS.sweep_dir, cell.name))
+        print(f"{cell.index:4d}  {state:11s}  {cell.name}")
+      return
+    new_grid = sweep.prepare_sweep_dir(FLAGS.sweep_dir, base, grid)
+  except UserError as e:
+    fail(str(e))
+  threads = FLAGS.threads_per_cell
+  if threads is None and FLAGS.parallel > 1:
+    threads = max(1, (os.cpu_count() or 1) // FLAGS.parallel)
+  logging.info("sweep of %d cells (%d in shard %d of %d) in %s",
+               len(all_cells), len(mine), FLAGS.shard_index,
+               FLAGS.num_shards, FLAGS.sweep_dir)
+  signal.signal(signal.SIGTERM, _terminate)
+  try:
+    states = sweep.run(FLAGS.sweep_dir, all_cells, mine, configs,
+                       parallel=FLAGS.parallel,
+                       threads_per_cell=threads or 0,
+                       progress=FLAGS.progress)
+  finally:
+    # After the cells: it imports TensorFlow, which the runner's forks avoid.
+    if new_grid or not sweep.has_hparams_config(FLAGS.sweep_dir):
+      sweep.write_hparams_config(FLAGS.sweep_dir, grid, configs)
+  counts = {}
+  for state in states.values():
+    counts[state] = counts.get(state, 0) + 1
+  summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+  logging.info("sweep done: %s; table in %s", summary,
+               os.path.join(FLAGS.sweep_dir, sweep.CSV_FILE))
+  unfinished = [n for n, s in states.items() if s not in sweep.FINISHED]
+  if unfinished:
+    print(f"sweep: {len(unfinished)} of {len(states)} cells did not finish "
+          f"({summary}); rerun the same command to retry them",
+          file=sys.stderr)
+    sys.exit(1)
+
+
+def parse_flags(argv):
+  """absl's parser; --flagfile names the base flagfile of the runs."""
+  renamed = []
+  args = iter(argv)
+  for arg in args:
+    if arg in ("--flagfile", "-flagfile"):
+      arg = "--base_flagfile=" + next(args, "")
+    elif arg.startswith(("--flagfile=", "-flagfile=")):
+      arg = "--base_flagfile=" + arg.split("=", 1)[1]
+    renamed.append(arg)
+  try:
+    return FLAGS(renamed)
+  except flags.Error as e:
+    fail(f"{e}; see --helpfull")
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=parse_flags)
