@@ -1,0 +1,93 @@
+"""The capacity study's report from a sweep directory.
+
+  python tools/capacity_report.py --sweep_dir=runs/capacity_mnist1d \
+      --metric=top1
+
+For each width, the learning rate with the lowest final training error
+(mean over seeds), its spread, the return on investment between consecutive
+widths, and Figs. 1-3 of Dauphin & Bengio (2013). Writes to --output_dir
+(default SWEEP_DIR/report): capacity.md and capacity.csv (the table),
+capacity.json (best rates, ROI), fig1/fig2/fig3 PNGs, and the figures as
+TensorBoard images. The markdown table is also printed.
+
+Exit status: 0 done, 2 bad input.
+"""
+
+import json
+import os
+import sys
+
+from absl import app
+from absl import flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(
+    __file__))))
+
+from tfcapacity.errors import UserError  # noqa: E402
+from tfcapacity.studies import capacity  # noqa: E402
+from tfcapacity.training import rundir  # noqa: E402
+
+flags.DEFINE_string("sweep_dir", None, "The sweep's directory.")
+flags.DEFINE_enum("metric", "top5", capacity.METRICS,
+                  "Which training error picks the rate and is plotted.")
+flags.DEFINE_string("x_flag", "width", "The capacity flag (x axis).")
+flags.DEFINE_multi_string("where", [],
+                          "flag=value: report only runs with this value.")
+flags.DEFINE_string("output_dir", None,
+                    "Where to write (default: SWEEP_DIR/report).")
+flags.DEFINE_bool("tensorboard", True,
+                  "Also write the figures as TensorBoard images.")
+FLAGS = flags.FLAGS
+
+
+def fail(message: str):
+  print(f"capacity_report: error: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
+def main(argv):
+  if len(argv) > 1:
+    fail(f"unexpected arguments {argv[1:]}; all options are --flags")
+  if not FLAGS.sweep_dir:
+    fail("--sweep_dir is required")
+  try:
+    runs, unfinished = capacity.load_runs(FLAGS.sweep_dir)
+    runs = capacity.filter_runs(runs, FLAGS.where)
+    report = capacity.summarize(runs, x_flag=FLAGS.x_flag,
+                                metric=FLAGS.metric, unfinished=unfinished)
+  except UserError as e:
+    fail(str(e))
+  out_dir = FLAGS.output_dir or os.path.join(FLAGS.sweep_dir, "report")
+  os.makedirs(out_dir, exist_ok=True)
+  table = capacity.markdown(report)
+  falls = capacity.roi_falls(report)
+  rundir.atomic_write(os.path.join(out_dir, "capacity.md"), table)
+  capacity.write_csv(report, os.path.join(out_dir, "capacity.csv"))
+  rundir.write_json(os.path.join(out_dir, "capacity.json"), {
+      "metric": report.metric, "x_flag": report.x_flag,
+      "rows": capacity.table_rows(report), "roi": report.roi,
+      "roi_falls": falls, "counts": dict(capacity.counts(report)),
+      "unfinished": report.unfinished})
+  pngs = capacity.figures(report)
+  for name, data in pngs.items():
+    path = os.path.join(out_dir, name)
+    with open(path + ".tmp", "wb") as f:
+      f.write(data)
+    os.replace(path + ".tmp", path)
+  if FLAGS.tensorboard:
+    capacity.write_tensorboard_images(pngs, out_dir)
+  print(table)
+  print(f"ROI: {falls['first']:.4g} points/unit at the first step, "
+        f"{falls['last']:.4g} at the last; it fell at {falls['falling_steps']}"
+        f" of {falls['steps']} steps. Written to {out_dir}")
+
+
+def parse_flags(argv):
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    fail(f"{e}; see --helpfull")
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=parse_flags)
