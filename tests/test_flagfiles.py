@@ -49,3 +49,30 @@ def test_cpu_study_flagfiles_run(tmp_path, name, overrides):
   results = training.train(cfg, tf.distribute.OneDeviceStrategy("/cpu:0"))
   assert results["status"] == "completed"
   assert results["steps"] == 3
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(FLAGS_DIR,
+                                                               "*.flags"))))
+def test_flagfile_grids_validate(path):
+  """A flagfile's `# sweep.grid:` lines make cells the train CLI accepts."""
+  from tfcapacity.studies import sweep  # pylint: disable=g-import-not-at-top
+  with open(path) as f:
+    spec = sweep.grid_from_flagfile(f.read())
+  if spec is None:
+    pytest.skip("no grid")
+  cells = sweep.cells(sweep.parse_grid(spec))
+  configs = sweep.validate([f"--flagfile={path}"], cells)
+  assert len(configs) == len(cells)
+
+
+def test_capacity_cpu_grid_spans_the_required_widths():
+  from tfcapacity.studies import sweep  # pylint: disable=g-import-not-at-top
+  path = os.path.join(FLAGS_DIR, "capacity_mnist1d_cpu.flags")
+  with open(path) as f:
+    grid = dict(sweep.parse_grid(sweep.grid_from_flagfile(f.read())))
+  widths = [int(w) for w in grid["width"]]
+  assert min(widths) <= 16 and max(widths) >= 1024
+  assert len(grid["learning_rate"]) == 2
+  cfg = load("capacity_mnist1d_cpu.flags")
+  assert cfg.dataset == "mnist1d"
+  assert cfg.mnist1d_examples * (1 - cfg.mnist1d_test_fraction) >= 40000
