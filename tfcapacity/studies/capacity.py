@@ -338,6 +338,10 @@ def figures(report: Report) -> dict[str, bytes]:
                   textcoords="offset points", xytext=(0, 6), ha="center",
                   fontsize=7)
   ax.axhline(0.0, color="0.5", lw=0.8)
+  nonzero = [abs(r["roi"]) for r in report.roi if r["roi"] != 0.0]
+  if nonzero and max(nonzero) / min(nonzero) > 100:
+    # Symmetric log: the ROI spans orders of magnitude and may turn negative.
+    ax.set_yscale("symlog", linthresh=min(nonzero))
   ax.set_xscale("log", base=2)
   ax.set_xlabel(f"{report.x_flag} (geometric midpoint of each step)")
   ax.set_ylabel(f"{m} error removed per added unit (points)")
