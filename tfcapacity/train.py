@@ -9,7 +9,6 @@ Exit status: 0 completed, 2 bad input (one line on stderr), 3 diverged.
 """
 
 import os
-import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -17,51 +16,41 @@ from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 from absl import logging  # noqa: E402
 
+from tfcapacity import cli  # noqa: E402
 from tfcapacity import config  # noqa: E402
 from tfcapacity.errors import UserError  # noqa: E402
 
+PROG = "tfcapacity.train"
 config.define_flags()
 flags.mark_flag_as_required("model_dir")
 FLAGS = flags.FLAGS
 
 
-def fail(message: str, status: int = 2):
-  print(f"tfcapacity.train: error: {message}", file=sys.stderr)
-  sys.exit(status)
-
-
 def main(argv):
-  if len(argv) > 1:
-    fail(f"unexpected arguments {argv[1:]}; all options are --flags")
+  cli.no_arguments(PROG, argv)
   cfg = config.from_flag_values(FLAGS)
   try:
-    from tfcapacity import distribute  # pylint: disable=g-import-not-at-top
-    strategy = distribute.make_strategy(cfg.strategy, cfg.cpu_replicas)
-    from tfcapacity import training  # pylint: disable=g-import-not-at-top
+    with cli.quiet_native_stderr():  # TF's load-time and device-probe lines.
+      from tfcapacity import distribute  # pylint: disable=g-import-not-at-top
+      from tfcapacity import training  # pylint: disable=g-import-not-at-top
+      strategy = distribute.make_strategy(cfg.strategy, cfg.cpu_replicas)
     results = training.train(cfg, strategy)
   except UserError as e:
-    fail(str(e))
+    cli.fail(PROG, str(e))
   if results["status"] == "diverged":
-    fail(f"the run diverged at step {results.get('diverged_at_step')} (loss "
-         f"became NaN or Inf); the last good checkpoint is kept in "
-         f"{cfg.model_dir}; lower --learning_rate", status=3)
+    cli.fail(PROG, f"the run diverged at step "
+             f"{results.get('diverged_at_step')} (loss became NaN or Inf); "
+             f"the last good checkpoint is kept in {cfg.model_dir}; lower "
+             f"--learning_rate", status=3)
   final = results["final"]
   logging.info("Done: train top-1 error %.4f, test top-1 error %.4f, %s",
                final["train_top1_error"], final["test_top1_error"],
                cfg.model_dir)
 
 
-def parse_flags(argv):
-  """absl's parser, but a bad flag is one line on stderr and status 2."""
-  try:
-    return FLAGS(argv)
-  except flags.Error as e:
-    fail(f"{e}; see --helpfull")
-
-
 def run():
   """Console-script entry point (tfcapacity-train)."""
-  app.run(main, flags_parser=parse_flags)
+  app.run(main, flags_parser=cli.flags_parser(PROG))
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from absl import flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(
     __file__))))
 
+from tfcapacity import cli  # noqa: E402
 from tfcapacity.errors import UserError  # noqa: E402
 from tfcapacity.studies import capacity  # noqa: E402
 from tfcapacity.training import rundir  # noqa: E402
@@ -38,16 +39,15 @@ flags.DEFINE_string("output_dir", None,
 flags.DEFINE_bool("tensorboard", True,
                   "Also write the figures as TensorBoard images.")
 FLAGS = flags.FLAGS
+PROG = "capacity_report"
 
 
 def fail(message: str):
-  print(f"capacity_report: error: {message}", file=sys.stderr)
-  sys.exit(2)
+  cli.fail(PROG, message)
 
 
 def main(argv):
-  if len(argv) > 1:
-    fail(f"unexpected arguments {argv[1:]}; all options are --flags")
+  cli.no_arguments(PROG, argv)
   if not FLAGS.sweep_dir:
     fail("--sweep_dir is required")
   try:
@@ -75,19 +75,13 @@ def main(argv):
       f.write(data)
     os.replace(path + ".tmp", path)
   if FLAGS.tensorboard:
-    capacity.write_tensorboard_images(pngs, out_dir)
+    with cli.quiet_native_stderr():
+      capacity.write_tensorboard_images(pngs, out_dir)
   print(table)
   print(f"ROI: {falls['first']:.4g} points/unit at the first step, "
         f"{falls['last']:.4g} at the last; it fell at {falls['falling_steps']}"
         f" of {falls['steps']} steps. Written to {out_dir}")
 
 
-def parse_flags(argv):
-  try:
-    return FLAGS(argv)
-  except flags.Error as e:
-    fail(f"{e}; see --helpfull")
-
-
 if __name__ == "__main__":
-  app.run(main, flags_parser=parse_flags)
+  app.run(main, flags_parser=cli.flags_parser(PROG))

@@ -18,7 +18,6 @@ Exit status: 0 done, 2 bad input (one line on stderr).
 import os
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # tools/ is not a package: make the repository's tfcapacity importable when
 # the script runs from a checkout without an installed package.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -26,29 +25,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 
+from tfcapacity import cli  # noqa: E402
+from tfcapacity.data import sbow  # noqa: E402  (numpy, scipy, h5py only)
 from tfcapacity.errors import UserError  # noqa: E402
 
-
-def _import_sbow():
-  """tfcapacity.data.sbow, imported with file descriptor 2 silenced.
-
-  Importing tfcapacity.data loads TensorFlow, whose native libraries log a
-  few lines to stderr whatever TF_CPP_MIN_LOG_LEVEL says (TF 2.21), and which
-  registers an absl init callback that probes for GPUs (and logs a failed
-  cuInit on machines without one). Imported inside `main`, after absl's
-  initialisation, that callback runs here too, so an error stays one line.
-  """
-  saved = os.dup(2)
-  devnull = os.open(os.devnull, os.O_WRONLY)
-  try:
-    os.dup2(devnull, 2)
-    from tfcapacity.data import sbow  # pylint: disable=g-import-not-at-top
-  finally:
-    os.dup2(saved, 2)
-    os.close(saved)
-    os.close(devnull)
-  return sbow
-
+PROG = "convert_sbow"
 
 flags.DEFINE_string("sbow_dir", None,
                     "Directory of the split's .sbow.mat files (<WNID>.sbow.mat "
@@ -57,14 +38,14 @@ flags.DEFINE_string("sbow_dir", None,
 flags.DEFINE_string("devkit_dir", None,
                     "The LSVRC-2010 devkit, holding data/meta.mat and "
                     "data/ILSVRC2010_validation_ground_truth.txt.")
-flags.DEFINE_enum("split", None, ["train", "val"], "Which split to convert.")
+flags.DEFINE_enum("split", None, sbow.SPLITS, "Which split to convert.")
 flags.DEFINE_string("output", None, "The HDF5 file to write.")
-flags.DEFINE_enum("normalize", "none", ["none", "l1", "l2"],
+flags.DEFINE_enum("normalize", "none", sbow.NORMALIZE,
                   "none: word counts; l1/l2: histograms scaled to unit norm "
                   "(the devkit's demo uses l2).")
 flags.DEFINE_integer("chunk_rows", 1024, "Rows per HDF5 chunk of the outputs.",
                      lower_bound=1)
-flags.DEFINE_enum("compression", "none", ["none", "gzip", "lzf"],
+flags.DEFINE_enum("compression", "none", sbow.COMPRESSION,
                   "HDF5 filter for the features. gzip (level 1) makes the "
                   "file ~7x smaller but training reads ~4x slower; see "
                   "tfcapacity/data/sbow.py.")
@@ -76,15 +57,8 @@ for _name in ("sbow_dir", "devkit_dir", "split", "output"):
 FLAGS = flags.FLAGS
 
 
-def fail(message: str):
-  print(f"convert_sbow: error: {message}", file=sys.stderr)
-  sys.exit(2)
-
-
 def main(argv):
-  if len(argv) > 1:
-    fail(f"unexpected arguments {argv[1:]}; all options are --flags")
-  sbow = _import_sbow()
+  cli.no_arguments(PROG, argv)
   try:
     sbow.convert(
         FLAGS.sbow_dir, FLAGS.devkit_dir, FLAGS.split, FLAGS.output,
@@ -92,19 +66,11 @@ def main(argv):
         compression=FLAGS.compression, overwrite=FLAGS.overwrite,
         progress=FLAGS.progress and sys.stderr.isatty())
   except UserError as e:
-    fail(str(e))
+    cli.fail(PROG, str(e))
   except OSError as e:
     first = str(e).splitlines()[0] if str(e) else type(e).__name__
-    fail(f"{first}; check the paths, permissions and free disk space")
-
-
-def parse_flags(argv):
-  """absl's parser, but a bad flag is one line on stderr and status 2."""
-  try:
-    return FLAGS(argv)
-  except flags.Error as e:
-    fail(f"{e}; see --helpfull")
+    cli.fail(PROG, f"{first}; check the paths, permissions and free disk space")
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=parse_flags)
+  app.run(main, flags_parser=cli.flags_parser(PROG))

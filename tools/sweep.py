@@ -27,6 +27,7 @@ from absl import logging
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(
     __file__))))
 
+from tfcapacity import cli  # noqa: E402
 from tfcapacity.errors import UserError  # noqa: E402
 from tfcapacity.studies import sweep  # noqa: E402
 
@@ -53,11 +54,11 @@ flags.DEFINE_bool("dry_run", False,
 flags.DEFINE_bool("progress", None,
                   "Progress bar over cells (default: on a terminal).")
 FLAGS = flags.FLAGS
+PROG = "sweep"
 
 
-def fail(message: str, status: int = 2):
-  print(f"sweep: error: {message}", file=sys.stderr)
-  sys.exit(status)
+def fail(message: str):
+  cli.fail(PROG, message)
 
 
 def _terminate(signum, frame):
@@ -66,8 +67,7 @@ def _terminate(signum, frame):
 
 
 def main(argv):
-  if len(argv) > 1:
-    fail(f"unexpected arguments {argv[1:]}; all options are --flags")
+  cli.no_arguments(PROG, argv)
   if not FLAGS.sweep_dir:
     fail("--sweep_dir is required: the directory that holds the cells")
   if not FLAGS.base_flagfile:
@@ -112,7 +112,8 @@ def main(argv):
   finally:
     # After the cells: it imports TensorFlow, which the runner's forks avoid.
     if new_grid or not sweep.has_hparams_config(FLAGS.sweep_dir):
-      sweep.write_hparams_config(FLAGS.sweep_dir, grid, configs)
+      with cli.quiet_native_stderr():
+        sweep.write_hparams_config(FLAGS.sweep_dir, grid, configs)
   counts = {}
   for state in states.values():
     counts[state] = counts.get(state, 0) + 1
@@ -127,8 +128,8 @@ def main(argv):
     sys.exit(1)
 
 
-def parse_flags(argv):
-  """absl's parser; --flagfile names the base flagfile of the runs."""
+def base_flagfile_arg(argv):
+  """--flagfile names the runs' base flagfile, not one of this tool's."""
   renamed = []
   args = iter(argv)
   for arg in args:
@@ -137,11 +138,8 @@ def parse_flags(argv):
     elif arg.startswith(("--flagfile=", "-flagfile=")):
       arg = "--base_flagfile=" + arg.split("=", 1)[1]
     renamed.append(arg)
-  try:
-    return FLAGS(renamed)
-  except flags.Error as e:
-    fail(f"{e}; see --helpfull")
+  return renamed
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=parse_flags)
+  app.run(main, flags_parser=cli.flags_parser(PROG, rewrite=base_flagfile_arg))

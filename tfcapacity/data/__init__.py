@@ -12,7 +12,6 @@ from __future__ import annotations
 import importlib
 
 from tfcapacity import config as config_lib
-from tfcapacity.data.base import Dataset, DatasetInfo  # noqa: F401
 from tfcapacity.errors import choices_error
 
 # name -> module; a trailing colon marks a prefix that takes an argument.
@@ -24,6 +23,14 @@ _SOURCES = {
     "tfds:": "tfcapacity.data.tfds_source",
 }
 SPLITS = ("train", "test")
+
+
+def __getattr__(name):
+  # The base classes import TensorFlow; tools that only convert files (the
+  # SBOW converter) import tfcapacity.data.<module> without it.
+  if name in ("Dataset", "DatasetInfo"):
+    return getattr(importlib.import_module("tfcapacity.data.base"), name)
+  raise AttributeError(name)
 
 
 def names() -> list[str]:
