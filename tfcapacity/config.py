@@ -257,16 +257,67 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
                     "Write model.keras and saved_model/ at the end.",
                     flag_values=fv)
 
+  # Measurements during training (tfcapacity.curvature.callback).
+  flags.DEFINE_integer(
+      "curvature_every_epochs", 0,
+      "Measure the Hessian's lambda_max every N epochs (0: never).",
+      flag_values=fv)
+  flags.DEFINE_integer(
+      "curvature_every_steps", 0,
+      "Measure the Hessian's lambda_max every N steps (0: never).",
+      flag_values=fv)
+  flags.DEFINE_integer(
+      "curvature_examples", 500,
+      "Training examples, drawn once, over which lambda_max is measured "
+      "(m=500 in the maxi-batch study); also the size of each test batch.",
+      flag_values=fv)
+  flags.DEFINE_integer(
+      "curvature_test_batches", 1,
+      "Test batches of --curvature_examples whose lambda_max is averaged "
+      "(0: none; -1: the whole test set).", flag_values=fv)
+  flags.DEFINE_integer(
+      "curvature_top_k", 1,
+      "Eigenvalues measured on the training examples (top-k).",
+      flag_values=fv)
+  flags.DEFINE_enum("curvature_method", "power", ["power", "lanczos"],
+                    "Eigen-solver of the curvature measurements.",
+                    flag_values=fv)
+  flags.DEFINE_integer(
+      "curvature_trace_probes", 0,
+      "Also estimate the Hessian's trace with N Hutchinson probes (0: off).",
+      flag_values=fv)
+  flags.DEFINE_enum(
+      "curvature_bn_mode", "inference", ["inference", "batch", "ghost"],
+      "Batch-norm statistics inside the measured loss.", flag_values=fv)
+  flags.DEFINE_float(
+      "curvature_tol", 1e-3,
+      "Stop power iteration when ||Hv - lambda v|| <= tol |lambda|.",
+      flag_values=fv)
+  flags.DEFINE_integer("curvature_max_iterations", 100,
+                       "Power-iteration steps at most.", flag_values=fv)
+  flags.DEFINE_integer(
+      "curvature_batch_size", 0,
+      "Examples per Hessian-vector-product batch (0: all of a set, at most "
+      "500).", flag_values=fv)
+
   for name in ("width", "depth", "ghost_batch_size", "epochs", "steps",
                "eval_every", "eval_batch_size", "steps_per_loop",
                "cpu_replicas", "keep_checkpoints", "full_batch_chunk",
                "shuffle_buffer", "mnist1d_examples", "synthetic_examples",
                "synthetic_test_examples", "synthetic_dim", "train_subset",
-               "learning_rate", "lr_drop_factor", "bn_momentum"):
+               "learning_rate", "lr_drop_factor", "bn_momentum",
+               "curvature_examples", "curvature_top_k", "curvature_tol",
+               "curvature_max_iterations"):
     flags.register_validator(name, *_positive(name), flag_values=fv)
   for name in ("momentum", "weight_decay", "warmup_epochs",
-               "checkpoint_every_steps", "leaky_slope"):
+               "checkpoint_every_steps", "leaky_slope",
+               "curvature_every_epochs", "curvature_every_steps",
+               "curvature_trace_probes", "curvature_batch_size"):
     flags.register_validator(name, *_non_negative(name), flag_values=fv)
+  flags.register_validator(
+      "curvature_test_batches", lambda v: v >= -1,
+      "--curvature_test_batches must be -1 (all), 0 (none) or positive",
+      flag_values=fv)
   flags.register_validator(
       "synthetic_classes", lambda v: v >= 2,
       "--synthetic_classes must be at least 2", flag_values=fv)
