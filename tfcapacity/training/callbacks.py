@@ -63,3 +63,12 @@ class Callback:
       return True
     return bool(epoch_end and self.every_epochs
                 and epoch % self.every_epochs == 0)
+
+
+def from_config(cfg) -> list[Callback]:
+  """The measurements that the flags in `cfg` ask for, in a fixed order."""
+  out = []
+  if cfg.curvature_every_epochs or cfg.curvature_every_steps:
+    from tfcapacity.curvature import callback as curvature  # pylint: disable=g-import-not-at-top
+    out.append(curvature.CurvatureCallback(cfg))
+  return out

@@ -131,7 +131,7 @@ class Trainer:
         cfg.strategy, cfg.cpu_replicas)
     self.num_replicas = self.strategy.num_replicas_in_sync
     self.chief = distribute.is_chief(self.strategy)
-    self.callbacks = list(callbacks)
+    self.callbacks = list(callbacks) + callbacks_lib.from_config(cfg)
 
     # Everything that can be wrong with the input is found before the run
     # directory is touched.

@@ -1,0 +1,146 @@
+"""lambda_max during training: the maxi-batch study's Figures 3 and 4.
+
+Every `--curvature_every_epochs` epochs (or `--curvature_every_steps` steps)
+the callback measures the Hessian's largest eigenvalue by power iteration on
+Hessian-vector products (papers/003, Sec. 2.3):
+  * on a fixed set of `--curvature_examples` training examples (m = 500 in
+    the paper, "to reduce the variance of the estimate"), drawn once with the
+    run's seed, so successive values differ only because the model moved;
+  * on `--curvature_test_batches` test batches of the same size, averaged
+    (Fig. 4: "average lambda_max over the test set"; -1 takes every batch).
+Each power iteration starts from the eigenvector the previous measurement
+found (a warm start: between nearby models it converges in a few products).
+Optionally the top-k eigenvalues (`--curvature_top_k`, by deflation or with
+`--curvature_method=lanczos`) and the trace (`--curvature_trace_probes`).
+
+Scalars, logged to TensorBoard and to results.json (the history row of the
+evaluation, or `measurements` between evaluations):
+  curvature/lambda_max, curvature/relative_residual, curvature/iterations,
+  curvature/eigenvalue_2 ..., curvature/trace, curvature/trace_stderr,
+  curvature/lambda_max_test, curvature/lambda_max_test_std.
+The loop logs the callback's wall time as `timing/curvature_seconds`, apart
+from the training throughput. The measurement never changes the model
+(`hvp.HessianOperator` works on tensors).
+"""
+
+from __future__ import annotations
+
+from absl import logging
+import numpy as np
+
+from tfcapacity.curvature import eigen
+from tfcapacity.curvature import hvp
+from tfcapacity.training import callbacks as callbacks_lib
+
+# Salts the example draw so it differs from the data order of the same seed.
+_SALT = 0xC0A7
+
+
+def fixed_indices(seed: int, num_examples: int, size: int) -> np.ndarray:
+  """The training examples measured throughout a run (sorted indices)."""
+  rng = np.random.default_rng([seed, _SALT])
+  return np.sort(rng.choice(num_examples, min(size, num_examples),
+                            replace=False))
+
+
+def test_batches(seed: int, num_examples: int, size: int, batches: int
+                 ) -> list[np.ndarray]:
+  """Disjoint test batches of `size` (`batches=-1`: as many as fit)."""
+  size = min(size, num_examples)
+  available = num_examples // size
+  batches = available if batches < 0 else min(batches, available)
+  order = np.random.default_rng([seed, _SALT, 1]).permutation(num_examples)
+  return [np.sort(order[b * size:(b + 1) * size]) for b in range(batches)]
+
+
+class CurvatureCallback(callbacks_lib.Callback):
+  """Measures lambda_max (and optionally top-k, trace) on fixed examples."""
+
+  name = "curvature"
+
+  def __init__(self, cfg):
+    self.cfg = cfg
+    self.every_epochs = cfg.curvature_every_epochs
+    self.every_steps = cfg.curvature_every_steps
+    self.train_op = None
+    self.test_ops = []
+    self._vectors = None  # Warm starts: the last eigenvectors found.
+    self._test_vectors = []
+
+  def _operator(self, ctx, x, y):
+    cfg = self.cfg
+    return hvp.HessianOperator(
+        ctx.model, x, y, bn_mode=cfg.curvature_bn_mode,
+        batch_size=cfg.curvature_batch_size or None, strategy=ctx.strategy,
+        ghost_batch_size=(cfg.ghost_batch_size
+                          if cfg.normalization == "ghost" else None))
+
+  def on_train_begin(self, ctx):
+    cfg = self.cfg
+    index = fixed_indices(cfg.seed, ctx.train_data.info.num_examples,
+                          cfg.curvature_examples)
+    m = len(index)
+    self.train_op = self._operator(ctx, *ctx.train_data.examples(index))
+    if cfg.curvature_test_batches and ctx.test_data is not None:
+      for index in test_batches(cfg.seed, ctx.test_data.info.num_examples,
+                                m, cfg.curvature_test_batches):
+        self.test_ops.append(self._operator(ctx, *ctx.test_data.examples(
+            index)))
+      self._test_vectors = [None] * len(self.test_ops)
+    logging.info("curvature: lambda_max over %d training examples and %d "
+                 "test batches of %d, bn_mode=%s, every %s", m,
+                 len(self.test_ops), m, cfg.curvature_bn_mode,
+                 f"{self.every_epochs} epochs" if self.every_epochs
+                 else f"{self.every_steps} steps")
+
+  def _top(self, op, vectors, seed):
+    """The top eigenvalues of `op` and their vectors (warm-started)."""
+    cfg = self.cfg
+    k = cfg.curvature_top_k
+    kwargs = dict(tol=cfg.curvature_tol, seed=seed)
+    if cfg.curvature_method == "lanczos":
+      result = eigen.lanczos_top_k(op, k, v0=vectors[0] if vectors else None,
+                                   **kwargs)
+    elif k == 1:
+      one = eigen.power_iteration(op, v0=vectors[0] if vectors else None,
+                                  max_iterations=cfg.curvature_max_iterations,
+                                  **kwargs)
+      return ([one.eigenvalue], [one.eigenvector], one.relative_residual,
+              one.iterations)
+    else:
+      result = eigen.top_k_power(op, k, v0s=vectors,
+                                 max_iterations=cfg.curvature_max_iterations,
+                                 **kwargs)
+    return (list(result.eigenvalues), list(result.eigenvectors),
+            max(result.relative_residuals), result.iterations)
+
+  def __call__(self, ctx):
+    seed = int(ctx.step)
+    values, self._vectors, residual, iterations = self._top(
+        self.train_op, self._vectors, seed)
+    out = {"curvature/lambda_max": values[0],
+           "curvature/relative_residual": residual,
+           "curvature/iterations": iterations}
+    for i, value in enumerate(values[1:], start=2):
+      out[f"curvature/eigenvalue_{i}"] = value
+    if self.cfg.curvature_trace_probes:
+      trace = eigen.hutchinson_trace(self.train_op,
+                                     self.cfg.curvature_trace_probes,
+                                     seed=seed)
+      out["curvature/trace"] = trace.trace
+      out["curvature/trace_stderr"] = trace.stderr
+    if self.test_ops:
+      tops = []
+      for j, op in enumerate(self.test_ops):
+        result = eigen.power_iteration(
+            op, v0=self._test_vectors[j], tol=self.cfg.curvature_tol,
+            max_iterations=self.cfg.curvature_max_iterations, seed=seed)
+        self._test_vectors[j] = result.eigenvector
+        tops.append(result.eigenvalue)
+      out["curvature/lambda_max_test"] = float(np.mean(tops))
+      out["curvature/lambda_max_test_std"] = float(np.std(tops))
+    logging.info("step %d: lambda_max %.4g (train, %d products, residual "
+                 "%.1e)%s", ctx.step, values[0], iterations, residual,
+                 f", {out['curvature/lambda_max_test']:.4g} (test)"
+                 if self.test_ops else "")
+    return out
