@@ -89,7 +89,10 @@ MW_ARGS = ["--dataset=synthetic", "--synthetic_examples=128",
            "--synthetic_test_examples=32", "--synthetic_dim=5",
            "--synthetic_classes=3", "--width=16", "--batch_size=32",
            "--epochs=2", "--deterministic", "--noprogress_bar",
-           "--steps_per_loop=2"]
+           "--steps_per_loop=2",
+           # Hessian-vector products under MultiWorkerMirroredStrategy too.
+           "--curvature_every_epochs=1", "--curvature_examples=64",
+           "--curvature_tol=1e-5", "--curvature_max_iterations=1000"]
 
 
 def test_two_worker_run_matches_single_worker(tmp_path):
@@ -119,6 +122,10 @@ def test_two_worker_run_matches_single_worker(tmp_path):
   assert two["num_replicas"] == 2
   for a, b in zip(one["history"], two["history"]):
     assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
+    assert a["curvature/lambda_max"] == pytest.approx(
+        b["curvature/lambda_max"], rel=1e-4)
+    assert a["curvature/lambda_max_test"] == pytest.approx(
+        b["curvature/lambda_max_test"], rel=1e-4)
   for a, b in zip(final_weights(single), final_weights(multi)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
