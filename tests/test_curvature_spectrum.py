@@ -44,3 +44,27 @@ def test_solvers_agree_with_eigvalsh(name, options, shape, bn_mode, block):
 
   trace = eigen.hutchinson_trace(op, 300, seed=1)
   assert abs(trace.trace - np.trace(dense)) <= 3 * trace.stderr
+
+
+def test_per_layer_blocks_are_the_dense_diagonal_blocks():
+  from tfcapacity.curvature import blocks  # pylint: disable=g-import-not-at-top
+  keras.utils.set_random_seed(1)
+  model = models.get("mlp", input_shape=(5,), num_classes=3, width=6,
+                     depth=2, activation="tanh")
+  rng = np.random.default_rng(1)
+  x = rng.normal(size=(12, 5)).astype(np.float32)
+  y = rng.integers(0, 3, size=12)
+  full = hvp.HessianOperator(model, x, y).dense().astype(np.float64)
+  whole = np.abs(np.linalg.eigvalsh((full + full.T) / 2)).max()
+  rows = blocks.per_layer(model, x, y, tol=1e-6, max_iterations=20000)
+  assert [r["layer"] for r in rows] == ["hidden_0", "hidden_1", "classifier"]
+  start = 0
+  for row in rows:
+    end = start + row["num_parameters"]
+    block = full[start:end, start:end]
+    exact = np.linalg.eigvalsh((block + block.T) / 2)
+    assert row["lambda_max"] == pytest.approx(
+        exact[np.argmax(np.abs(exact))], rel=1e-4)
+    assert abs(row["lambda_max"]) <= whole * (1 + 1e-6)  # Interlacing.
+    start = end
+  assert start == full.shape[0]
