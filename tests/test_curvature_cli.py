@@ -1,0 +1,318 @@
+"""The curvature tools (tfcapacity.hessian, tfcapacity.sharpness) end to end.
+
+One tiny run (digits, MLP of width 8: 610 parameters) is trained once. Its
+flags carry --label_noise, --train_subset and --standardize on purpose: the
+run's own data must use them, and a --dataset override must not. Results are
+checked against a dense Hessian computed here by nested GradientTapes on the
+run's exported model.keras, over the same examples.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+from absl import flags
+import h5py
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tfcapacity import config
+from tfcapacity import data as data_lib
+from tfcapacity import hessian
+from tfcapacity import sharpness
+from tfcapacity import training
+from tfcapacity.curvature import analysis
+from tfcapacity.errors import UserError
+
+ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
+N = 40  # Examples of the measured loss.
+
+
+def run_tool(module, *args, env=None):
+  return subprocess.run([sys.executable, "-m", module, *args],
+                        capture_output=True, text=True, env=env or ENV,
+                        timeout=300)
+
+
+def compute(module, *args):
+  """The tool's result in-process, through its own flag parsing."""
+  fv = flags.FlagValues()
+  module.define_flags(fv)
+  fv(["prog", "--output=/nonexistent/unused.json", "--noprogress_bar",
+      *args])
+  return module.compute(fv)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+  model_dir = str(tmp_path_factory.mktemp("curvature_cli") / "run")
+  cfg = config.make(dataset="digits", width=8, depth=1, epochs=1,
+                    batch_size="32", train_subset=400, label_noise=0.5,
+                    standardize=True, model_dir=model_dir,
+                    progress_bar=False)
+  assert training.train(cfg)["status"] == "completed"
+  return model_dir
+
+
+def dense_hessian(model, x, y):
+  """The Hessian of the mean cross-entropy, by nested tapes (float64)."""
+  variables = model.trainable_variables
+  with tf.GradientTape() as outer:
+    with tf.GradientTape() as inner:
+      logits = model(tf.constant(x), training=False)
+      loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(
+          labels=tf.constant(y), logits=logits))
+    grads = inner.gradient(loss, variables)
+    flat = tf.concat([tf.reshape(g, [-1]) for g in grads], 0)
+  blocks = outer.jacobian(flat, variables)
+  size = int(flat.shape[0])
+  h = tf.concat([tf.reshape(b, [size, -1]) for b in blocks], 1).numpy()
+  h = h.astype(np.float64)
+  return (h + h.T) / 2
+
+
+def trained_model(run_dir):
+  return keras.saving.load_model(os.path.join(run_dir, "model.keras"))
+
+
+@pytest.fixture(scope="module")
+def run_examples(run_dir):
+  """The run's first N training examples, as training saw them."""
+  cfg = config.parse_flagfile(open(os.path.join(run_dir, "flags.txt")).read())
+  return data_lib.get(cfg.dataset, "train", cfg).examples(np.arange(N))
+
+
+@pytest.fixture(scope="module")
+def exact(run_dir, run_examples):
+  hess = dense_hessian(trained_model(run_dir), *run_examples)
+  return {"eigenvalues": np.linalg.eigvalsh(hess)[::-1],
+          "trace": float(np.trace(hess))}
+
+
+@pytest.fixture(scope="module")
+def cli_result(run_dir, tmp_path_factory):
+  out = str(tmp_path_factory.mktemp("hessian_out") / "hessian.json")
+  proc = run_tool("tfcapacity.hessian", f"--model_dir={run_dir}",
+                  f"--num_examples={N}", "--noshuffle", "--top_k=2",
+                  "--tol=1e-4", "--max_iterations=500", "--trace",
+                  "--density", f"--output={out}")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(out) as f:
+    return json.load(f), out
+
+
+def test_hessian_cli_matches_the_dense_hessian(cli_result, exact):
+  result, out = cli_result
+  for key in ("eigenvalues", "residuals", "relative_residuals", "iterations",
+              "trace", "trace_stderr", "density", "num_examples", "bn_mode",
+              "seconds", "method", "hvp_method", "num_parameters",
+              "converged", "source", "checkpoint", "step", "dataset"):
+    assert key in result, key
+  assert result["num_examples"] == N and result["num_parameters"] == 610
+  assert result["bn_mode"] == "inference" and result["source"] == "model_dir"
+  assert result["converged"] is True
+  np.testing.assert_allclose(result["eigenvalues"], exact["eigenvalues"][:2],
+                             rtol=1e-4)
+  assert abs(result["trace"] - exact["trace"]) <= 3 * result["trace_stderr"]
+  assert len(result["density"]["grid"]) == len(result["density"]["values"])
+  png = out[:-len(".json")] + "_density.png"
+  assert os.path.getsize(png) > 1000
+  assert result["density_figure"] == png
+
+
+def test_lanczos_agrees_with_power_iteration(run_dir, cli_result, exact):
+  result = compute(hessian, f"--model_dir={run_dir}", f"--num_examples={N}",
+                   "--noshuffle", "--top_k=2", "--method=lanczos")
+  assert result["method"] == "lanczos"
+  np.testing.assert_allclose(result["eigenvalues"],
+                             cli_result[0]["eigenvalues"], rtol=1e-4)
+  np.testing.assert_allclose(result["eigenvalues"], exact["eigenvalues"][:2],
+                             rtol=1e-4)
+
+
+def test_hdf5_override_is_the_loss_over_exactly_the_files_examples(
+    run_dir, tmp_path):
+  """The contract: the file's rows and labels as stored, nothing else.
+
+  The run's --standardize, --label_noise and --train_subset (all set) must
+  not touch the override's data.
+  """
+  rng = np.random.default_rng(5)
+  n = 30
+  x = rng.uniform(0.0, 3.0, size=(n, 64)).astype(np.float32)
+  y = rng.integers(0, 10, size=n)
+  path = tmp_path / "probe.h5"
+  with h5py.File(path, "w") as f:
+    f["features"] = x
+    f["labels"] = y
+  loaded = analysis.load(analysis.Request(
+      model_dir=run_dir, dataset=f"hdf5:{path}", num_examples=n,
+      shuffle=False))
+  np.testing.assert_array_equal(loaded.x, x)
+  np.testing.assert_array_equal(loaded.y, y)
+
+  result = compute(hessian, f"--model_dir={run_dir}",
+                   f"--dataset=hdf5:{path}", "--noshuffle",
+                   f"--num_examples={n}", "--top_k=2", "--method=lanczos")
+  assert result["dataset"] == f"hdf5:{path}" and result["num_examples"] == n
+  exact = np.linalg.eigvalsh(dense_hessian(trained_model(run_dir), x, y))
+  np.testing.assert_allclose(result["eigenvalues"], exact[::-1][:2],
+                             rtol=1e-4)
+
+
+def test_saved_and_keras_models_equal_the_run_directory(run_dir,
+                                                         run_examples):
+  common = [f"--num_examples={N}", "--noshuffle", "--method=lanczos"]
+  # --dataset=digits is the clean data; the run's own data has its noise.
+  own = compute(hessian, f"--model_dir={run_dir}", *common)
+  clean = compute(hessian, f"--model_dir={run_dir}", "--dataset=digits",
+                  *common)
+  saved = compute(hessian, f"--saved_model={run_dir}/saved_model",
+                  "--dataset=digits", *common)
+  kept = compute(hessian, f"--keras_model={run_dir}/model.keras",
+                 "--dataset=digits", *common)
+  assert own["eigenvalues"][0] != pytest.approx(clean["eigenvalues"][0],
+                                                rel=1e-3)
+  for other in (saved, kept):
+    assert other["eigenvalues"][0] == pytest.approx(clean["eigenvalues"][0],
+                                                    rel=1e-5)
+  assert saved["source"] == "saved_model" and kept["source"] == "keras_model"
+  x, y = data_lib.get("digits", "train").examples(np.arange(N))
+  loaded = analysis.load(analysis.Request(
+      keras_model=f"{run_dir}/model.keras", dataset="digits",
+      num_examples=N, shuffle=False))
+  np.testing.assert_array_equal(loaded.x, x)
+  np.testing.assert_array_equal(loaded.y, y)
+  assert not np.array_equal(run_examples[1], y)  # The noise is there.
+
+
+def test_checkpoint_by_step(run_dir):
+  assert analysis.checkpoint_steps(run_dir)[0] == 0
+  start = compute(hessian, f"--model_dir={run_dir}", "--checkpoint=0",
+                  f"--num_examples={N}", "--method=lanczos")
+  latest = compute(hessian, f"--model_dir={run_dir}", f"--num_examples={N}",
+                   "--method=lanczos")
+  assert start["step"] == 0 and latest["step"] > 0
+  assert start["eigenvalues"][0] != pytest.approx(latest["eigenvalues"][0],
+                                                  rel=1e-3)
+
+
+def model_files(run_dir):
+  paths = [os.path.join(run_dir, "model.keras")]
+  for root, _, names in os.walk(os.path.join(run_dir, "checkpoints")):
+    paths += [os.path.join(root, n) for n in names]
+  for root, _, names in os.walk(os.path.join(run_dir, "saved_model")):
+    paths += [os.path.join(root, n) for n in names]
+  return {p: (os.stat(p).st_mtime_ns, open(p, "rb").read()) for p in paths}
+
+
+def test_sharpness(run_dir, tmp_path):
+  before = model_files(run_dir)
+  out = tmp_path / "sharpness.json"
+  proc = run_tool("tfcapacity.sharpness", f"--model_dir={run_dir}",
+                  f"--num_examples={N}", "--epsilon=1e-3", f"--output={out}")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  large = json.loads(out.read_text())
+  for key in ("sharpness", "epsilon", "loss", "max_loss", "iterations",
+              "evaluations", "method", "num_examples", "bn_mode", "seconds",
+              "source"):
+    assert key in large, key
+  assert large["method"] == "lbfgsb" and large["bn_mode"] == "inference"
+  small = compute(sharpness, f"--model_dir={run_dir}", f"--num_examples={N}",
+                  "--epsilon=5e-4")
+  assert small["loss"] == pytest.approx(large["loss"], rel=1e-6)
+  assert 0 <= small["sharpness"] <= large["sharpness"]
+  assert large["max_loss"] >= large["loss"]
+
+  # Neither a Keras model nor a SavedModel changes while it is measured.
+  for request in (
+      analysis.Request(keras_model=f"{run_dir}/model.keras",
+                       dataset="digits", num_examples=N),
+      analysis.Request(saved_model=f"{run_dir}/saved_model",
+                       dataset="digits", num_examples=N)):
+    loaded = analysis.load(request)
+    weights = [v.numpy().copy() for v in loaded.model.trainable_variables]
+    result = analysis.sharpness_report(loaded, epsilon=1e-3,
+                                       optimizer="ascent",
+                                       progress_bar=False)
+    assert result["sharpness"] > 0
+    for v, w in zip(loaded.model.trainable_variables, weights):
+      np.testing.assert_array_equal(v.numpy(), w)
+  assert model_files(run_dir) == before
+
+
+def test_loss_objective_matches_the_model(run_dir):
+  loaded = analysis.load(analysis.Request(model_dir=run_dir,
+                                          num_examples=N, shuffle=False))
+  op = analysis.make_operator(loaded)
+  objective = analysis.LossObjective(op)
+  x0 = objective.initial()
+  assert x0.dtype == np.float64 and x0.shape == (610,)
+  loss, grad = objective.loss_and_gradient(x0)
+  assert grad.dtype == np.float64 and grad.shape == (610,)
+  logits = loaded.model(loaded.x, training=False)
+  expected = float(tf.reduce_mean(
+      tf.nn.sparse_softmax_cross_entropy_with_logits(labels=loaded.y,
+                                                     logits=logits)))
+  assert loss == pytest.approx(expected, rel=1e-5)
+
+
+def assert_one_line_error(proc, prog, needle):
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1, proc.stderr[-2000:]
+  assert lines[0].startswith(f"{prog}: error:"), lines[0]
+  assert needle in lines[0], lines[0]
+
+
+def test_bad_inputs_one_line_and_output_untouched(run_dir, tmp_path):
+  out = tmp_path / "existing.json"
+  out.write_text('{"kept": true}\n')
+  keep = f"--output={out}"
+  cases = [
+      ("tfcapacity.hessian", [f"--model_dir={run_dir}"], "--output"),
+      ("tfcapacity.sharpness", [f"--model_dir={run_dir}"], "--output"),
+      ("tfcapacity.hessian", [f"--model_dir={run_dir}",
+                              f"--saved_model={run_dir}/saved_model", keep],
+       "give only one"),
+      ("tfcapacity.hessian", [f"--saved_model={run_dir}/saved_model", keep],
+       "needs --dataset"),
+      ("tfcapacity.sharpness", [f"--model_dir={run_dir}", "--checkpoint=999",
+                                keep], "available steps: 0, "),
+      ("tfcapacity.hessian", [keep], "name a model"),
+  ]
+  for module, args, needle in cases:
+    assert_one_line_error(run_tool(module, *args), module, needle)
+  # This one loads TensorFlow and the data first; in a plain environment
+  # too, TensorFlow's own stderr lines stay hidden.
+  plain = {k: v for k, v in os.environ.items()
+           if k not in ("TF_CPP_MIN_LOG_LEVEL", "CUDA_VISIBLE_DEVICES")}
+  assert_one_line_error(
+      run_tool("tfcapacity.hessian", f"--model_dir={run_dir}",
+               "--num_examples=5000", keep, env=plain),
+      "tfcapacity.hessian", "exceeds the 400 train examples")
+  assert out.read_text() == '{"kept": true}\n'
+  assert sorted(os.listdir(tmp_path)) == ["existing.json"]
+
+
+def test_request_errors_need_no_tensorflow(run_dir, tmp_path):
+  with pytest.raises(UserError, match="not a directory"):
+    analysis.Request(model_dir=str(tmp_path / "none")).validate()
+  with pytest.raises(UserError, match="no flags.txt"):
+    analysis.Request(model_dir=str(tmp_path)).validate()
+  with pytest.raises(UserError, match="not a SavedModel"):
+    analysis.Request(saved_model=run_dir, dataset="digits").validate()
+  with pytest.raises(UserError, match="no such file"):
+    analysis.Request(keras_model=str(tmp_path / "m.keras"),
+                     dataset="digits").validate()
+  with pytest.raises(UserError, match="--model_dir only"):
+    analysis.Request(keras_model=f"{run_dir}/model.keras", dataset="digits",
+                     checkpoint="3").validate()
+  path, step = analysis.resolve_checkpoint(run_dir, "latest")
+  assert step == analysis.checkpoint_steps(run_dir)[-1]
+  assert path.endswith(f"ckpt-{step}")
+  assert analysis.resolve_checkpoint(run_dir, "final")[0].endswith(
+      "model.keras")

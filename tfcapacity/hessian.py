@@ -1,0 +1,145 @@
+r"""Hessian spectrum of a trained model: `python -m tfcapacity.hessian`.
+
+Measures, on the mean cross-entropy over fixed examples, the top-k
+eigenvalues of the Hessian (power iteration with deflation, the lambda_max
+measurement of papers/003 Sec. 2.3, or Lanczos), optionally its trace
+(Hutchinson 1990) and its eigenvalue density (stochastic Lanczos
+quadrature, Ghorbani, Krishnan & Xiao 2019), and writes them to a JSON file:
+
+  python -m tfcapacity.hessian --model_dir=runs/w256 --top_k=5 --trace \
+      --density --output=runs/w256/hessian.json
+
+The model comes from a run directory (`--model_dir`, `--checkpoint`), a
+SavedModel or a .keras file, and the examples from `--dataset`, `--split`,
+`--num_examples`, `--seed`/`--noshuffle`: see `tfcapacity.curvature.analysis`,
+which does the work. With `--density` the figure is written next to the JSON
+as `<output stem>_density.png`. The JSON is written once, atomically, at the
+end: a failed or interrupted run leaves an earlier file intact.
+
+Exit status: 0 done, 2 bad input (one line on stderr).
+"""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+from absl import logging  # noqa: E402
+
+from tfcapacity import cli  # noqa: E402
+from tfcapacity.curvature import analysis  # noqa: E402
+from tfcapacity.errors import UserError  # noqa: E402
+from tfcapacity.training import rundir  # noqa: E402
+
+PROG = "tfcapacity.hessian"
+FLAGS = flags.FLAGS
+
+
+def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
+  """The tool's flags (idempotent per `fv`).
+
+  Defined by `run()` rather than at import, so that this module and
+  tfcapacity.train, whose flags share names, can be imported together.
+  """
+  analysis.define_flags(fv)
+  # --help lists the shared flags with the tool's own.
+  flags.adopt_module_key_flags(analysis, flag_values=fv)
+  if "top_k" in fv:
+    return
+  flags.DEFINE_integer("top_k", 1, "Eigenvalues to compute.",
+                       flag_values=fv)
+  flags.DEFINE_enum(
+      "method", "power", ["power", "lanczos"],
+      "Eigen-solver: power iteration with deflation (largest magnitude) or "
+      "Lanczos (largest algebraic).", flag_values=fv)
+  flags.DEFINE_enum(
+      "hvp_method", "reverse", ["reverse", "forward"],
+      "Hessian-vector products by reverse-over-reverse or "
+      "forward-over-reverse differentiation.", flag_values=fv)
+  flags.DEFINE_bool("trace", False, "Estimate the trace (Hutchinson).",
+                    flag_values=fv)
+  flags.DEFINE_integer("trace_probes", 100, "Rademacher probes of --trace.",
+                       flag_values=fv)
+  flags.DEFINE_bool(
+      "density", False,
+      "Estimate the eigenvalue density (stochastic Lanczos quadrature) and "
+      "draw it to <output stem>_density.png.", flag_values=fv)
+  flags.DEFINE_integer("density_runs", 4, "Lanczos runs of --density.",
+                       flag_values=fv)
+  flags.DEFINE_integer("density_steps", 30, "Lanczos steps per run.",
+                       flag_values=fv)
+  flags.DEFINE_float(
+      "tol", 1e-3,
+      "Power iteration stops at ||Hv - lambda v|| <= tol |lambda|.",
+      flag_values=fv)
+  flags.DEFINE_integer("max_iterations", 100,
+                       "Power-iteration products per eigenvalue, at most.",
+                       flag_values=fv)
+  flags.DEFINE_integer(
+      "lanczos_steps", None,
+      "Lanczos steps of --method=lanczos (default max(2k + 20, 30)).",
+      flag_values=fv)
+  for name in ("top_k", "trace_probes", "density_runs", "density_steps",
+               "max_iterations", "lanczos_steps"):
+    flags.register_validator(name, lambda v: v is None or v > 0,
+                             f"--{name} must be positive", flag_values=fv)
+  flags.register_validator("tol", lambda v: v > 0, "--tol must be positive",
+                           flag_values=fv)
+  flags.mark_flag_as_required("output", flag_values=fv)
+
+
+def density_path(output: str) -> str:
+  """`<output stem>_density.png` next to the JSON."""
+  return os.path.splitext(output)[0] + "_density.png"
+
+
+def compute(fv: flags.FlagValues = flags.FLAGS, strategy=None) -> dict:
+  """The JSON-ready result the flags in `fv` ask for (nothing is written).
+
+  Raises:
+    UserError: bad input.
+  """
+  loaded = analysis.load(analysis.request_from_flags(fv), strategy)
+  return analysis.hessian_report(
+      loaded, top_k=fv.top_k, method=fv.method, hvp_method=fv.hvp_method,
+      trace=fv.trace, trace_probes=fv.trace_probes, density=fv.density,
+      density_runs=fv.density_runs, density_steps=fv.density_steps,
+      density_figure=density_path(fv.output) if fv.density else None,
+      bn_mode=fv.bn_mode, ghost_batch_size=fv.ghost_batch_size,
+      batch_size=fv.batch_size, layers=fv.layers,
+      include_slopes=fv.include_slopes, tol=fv.tol,
+      max_iterations=fv.max_iterations, lanczos_steps=fv.lanczos_steps,
+      seed=fv.seed, progress_bar=fv.progress_bar)
+
+
+def main(argv):
+  cli.no_arguments(PROG, argv)
+  try:
+    # Everything that needs no TensorFlow is checked before it loads.
+    analysis.request_from_flags(FLAGS)
+    analysis.check_output(FLAGS.output)
+    with cli.quiet_native_stderr():  # TF's load-time and device-probe lines.
+      from tfcapacity import distribute  # pylint: disable=g-import-not-at-top
+      strategy = distribute.make_strategy(FLAGS.strategy, FLAGS.cpu_replicas)
+    result = compute(FLAGS, strategy)
+  except UserError as e:
+    cli.fail(PROG, str(e))
+  if not distribute.is_chief(strategy):
+    return  # Under multi-worker training every worker computes; one writes.
+  rundir.write_json(FLAGS.output, result)
+  logging.info("Top eigenvalues %s (%d products, %.1fs)%s; wrote %s",
+               ", ".join(f"{v:.6g}" for v in result["eigenvalues"]),
+               result["matvecs"], result["seconds"],
+               f", trace {result['trace']:.6g} +- {result['trace_stderr']:.2g}"
+               if "trace" in result else "", FLAGS.output)
+
+
+def run():
+  """Console-script entry point (tfcapacity-hessian)."""
+  define_flags()
+  app.run(main, flags_parser=cli.flags_parser(PROG))
+
+
+if __name__ == "__main__":
+  run()
