@@ -19,3 +19,20 @@ def tiny_cfg():
   from tfcapacity import config
   return config.make(width=8, depth=1, epochs=1, batch_size="32",
                      eval_batch_size=256, progress_bar=False, export=False)
+
+
+_MIRRORED = []
+
+
+def two_replicas() -> tf.distribute.MirroredStrategy:
+  """One MirroredStrategy over the two logical CPUs for the whole session.
+
+  Each new MirroredStrategy numbers its collectives from the same keys; after
+  several strategies have all-reduced tensors of different shapes in one
+  process, a new one can hit "Shape mismatch in the collective instance".
+  Sharing one strategy keeps the keys increasing, as in a real run (one
+  strategy per process).
+  """
+  if not _MIRRORED:
+    _MIRRORED.append(tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]))
+  return _MIRRORED[0]

@@ -13,6 +13,7 @@ from tfcapacity import training
 from tfcapacity.curvature import callback as curvature
 from tfcapacity.curvature import hvp
 from tfcapacity.training import rundir
+import conftest  # tests/ is on sys.path (pytest rootdir conftest)
 
 FLAGS = dict(dataset="digits", width=6, depth=1, activation="tanh",
              normalization="batch", epochs=2, batch_size="40",
@@ -118,7 +119,7 @@ def test_warm_start_and_step_frequency(tiny_cfg, tmp_path):
 def test_two_replicas_measure_what_one_device_does(tiny_cfg, tmp_path):
   overrides = dict(curvature_test_batches=0, normalization="none", epochs=1)
   _, one = run(tiny_cfg, tmp_path / "one", **overrides)
-  strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+  strategy = conftest.two_replicas()
   _, two = run(tiny_cfg, tmp_path / "two", strategy=strategy, **overrides)
   assert two["num_replicas"] == 2
   for a, b in zip(one["history"], two["history"]):

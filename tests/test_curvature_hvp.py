@@ -11,6 +11,7 @@ from tfcapacity import models
 from tfcapacity.curvature import hvp
 from tfcapacity.errors import UserError
 from tfcapacity.models import layers as layers_lib
+import conftest  # tests/ is on sys.path (pytest rootdir conftest)
 
 
 def make_model(name, input_shape, seed=0, **overrides):
@@ -209,7 +210,7 @@ def test_slopes_are_coordinates_of_the_product():
 
 def test_two_replicas_equal_one_device():
   x, y = make_data(16, (6, 6, 1))
-  strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+  strategy = conftest.two_replicas()
   with strategy.scope():
     mirrored = make_model("resnet", (6, 6, 1), normalization="ghost",
                           ghost_batch_size=4)

@@ -14,6 +14,7 @@ from tfcapacity import config
 from tfcapacity import models
 from tfcapacity.errors import UserError
 from tfcapacity.models import layers
+import conftest  # tests/ is on sys.path (pytest rootdir conftest)
 
 NAMES = models.names()
 NORMS = ("none", "batch", "ghost")
@@ -516,7 +517,7 @@ def test_mirrored_ghost_bn_averages_replica_statistics():
   x, _ = batch(n=16)
   single = build("mlp", "ghost")
   single(x, training=True)
-  strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+  strategy = conftest.two_replicas()
   with strategy.scope():
     mirrored = build("mlp", "ghost")
   data = strategy.experimental_distribute_dataset(

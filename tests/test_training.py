@@ -14,6 +14,7 @@ from tfcapacity import training
 from tfcapacity.errors import UserError
 from tfcapacity.training import optim
 from tfcapacity.training import rundir
+import conftest  # tests/ is on sys.path (pytest rootdir conftest)
 
 
 def one_device():
@@ -21,7 +22,7 @@ def one_device():
 
 
 def mirrored():
-  return tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+  return conftest.two_replicas()
 
 
 def synthetic_cfg(tmp_path, name="run", **overrides):
