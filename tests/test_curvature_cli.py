@@ -316,3 +316,20 @@ def test_request_errors_need_no_tensorflow(run_dir, tmp_path):
   assert path.endswith(f"ckpt-{step}")
   assert analysis.resolve_checkpoint(run_dir, "final")[0].endswith(
       "model.keras")
+
+
+def test_per_layer_blocks(run_dir, run_examples):
+  result = compute(hessian, f"--model_dir={run_dir}", f"--num_examples={N}",
+                   "--noshuffle", "--per_layer", "--tol=1e-5",
+                   "--max_iterations=2000")
+  rows = result["per_layer"]
+  assert [r["layer"] for r in rows] == ["hidden_0", "classifier"]
+  assert [r["num_parameters"] for r in rows] == [64 * 8 + 8, 8 * 10 + 10]
+  hess = dense_hessian(trained_model(run_dir), *run_examples)
+  start = 0
+  for row in rows:
+    end = start + row["num_parameters"]
+    values = np.linalg.eigvalsh(hess[start:end, start:end])
+    assert row["lambda_max"] == pytest.approx(
+        values[np.argmax(np.abs(values))], rel=1e-4)
+    start = end

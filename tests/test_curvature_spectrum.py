@@ -56,7 +56,10 @@ def test_per_layer_blocks_are_the_dense_diagonal_blocks():
   y = rng.integers(0, 3, size=12)
   full = hvp.HessianOperator(model, x, y).dense().astype(np.float64)
   whole = np.abs(np.linalg.eigvalsh((full + full.T) / 2)).max()
-  rows = blocks.per_layer(model, x, y, tol=1e-6, max_iterations=20000)
+  rows = blocks.per_layer(
+      model, lambda name: hvp.HessianOperator(
+          model, x, y, params=hvp.select_params(model, [name])),
+      tol=1e-6, max_iterations=20000)
   assert [r["layer"] for r in rows] == ["hidden_0", "hidden_1", "classifier"]
   start = 0
   for row in rows:

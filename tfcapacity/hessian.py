@@ -76,6 +76,10 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
   flags.DEFINE_integer("max_iterations", 100,
                        "Power-iteration products per eigenvalue, at most.",
                        flag_values=fv)
+  flags.DEFINE_bool(
+      "per_layer", False,
+      "Also lambda_max of each layer's diagonal Hessian block (where the "
+      "curvature lives).", flag_values=fv)
   flags.DEFINE_integer(
       "lanczos_steps", None,
       "Lanczos steps of --method=lanczos (default max(2k + 20, 30)).",
@@ -110,7 +114,7 @@ def compute(fv: flags.FlagValues = flags.FLAGS, strategy=None) -> dict:
       batch_size=fv.batch_size, layers=fv.layers,
       include_slopes=fv.include_slopes, tol=fv.tol,
       max_iterations=fv.max_iterations, lanczos_steps=fv.lanczos_steps,
-      seed=fv.seed, progress_bar=fv.progress_bar)
+      seed=fv.seed, per_layer=fv.per_layer, progress_bar=fv.progress_bar)
 
 
 def main(argv):

@@ -670,6 +670,7 @@ def hessian_report(loaded: Loaded, *, top_k: int = 1, method: str = "power",
                    include_slopes: bool = False, tol: float = 1e-3,
                    max_iterations: int = 100,
                    lanczos_steps: int | None = None, seed: int = 0,
+                   per_layer: bool = False,
                    progress_bar: bool = True) -> dict:
   """Top eigenvalues, and optionally trace and density, of the Hessian.
 
@@ -688,6 +689,8 @@ def hessian_report(loaded: Loaded, *, top_k: int = 1, method: str = "power",
       eigenvalue); `tol` also decides `converged` for Lanczos.
     lanczos_steps: default `eigen.default_lanczos_steps`.
     seed: seeds the starts (trace and density use seed + 1 and seed + 2).
+    per_layer: also lambda_max of every layer's diagonal block
+      (`blocks.per_layer`), as `per_layer` rows.
     progress_bar: see `Progress`.
 
   Returns:
@@ -757,6 +760,22 @@ def hessian_report(loaded: Loaded, *, top_k: int = 1, method: str = "power",
     if density_figure:
       eigen.density_figure(spectrum, density_figure)
       out["density_figure"] = os.path.abspath(density_figure)
+  if per_layer:
+    if not loaded.is_keras:
+      raise UserError("--per_layer needs a Keras model (--model_dir or "
+                      "--keras_model); a SavedModel's variables have no "
+                      "layers")
+    from tfcapacity.curvature import blocks
+    names = blocks.weighted_layers(loaded.model)
+    with Progress("per-layer", len(names), bar=progress_bar) as report:
+      rows = blocks.per_layer(
+          loaded.model, lambda name: make_operator(
+              loaded, bn_mode=bn_mode, ghost_batch_size=ghost_batch_size,
+              batch_size=batch_size, layers=[name], method=hvp_method),
+          layers=names, tol=tol, max_iterations=max_iterations, seed=seed,
+          progress=report)
+    matvecs += sum(row["iterations"] for row in rows)
+    out["per_layer"] = rows
   out["matvecs"] = int(matvecs)
   out["seconds"] = time.time() - start
   return out

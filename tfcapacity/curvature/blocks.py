@@ -22,19 +22,21 @@ def weighted_layers(model) -> list[str]:
           if layer.trainable_weights and not hasattr(layer, "layers")]
 
 
-def per_layer(model, x, y, *, layers: list[str] | None = None,
-              tol: float = 1e-3, max_iterations: int = 100, seed: int = 0,
-              progress: Callable[[str, dict], None] | None = None,
-              **operator_kwargs) -> list[dict]:
+def per_layer(model, operator_for: Callable[[str], "hvp.HessianOperator"], *,
+              layers: list[str] | None = None, tol: float = 1e-3,
+              max_iterations: int = 100, seed: int = 0,
+              progress: Callable[[int, dict], None] | None = None
+              ) -> list[dict]:
   """lambda_max of each layer's diagonal Hessian block.
 
   Args:
-    model, x, y: as for `hvp.HessianOperator`.
+    model: the Keras model (for its layer names).
+    operator_for: builds the operator of one layer's block, e.g.
+      `lambda name: hvp.HessianOperator(model, x, y,
+      params=hvp.select_params(model, [name]))`.
     layers: layer names (default: every layer with trainable weights).
     tol, max_iterations, seed: power-iteration settings.
-    progress: called as `progress(layer_name, row)` after each layer.
-    **operator_kwargs: bn_mode, batch_size, method, strategy, ... for
-      `hvp.HessianOperator`.
+    progress: called as `progress(layers_done, {"layer": name})`.
 
   Returns:
     One dict per layer: layer, num_parameters, lambda_max,
@@ -42,16 +44,14 @@ def per_layer(model, x, y, *, layers: list[str] | None = None,
   """
   rows = []
   for name in layers or weighted_layers(model):
-    op = hvp.HessianOperator(model, x, y,
-                             params=hvp.select_params(model, [name]),
-                             **operator_kwargs)
+    op = operator_for(name)
     result = eigen.power_iteration(op, tol=tol,
                                    max_iterations=max_iterations, seed=seed)
-    row = {"layer": name, "num_parameters": op.size,
-           "lambda_max": result.eigenvalue,
-           "relative_residual": result.relative_residual,
-           "iterations": result.iterations, "converged": result.converged}
-    rows.append(row)
+    rows.append({"layer": name, "num_parameters": op.size,
+                 "lambda_max": result.eigenvalue,
+                 "relative_residual": result.relative_residual,
+                 "iterations": result.iterations,
+                 "converged": result.converged})
     if progress is not None:
-      progress(name, row)
+      progress(len(rows), {"layer": name})
   return rows
