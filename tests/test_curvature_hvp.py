@@ -275,3 +275,21 @@ def test_unknown_layer_names_the_choices():
   model = make_model("mlp", (4,), width=3, depth=1)
   with pytest.raises(UserError, match="no layer named 'hiden_0'"):
     hvp.select_params(model, ["hiden_0"])
+
+
+def test_set_examples_reuses_the_trace_and_equals_a_fresh_operator():
+  model = make_model("mlp", (4,), width=5, depth=1, activation="tanh")
+  x, y = make_data(10, (4,))
+  x2, y2 = make_data(10, (4,), seed=7)
+  op = hvp.HessianOperator(model, x, y, batch_size=4)
+  v = np.random.default_rng(5).normal(size=op.size).astype(np.float32)
+  first = op.matvec(v).numpy()
+  op.set_examples(x2, y2)
+  assert_close(op.matvec(v).numpy(),
+               hvp.HessianOperator(model, x2, y2, batch_size=4
+                                   ).matvec(v).numpy())
+  op.set_examples(x, y)
+  assert_close(op.matvec(v).numpy(), first)
+  assert op.traces == 1
+  with pytest.raises(UserError, match="set_examples needs 10 examples"):
+    op.set_examples(x2[:8], y2[:8])

@@ -63,7 +63,10 @@ class CurvatureCallback(callbacks_lib.Callback):
     self.every_epochs = cfg.curvature_every_epochs
     self.every_steps = cfg.curvature_every_steps
     self.train_op = None
-    self.test_ops = []
+    self.test_op = None
+    self.train_examples = None
+    self.test_examples = []
+    self._holds = None  # Which examples the shared operator holds.
     self._vectors = None  # Warm starts: the last eigenvectors found.
     self._test_vectors = []
 
@@ -80,16 +83,22 @@ class CurvatureCallback(callbacks_lib.Callback):
     index = fixed_indices(cfg.seed, ctx.train_data.info.num_examples,
                           cfg.curvature_examples)
     m = len(index)
-    self.train_op = self._operator(ctx, *ctx.train_data.examples(index))
+    self.train_examples = ctx.train_data.examples(index)
+    self.train_op = self._operator(ctx, *self.train_examples)
+    self._holds = "train"
     if cfg.curvature_test_batches and ctx.test_data is not None:
-      for index in test_batches(cfg.seed, ctx.test_data.info.num_examples,
-                                m, cfg.curvature_test_batches):
-        self.test_ops.append(self._operator(ctx, *ctx.test_data.examples(
-            index)))
-      self._test_vectors = [None] * len(self.test_ops)
+      self.test_examples = [
+          ctx.test_data.examples(index) for index in test_batches(
+              cfg.seed, ctx.test_data.info.num_examples, m,
+              cfg.curvature_test_batches)]
+      # Test batches as large as the training set share its operator (one
+      # trace: tracing a ResNet's double backprop takes about a second).
+      self.test_op = (self.train_op if len(self.test_examples[0][1]) == m
+                      else self._operator(ctx, *self.test_examples[0]))
+      self._test_vectors = [None] * len(self.test_examples)
     logging.info("curvature: lambda_max over %d training examples and %d "
                  "test batches of %d, bn_mode=%s, every %s", m,
-                 len(self.test_ops), m, cfg.curvature_bn_mode,
+                 len(self.test_examples), m, cfg.curvature_bn_mode,
                  f"{self.every_epochs} epochs" if self.every_epochs
                  else f"{self.every_steps} steps")
 
@@ -114,8 +123,16 @@ class CurvatureCallback(callbacks_lib.Callback):
     return (list(result.eigenvalues), list(result.eigenvectors),
             max(result.relative_residuals), result.iterations)
 
+  def _hold(self, op, which, examples):
+    if op is self.train_op and self._holds != which:
+      op.set_examples(*examples)
+      self._holds = which
+    elif op is not self.train_op:
+      op.set_examples(*examples)
+
   def __call__(self, ctx):
     seed = int(ctx.step)
+    self._hold(self.train_op, "train", self.train_examples)
     values, self._vectors, residual, iterations = self._top(
         self.train_op, self._vectors, seed)
     out = {"curvature/lambda_max": values[0],
@@ -129,11 +146,13 @@ class CurvatureCallback(callbacks_lib.Callback):
                                      seed=seed)
       out["curvature/trace"] = trace.trace
       out["curvature/trace_stderr"] = trace.stderr
-    if self.test_ops:
+    if self.test_examples:
       tops = []
-      for j, op in enumerate(self.test_ops):
+      for j, examples in enumerate(self.test_examples):
+        self._hold(self.test_op, f"test{j}", examples)
         result = eigen.power_iteration(
-            op, v0=self._test_vectors[j], tol=self.cfg.curvature_tol,
+            self.test_op, v0=self._test_vectors[j],
+            tol=self.cfg.curvature_tol,
             max_iterations=self.cfg.curvature_max_iterations, seed=seed)
         self._test_vectors[j] = result.eigenvector
         tops.append(result.eigenvalue)
@@ -142,5 +161,5 @@ class CurvatureCallback(callbacks_lib.Callback):
     logging.info("step %d: lambda_max %.4g (train, %d products, residual "
                  "%.1e)%s", ctx.step, values[0], iterations, residual,
                  f", {out['curvature/lambda_max_test']:.4g} (test)"
-                 if self.test_ops else "")
+                 if self.test_examples else "")
     return out

@@ -191,6 +191,13 @@ def check_bn_mode(model, bn_mode: str, ghost_batch_size: int | None,
   return None
 
 
+def _check_examples(x, y):
+  if not np.isfinite(x).all():
+    raise UserError("the examples hold NaN or Inf values; clean the data")
+  if y.min() < 0:
+    raise UserError("labels must be non-negative class indices")
+
+
 class _KerasFunction:
   """logits(params, x) for a Keras model, via `stateless_call`."""
 
@@ -299,10 +306,7 @@ class HessianOperator:
     if n == 0 or len(x) != n:
       raise UserError(f"need matching, non-empty examples; got {len(x)} "
                       f"inputs and {n} labels")
-    if not np.isfinite(x).all():
-      raise UserError("the examples hold NaN or Inf values; clean the data")
-    if y.min() < 0:
-      raise UserError("labels must be non-negative class indices")
+    _check_examples(x, y)
     batch_size = int(batch_size or min(n, 512))
     batch_size = max(replicas, batch_size - batch_size % replicas)
     saved_model = not isinstance(model, keras.Model)
@@ -343,37 +347,52 @@ class HessianOperator:
     self._data = self._resident_batches(x, y, batch_size)
     self._build()
 
-  def _resident_batches(self, x, y, batch_size):
-    """The set as [batches, per-replica batch, ...] tensors on each replica.
-
-    Resident tensors and an in-graph loop over batch indices: iterating a
-    `tf.data` pipeline inside the function cost ~140 ms per product on a tiny
-    ResNet (iterator set-up on every call), 100x a gradient. Each replica
-    holds its slice of every batch, the same slice whatever the number of
-    replicas (as in training); the last batch is padded with zero weights.
-    """
-    n = len(y)
-    num_batches = -(-n // batch_size)
-    total = num_batches * batch_size
+  def _padded(self, x, y):
+    """The set as [batches, batch, ...] arrays, the last batch zero-weighted."""
+    n, b = len(y), self.batch_size
+    total = self.num_batches * b
     w = np.zeros(total, np.float32)
     w[:n] = 1.0
     x = np.concatenate([x, np.zeros((total - n, *x.shape[1:]), x.dtype)])
     y = np.concatenate([y, np.zeros(total - n, y.dtype)])
-    shape = (num_batches, batch_size)
-    arrays = (x.reshape(shape + x.shape[1:]), y.reshape(shape),
-              w.reshape(shape))
-    replicas = self.strategy.num_replicas_in_sync
-    per = batch_size // replicas
-    self.num_batches = num_batches
-    if replicas == 1:
-      return tuple(tf.convert_to_tensor(a) for a in arrays)
+    shape = (self.num_batches, b)
+    return x.reshape(shape + x.shape[1:]), y.reshape(shape), w.reshape(shape)
 
-    def slice_for(ctx):
-      lo = ctx.replica_id_in_sync_group * per
-      return tuple(tf.convert_to_tensor(a[:, lo:lo + per]) for a in arrays)
+  def _resident_batches(self, x, y, batch_size):
+    """Variables holding the set; each replica reads its slice of a batch.
 
-    return self.strategy.experimental_distribute_values_from_function(
-        slice_for)
+    Resident data and an in-graph loop over batch indices: iterating a
+    `tf.data` pipeline inside the function cost ~140 ms per product on a tiny
+    ResNet (iterator set-up on every call), 100x a gradient. Each replica
+    takes its slice of every batch, the same slice whatever the number of
+    replicas (as in training). Held in variables, the examples can be
+    replaced by others of the same shape (`set_examples`) without retracing.
+    """
+    self.batch_size = batch_size
+    self.num_batches = -(-len(y) // batch_size)
+    with self.strategy.scope():
+      return tuple(tf.Variable(a, trainable=False)
+                   for a in self._padded(x, y))
+
+  def set_examples(self, x: np.ndarray, y: np.ndarray) -> None:
+    """Measures on other examples of the same number and shape.
+
+    The traced functions are reused (a training callback alternates between
+    training examples and test batches with one trace).
+
+    Raises:
+      UserError: a different number or shape of examples.
+    """
+    x = np.asarray(x, np.float32)
+    y = np.asarray(y, np.int64)
+    if len(y) != self.num_examples or x.shape[1:] != tuple(
+        self._data[0].shape[2:]):
+      raise UserError(f"set_examples needs {self.num_examples} examples of "
+                      f"shape {tuple(self._data[0].shape[2:])}; got "
+                      f"{x.shape}: build another operator")
+    _check_examples(x, y)
+    for var, value in zip(self._data, self._padded(x, y)):
+      var.assign(value)
 
   # -- the per-replica computations -------------------------------------------
 
@@ -383,8 +402,17 @@ class HessianOperator:
     return tf.reduce_sum(w * loop.cross_entropy(y, logits)) / float(
         self.num_examples)
 
+  def _slice(self, data, i):
+    """This replica's part of batch `i`."""
+    replicas = self.strategy.num_replicas_in_sync
+    if replicas == 1:
+      return tuple(a[i] for a in data)
+    per = self.batch_size // replicas
+    lo = tf.distribute.get_replica_context().replica_id_in_sync_group * per
+    return tuple(a[i, lo:lo + per] for a in data)
+
   def _replica_hvp(self, data, i, vector):
-    x, y, w = (a[i] for a in data)
+    x, y, w = self._slice(data, i)
     values = self.function.values()
     if self.method == "forward":
       with tf.autodiff.ForwardAccumulator(values, vector) as acc:
@@ -403,13 +431,20 @@ class HessianOperator:
     return outer.gradient(dot, values)
 
   def _replica_loss_grad(self, data, i, values):
-    x, y, w = (a[i] for a in data)
+    x, y, w = self._slice(data, i)
     if isinstance(self.function, _SavedModelFunction):
       values = self.function.values()  # Assigned by `loss_and_gradient`.
     with tf.GradientTape() as tape:
       tape.watch(values)
       loss = self._batch_loss(values, x, y, w)
     return loss, tape.gradient(loss, values)
+
+  def _batch_indices(self):
+    # A few batches are unrolled (3-8% faster on a small MLP: no loop
+    # machinery); many run in an in-graph loop (bounded graph size).
+    if self.num_batches <= 4:
+      return range(self.num_batches)
+    return tf.range(self.num_batches)
 
   def _build(self):
     strategy = self.strategy
@@ -424,7 +459,7 @@ class HessianOperator:
     def matvec(flat):
       vector = unflatten(flat, self.shapes)
       total = tf.zeros_like(flat)
-      for i in tf.range(self.num_batches):
+      for i in self._batch_indices():
         hv = reduce(strategy.run(self._replica_hvp,
                                  args=(self._data, i, vector)))
         total += flatten(hv)
@@ -437,7 +472,7 @@ class HessianOperator:
       values = unflatten(flat, self.shapes)
       loss = tf.constant(0.0)
       grad = tf.zeros([self.size], self.dtype)
-      for i in tf.range(self.num_batches):
+      for i in self._batch_indices():
         l, g = reduce(strategy.run(self._replica_loss_grad,
                                    args=(self._data, i, values)))
         loss += l
