@@ -125,3 +125,26 @@ def test_two_replicas_measure_what_one_device_does(tiny_cfg, tmp_path):
   for a, b in zip(one["history"], two["history"]):
     assert b["curvature/lambda_max"] == pytest.approx(
         a["curvature/lambda_max"], rel=1e-4)
+
+
+class _Interrupt(training.Callback):
+  every_epochs = 1
+
+  def __call__(self, ctx):
+    if ctx.epoch == 1:
+      raise KeyboardInterrupt  # Killed before epoch 1's checkpoint.
+    return {}
+
+
+def test_a_run_resumes_with_measurements_added(tiny_cfg, tmp_path):
+  """Measurement flags may change on resume: they never change training."""
+  cfg = tiny_cfg.replace(model_dir=str(tmp_path / "run"),
+                         **{**FLAGS, "curvature_every_epochs": 0})
+  with pytest.raises(KeyboardInterrupt):
+    training.train(cfg, tf.distribute.OneDeviceStrategy("/cpu:0"),
+                   callbacks=[_Interrupt()])
+  _, results = run(tiny_cfg, tmp_path / "run", curvature_test_batches=0)
+  rows = results["history"]
+  assert [r["epoch"] for r in rows] == [0, 1, 2]
+  assert "curvature/lambda_max" not in rows[0]
+  assert "curvature/lambda_max" in rows[1] and "curvature/lambda_max" in rows[2]

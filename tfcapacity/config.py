@@ -26,6 +26,12 @@ OPERATIONAL_FLAGS = frozenset({
     "steps_per_loop", "keep_checkpoints", "checkpoint_every_steps", "export",
     "cache_dir", "strategy", "cpu_replicas", "eval_batch_size",
     "full_batch_chunk",
+    # Measurements leave training bitwise unchanged (tested), so a run may
+    # be resumed with more, fewer or other measurements.
+    "curvature_every_epochs", "curvature_every_steps", "curvature_examples",
+    "curvature_test_batches", "curvature_top_k", "curvature_method",
+    "curvature_trace_probes", "curvature_bn_mode", "curvature_tol",
+    "curvature_max_iterations", "curvature_batch_size",
 })
 
 _DEFINED: list[str] = []
