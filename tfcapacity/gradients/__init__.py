@@ -1,0 +1,1 @@
+"""Gradient statistics: per-example gradients, confusion, diversity, noise scale, Gram matrices."""
