@@ -1,0 +1,173 @@
+"""Per-example gradients against a loop of single-example tapes."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tfcapacity import models
+from tfcapacity.errors import UserError
+from tfcapacity.gradients import per_example
+import conftest  # tests/ is on sys.path (pytest rootdir conftest)
+
+CASES = {
+    "mlp": ((5,), dict(activation="tanh")),
+    "fc_resnet": ((5,), {}),
+    "resnet": ((6, 6, 1), dict(normalization="batch")),
+}
+
+
+def make_model(name, seed=0):
+  shape, overrides = CASES[name]
+  keras.utils.set_random_seed(seed)
+  model = models.get(name, input_shape=shape, num_classes=3,
+                     **{**models.tiny_kwargs(name), **overrides})
+  return model, shape
+
+
+def make_data(n, shape, seed=1):
+  rng = np.random.default_rng(seed)
+  return (rng.normal(size=(n, *shape)).astype(np.float32),
+          rng.integers(0, 3, size=n))
+
+
+def reference(model, x, y):
+  rows = []
+  for i in range(len(y)):
+    with tf.GradientTape() as tape:
+      logits = model(x[i:i + 1], training=False)
+      loss = tf.nn.sparse_softmax_cross_entropy_with_logits(
+          labels=y[i:i + 1].astype(np.int32), logits=logits)[0]
+    grads = tape.gradient(loss, model.trainable_variables)
+    rows.append(np.concatenate([g.numpy().ravel() for g in grads]))
+  return np.stack(rows)
+
+
+def assert_close(a, b, tol=1e-6):
+  np.testing.assert_allclose(a, b, rtol=0, atol=tol * np.abs(b).max())
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_matches_single_example_tapes(name):
+  model, shape = make_model(name)
+  x, y = make_data(10, shape)
+  before = [v.numpy().copy() for v in model.variables]
+  expected = reference(model, x, y)
+  result = per_example.per_example_gradients(model, x, y)
+  assert result.matrix.shape == expected.shape
+  assert not result.projected and result.dim == expected.shape[1]
+  assert_close(result.matrix, expected)
+  small = per_example.per_example_gradients(model, x, y, chunk_size=4)
+  assert_close(small.matrix, expected)
+  # Layer slices tile the columns in the variables' order.
+  slices = result.layer_slices
+  assert [s[0] for s in slices] == [v.path for v in model.trainable_variables]
+  assert slices[0][1] == 0 and slices[-1][2] == expected.shape[1]
+  assert all(a[2] == b[1] for a, b in zip(slices, slices[1:]))
+  # Other data of the same shape: no retrace; the model is unchanged.
+  x2, y2 = make_data(10, shape, seed=7)
+  assert_close(per_example.per_example_gradients(model, x2, y2,
+                                                 chunk_size=4).matrix,
+               reference(model, x2, y2))
+  computation = per_example.get_computation(model, shape, chunk_size=4)
+  assert computation.traces == 1
+  for v, b in zip(model.variables, before):
+    np.testing.assert_array_equal(v.numpy(), b)
+
+
+def test_inner_products_and_per_layer():
+  model, shape = make_model("mlp")
+  x, y = make_data(10, shape)
+  m = per_example.per_example_gradients(model, x, y).matrix.astype(np.float64)
+  gram, layers = per_example.gradient_inner_products(
+      model, x, y, chunk_size=4, per_layer=True)
+  assert gram.dtype == np.float64 and gram.shape == (10, 10)
+  assert_close(gram, m @ m.T)
+  assert set(layers) == {v.path for v in model.trainable_variables}
+  assert_close(sum(layers.values()), gram)
+  # Chunks recomputed instead of kept: the same answer.
+  computation = per_example.get_computation(model, shape, chunk_size=4)
+  assert_close(computation.inner_products(x, y, resident_bytes=0), gram)
+
+
+def test_selected_params():
+  model, shape = make_model("mlp")
+  x, y = make_data(6, shape)
+  full = per_example.per_example_gradients(model, x, y)
+  params = model.trainable_variables[-2:]
+  part = per_example.per_example_gradients(model, x, y, params=params)
+  start = full.layer_slices[-2][1]
+  assert_close(part.matrix, full.matrix[:, start:])
+
+
+def test_projection_preserves_inner_products():
+  model, shape = make_model("mlp")
+  x, y = make_data(10, shape)
+  exact = per_example.gradient_inner_products(model, x, y)
+
+  def error(d, seed=0):
+    g = per_example.gradient_inner_products(model, x, y, projection_dim=d,
+                                            seed=seed)
+    return np.linalg.norm(g - exact) / np.linalg.norm(exact)
+
+  big = [error(4096, s) for s in range(3)]
+  small = [error(64, s) for s in range(3)]
+  assert max(big) < 0.1
+  assert np.mean(big) < np.mean(small)
+  a = per_example.per_example_gradients(model, x, y, projection_dim=64,
+                                        seed=3)
+  b = per_example.per_example_gradients(model, x, y, projection_dim=64,
+                                        seed=3, chunk_size=4)
+  c = per_example.per_example_gradients(model, x, y, projection_dim=64,
+                                        seed=4)
+  assert a.projected and a.dim == 64 and a.layer_slices is None
+  np.testing.assert_allclose(a.matrix, b.matrix, rtol=1e-5, atol=1e-6)
+  assert not np.allclose(a.matrix, c.matrix)
+  with pytest.raises(UserError, match="projection"):
+    per_example.gradient_inner_products(model, x, y, projection_dim=64,
+                                        per_layer=True)
+
+
+def test_projection_in_blocks(monkeypatch):
+  """A projection generated in several blocks is still a fixed linear map."""
+  monkeypatch.setattr(per_example, "_PROJECTION_BLOCK_ENTRIES", 64 * 16)
+  model, shape = make_model("mlp")
+  x, y = make_data(6, shape)
+  computation = per_example.PerExampleGradients(model, shape,
+                                                projection_dim=64)
+  m = per_example.per_example_gradients(model, x, y).matrix
+  assert computation.size > 16
+  twice = computation(np.concatenate([x, x]), np.concatenate([y, y])).matrix
+  p = computation(x, y).matrix
+  np.testing.assert_allclose(twice[:6], p)
+  np.testing.assert_allclose(twice[6:], p)
+  # Linear in the gradient: p = m R, so least squares recovers R consistently.
+  r, *_ = np.linalg.lstsq(m, p, rcond=None)
+  np.testing.assert_allclose(m @ r, p, atol=1e-4 * np.abs(p).max())
+
+
+def test_batch_mode_refused():
+  model, shape = make_model("resnet")
+  x, y = make_data(4, shape)
+  with pytest.raises(UserError, match="single example"):
+    per_example.per_example_gradients(model, x, y, bn_mode="batch")
+  with pytest.raises(UserError, match="unknown"):
+    per_example.per_example_gradients(model, x, y, bn_mode="nope")
+
+
+def test_two_replicas_equal_one_device():
+  strategy = conftest.two_replicas()
+  with strategy.scope():
+    model, shape = make_model("mlp")
+  x, y = make_data(9, shape)
+  expected = reference(model, x, y)
+  result = per_example.per_example_gradients(model, x, y, chunk_size=4,
+                                             strategy=strategy)
+  assert_close(result.matrix, expected)
+  projected = per_example.per_example_gradients(
+      model, x, y, chunk_size=4, strategy=strategy, projection_dim=32)
+  single = per_example.PerExampleGradients(
+      model, shape, chunk_size=4, projection_dim=32,
+      strategy=tf.distribute.get_strategy())
+  np.testing.assert_allclose(projected.matrix, single(x, y).matrix,
+                             rtol=1e-5, atol=1e-6)

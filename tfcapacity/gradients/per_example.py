@@ -1,0 +1,349 @@
+"""Per-example gradients g_i = grad f_i(w) of each example's own loss.
+
+The object of Sankararaman, De, Xu, Huang & Goldstein (2020), "The impact of
+neural network overparameterization on gradient confusion and stochastic
+gradient descent" (Sec. 2): f_i is the softmax cross-entropy of example i,
+and every statistic of `tfcapacity.gradients.statistics` is a function of
+the rows g_i of the n x P matrix M or of its Gram matrix G = M M^T.
+
+How they are computed:
+  * `tf.vectorized_map` over a function of ONE example that runs a
+    `GradientTape` on the model (5-8x one batch gradient on an MLP, 2.7x on
+    ResNet-20; `tape.jacobian` needs memory quadratic in the batch). pfor
+    falls back to a while loop for `Conv2DBackpropFilter`; TF itself logs
+    "... uses a while_loop. Fix that!" when it does (tensorflow#34496).
+  * The model is evaluated with `model.stateless_call` on tensors that stand
+    in for its variables (`hvp._KerasFunction`), so it never changes.
+  * Batch norm uses its moving statistics (`bn_mode="inference"`) and only
+    that: the batch statistics of a single example are ill-defined.
+  * Examples go through a `tf.function` with a fixed input signature, one
+    chunk of `chunk_size` examples at a time (the last chunk padded, its
+    padded rows dropped): memory is bounded by a chunk, and calls with new
+    data of the same shape do not retrace. Under a `tf.distribute` strategy
+    each replica takes its contiguous slice of every chunk and the rows are
+    gathered back in the original order.
+  * `projection_dim=d`: each g_i is mapped to R^T g_i with R a P x d matrix
+    of independent N(0, 1/d) entries (Johnson-Lindenstrauss), so that
+    E <R^T g_i, R^T g_j> = <g_i, g_j>. R is never held whole: it is
+    generated in row blocks of at most `_PROJECTION_BLOCK_ENTRIES` entries
+    by `tf.random.stateless_normal` with seed (seed, block index), inside
+    the graph, for every chunk. The same seed and d give the same R in every
+    call (and for every chunk size and strategy). Regenerating R costs
+    P * d normal draws per chunk, which dominates for large P and d.
+
+`gradient_inner_products` accumulates G (and optionally the per-layer G_l,
+which sum to G) block by block from chunks, float64; chunks are kept for
+reuse up to a memory budget and recomputed beyond it, so n x P need not be
+held at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import weakref
+from typing import Sequence
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from tfcapacity.curvature import hvp
+from tfcapacity.errors import UserError, choices_error
+from tfcapacity.training import loop
+
+# Entries of one generated block of the projection (16 MB of float32).
+_PROJECTION_BLOCK_ENTRIES = 1 << 22
+# Bytes of gradient chunks `gradient_inner_products` keeps for reuse.
+_RESIDENT_BYTES = 1 << 30
+
+
+@dataclasses.dataclass
+class PerExample:
+  """Per-example gradients, one row per example in the order given.
+
+  Attributes:
+    matrix: float32 [n, P] (or [n, d] when projected).
+    layer_slices: (variable path, start, end) of each parameter's columns in
+      the flat order; None when projected (columns mix all parameters).
+    projected: whether the rows are Johnson-Lindenstrauss projections.
+    dim: the number of columns (P, or d when projected).
+  """
+  matrix: np.ndarray
+  layer_slices: list[tuple[str, int, int]] | None
+  projected: bool
+  dim: int
+
+
+def _layer_slices(params) -> list[tuple[str, int, int]]:
+  out, start = [], 0
+  for p in params:
+    size = int(np.prod(p.shape))
+    out.append((getattr(p, "path", p.name), start, start + size))
+    start += size
+  return out
+
+
+def _check_bn_mode(bn_mode):
+  if bn_mode not in hvp.BN_MODES:
+    raise choices_error("--bn_mode", bn_mode, hvp.BN_MODES)
+  if bn_mode != "inference":
+    raise UserError(
+        f"per-example gradients need --bn_mode=inference, not {bn_mode}: "
+        f"the batch statistics of a single example are ill-defined (each "
+        f"example would be normalised by its own mean and variance)")
+
+
+class PerExampleGradients:
+  """Per-example gradients of one model, traced once per input shape.
+
+  Attributes:
+    size: the number of parameters P.
+    dim: columns of the output (P, or projection_dim).
+    chunk_size: examples per traced call (a multiple of the replicas).
+    layer_slices: as in `PerExample` (None when projected).
+  """
+
+  def __init__(self, model, input_shape: Sequence[int], *, params=None,
+               bn_mode: str = "inference", chunk_size: int = 64,
+               projection_dim: int | None = None,
+               strategy: tf.distribute.Strategy | None = None):
+    if not isinstance(model, keras.Model):
+      raise UserError("per-example gradients need a Keras model")
+    _check_bn_mode(bn_mode)
+    if int(chunk_size) < 1:
+      raise UserError(f"chunk_size must be positive; got {chunk_size}")
+    if projection_dim is not None and int(projection_dim) < 1:
+      raise UserError(f"projection_dim must be positive; got "
+                      f"{projection_dim}")
+    self.strategy = strategy or tf.distribute.get_strategy()
+    self.replicas = self.strategy.num_replicas_in_sync
+    self.chunk_size = -(-int(chunk_size) // self.replicas) * self.replicas
+    self.input_shape = tuple(int(s) for s in input_shape)
+    self.function = hvp._KerasFunction(
+        model, params if params is not None else model.trainable_variables,
+        "inference", None)
+    self.params = self.function.params
+    self.size = int(sum(np.prod(p.shape) for p in self.params))
+    self.projection_dim = (None if projection_dim is None
+                           else int(projection_dim))
+    self.dim = self.projection_dim or self.size
+    self.layer_slices = (None if self.projection_dim
+                         else _layer_slices(self.params))
+    self._build()
+
+  # -- inside the graph -------------------------------------------------------
+
+  def _gradients(self, x, y):
+    """[rows, P] gradients of each row's own loss."""
+    values = self.function.values()
+
+    def one(example):
+      xi, yi = example
+      with tf.GradientTape() as tape:
+        tape.watch(values)
+        logits = self.function.logits(values, xi[None])
+        loss = loop.cross_entropy(yi[None], logits)[0]
+      grads = tape.gradient(loss, values)
+      return hvp.flatten([
+          tf.zeros(v.shape, tf.float32) if g is None else tf.cast(g, tf.float32)
+          for g, v in zip(grads, values)])
+
+    return tf.vectorized_map(one, (x, y))
+
+  def _project(self, m, seed):
+    """m R for R [P, d] of N(0, 1/d) entries, generated block by block."""
+    d = self.projection_dim
+    rows = max(1, _PROJECTION_BLOCK_ENTRIES // d)
+    out = tf.zeros([tf.shape(m)[0], d], tf.float32)
+    for k, start in enumerate(range(0, self.size, rows)):
+      end = min(self.size, start + rows)
+      block = tf.random.stateless_normal(
+          [end - start, d], seed=tf.stack([seed, tf.constant(k, tf.int64)]),
+          dtype=tf.float32)
+      out += tf.matmul(m[:, start:end], block)
+    return out / math.sqrt(d)
+
+  def _replica(self, x, y, seed):
+    if self.replicas > 1:
+      per = self.chunk_size // self.replicas
+      lo = tf.distribute.get_replica_context().replica_id_in_sync_group * per
+      x, y = x[lo:lo + per], y[lo:lo + per]
+    m = self._gradients(x, y)
+    if self.projection_dim:
+      m = self._project(m, seed)
+    return m
+
+  def _build(self):
+    spec = [tf.TensorSpec([self.chunk_size, *self.input_shape], tf.float32),
+            tf.TensorSpec([self.chunk_size], tf.int64),
+            tf.TensorSpec([], tf.int64)]
+
+    @tf.function(input_signature=spec)
+    def chunk(x, y, seed):
+      if self.replicas == 1:
+        return self._replica(x, y, seed)
+      per_replica = self.strategy.run(self._replica, args=(x, y, seed))
+      return self.strategy.gather(per_replica, axis=0)
+
+    self._chunk = chunk
+
+  # -- the interface ----------------------------------------------------------
+
+  def _prepare(self, x, y):
+    x = np.asarray(x, np.float32)
+    y = np.asarray(y, np.int64)
+    if len(x) != len(y) or len(y) == 0:
+      raise UserError(f"need matching, non-empty examples; got {len(x)} "
+                      f"inputs and {len(y)} labels")
+    if x.shape[1:] != self.input_shape:
+      raise UserError(f"examples of shape {x.shape[1:]} given to gradients "
+                      f"built for {self.input_shape}")
+    hvp._check_examples(x, y)
+    return x, y
+
+  def num_chunks(self, n: int) -> int:
+    return -(-n // self.chunk_size)
+
+  def chunk(self, x, y, index: int, seed: int = 0) -> np.ndarray:
+    """Rows [index * chunk_size, ...) of the gradient matrix, float32."""
+    c = self.chunk_size
+    xs, ys = x[index * c:(index + 1) * c], y[index * c:(index + 1) * c]
+    rows = len(ys)
+    if rows < c:  # Padded rows are computed and dropped.
+      xs = np.concatenate([xs, np.zeros((c - rows, *xs.shape[1:]),
+                                        np.float32)])
+      ys = np.concatenate([ys, np.zeros(c - rows, np.int64)])
+    out = self._chunk(tf.constant(xs), tf.constant(ys),
+                      tf.constant(int(seed), tf.int64))
+    return out.numpy()[:rows]
+
+  def __call__(self, x, y, seed: int = 0) -> PerExample:
+    x, y = self._prepare(x, y)
+    matrix = np.concatenate([self.chunk(x, y, i, seed)
+                             for i in range(self.num_chunks(len(y)))])
+    return PerExample(matrix=matrix, layer_slices=self.layer_slices,
+                      projected=self.projection_dim is not None,
+                      dim=self.dim)
+
+  def inner_products(self, x, y, seed: int = 0, per_layer: bool = False,
+                     resident_bytes: int = _RESIDENT_BYTES):
+    """G = M M^T (float64), block by block; per-layer G's if asked."""
+    if per_layer and self.projection_dim:
+      raise UserError("per-layer inner products are not defined after a "
+                      "projection; leave projection_dim unset")
+    x, y = self._prepare(x, y)
+    n, c, k = len(y), self.chunk_size, self.num_chunks(len(y))
+    cache, used = {}, 0
+
+    def get(j):
+      nonlocal used
+      if j in cache:
+        return cache[j]
+      block = self.chunk(x, y, j, seed).astype(np.float64)
+      if used + block.nbytes <= resident_bytes:
+        cache[j] = block
+        used += block.nbytes
+      return block
+
+    gram = np.zeros((n, n))
+    layers = ({path: np.zeros((n, n)) for path, _, _ in self.layer_slices}
+              if per_layer else None)
+    for i in range(k):
+      a = get(i)
+      for j in range(i, k):
+        b = a if j == i else get(j)
+        si, sj = slice(i * c, i * c + len(a)), slice(j * c, j * c + len(b))
+        gram[si, sj] = a @ b.T
+        gram[sj, si] = gram[si, sj].T
+        if per_layer:
+          for path, s, e in self.layer_slices:
+            layers[path][si, sj] = a[:, s:e] @ b[:, s:e].T
+            layers[path][sj, si] = layers[path][si, sj].T
+    return (gram, layers) if per_layer else gram
+
+  @property
+  def traces(self) -> int:
+    """How many times the chunk function has been traced (tests)."""
+    return self._chunk.experimental_get_tracing_count()
+
+
+# One traced computation per (model, parameters, options, input shape), so
+# repeated calls (a training callback) do not retrace.
+_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def get_computation(model, input_shape, *, params=None,
+                    bn_mode: str = "inference", chunk_size: int = 64,
+                    projection_dim: int | None = None,
+                    strategy=None) -> PerExampleGradients:
+  """The cached `PerExampleGradients` for these options (built if new)."""
+  _check_bn_mode(bn_mode)
+  strategy = strategy or tf.distribute.get_strategy()
+  chosen = params if params is not None else model.trainable_variables
+  key = (tuple(id(p) for p in chosen), int(chunk_size), projection_dim,
+         id(strategy), tuple(int(s) for s in input_shape))
+  per_model = _CACHE.setdefault(model, {})
+  if key not in per_model:
+    per_model[key] = PerExampleGradients(
+        model, input_shape, params=params, bn_mode=bn_mode,
+        chunk_size=chunk_size, projection_dim=projection_dim,
+        strategy=strategy)
+  return per_model[key]
+
+
+def per_example_gradients(model, x, y, *, params=None,
+                          bn_mode: str = "inference", chunk_size: int = 64,
+                          projection_dim: int | None = None, seed: int = 0,
+                          strategy=None) -> PerExample:
+  """The per-example gradients of each example's own cross-entropy.
+
+  Args:
+    model: a Keras model (left unchanged).
+    x, y: examples and integer labels (numpy).
+    params: the variables (default: every trainable one); see
+      `hvp.select_params`.
+    bn_mode: must be "inference" (moving statistics).
+    chunk_size: examples per traced call; bounds memory.
+    projection_dim: project each gradient to this many dimensions with a
+      Gaussian Johnson-Lindenstrauss map (None: exact gradients).
+    seed: seed of the projection; the same seed gives the same map.
+    strategy: the distribution strategy (default: the current one).
+
+  Returns:
+    A `PerExample`, rows in the order of `x`.
+
+  Raises:
+    UserError: a batch-norm mode other than inference; bad data or options.
+  """
+  x = np.asarray(x, np.float32)
+  computation = get_computation(
+      model, x.shape[1:], params=params, bn_mode=bn_mode,
+      chunk_size=chunk_size, projection_dim=projection_dim,
+      strategy=strategy)
+  return computation(x, y, seed=seed)
+
+
+def gradient_inner_products(model, x, y, *, params=None,
+                            bn_mode: str = "inference", chunk_size: int = 64,
+                            projection_dim: int | None = None, seed: int = 0,
+                            strategy=None, per_layer: bool = False):
+  """G = M M^T of the per-example gradients, float64 [n, n].
+
+  Accumulated block by block from chunks of gradients (chunk_i chunk_j^T),
+  keeping chunks for reuse up to 1 GiB and recomputing beyond it.
+
+  Args:
+    As `per_example_gradients`, and
+    per_layer: also return a dict variable path -> G_l of that variable's
+      columns (they sum to G). Not with a projection.
+
+  Returns:
+    G, or (G, {path: G_l}) when `per_layer`.
+  """
+  x = np.asarray(x, np.float32)
+  computation = get_computation(
+      model, x.shape[1:], params=params, bn_mode=bn_mode,
+      chunk_size=chunk_size, projection_dim=projection_dim,
+      strategy=strategy)
+  return computation.inner_products(x, y, seed=seed, per_layer=per_layer)
