@@ -32,6 +32,8 @@ OPERATIONAL_FLAGS = frozenset({
     "curvature_test_batches", "curvature_top_k", "curvature_method",
     "curvature_trace_probes", "curvature_bn_mode", "curvature_tol",
     "curvature_max_iterations", "curvature_batch_size",
+    "gradients_every_epochs", "gradients_every_steps", "gradients_examples",
+    "gradients_projection_dim", "gradients_chunk_size", "gradients_per_layer",
 })
 
 _DEFINED: list[str] = []
@@ -306,6 +308,31 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
       "Examples per Hessian-vector-product batch (0: all of a set, at most "
       "500).", flag_values=fv)
 
+  # Gradient statistics during training (tfcapacity.gradients.callback).
+  flags.DEFINE_integer(
+      "gradients_every_epochs", 0,
+      "Measure per-example gradient statistics (confusion, cosines, "
+      "diversity, noise scale) every N epochs (0: never).", flag_values=fv)
+  flags.DEFINE_integer(
+      "gradients_every_steps", 0,
+      "Measure per-example gradient statistics every N steps (0: never).",
+      flag_values=fv)
+  flags.DEFINE_integer(
+      "gradients_examples", 256,
+      "Training examples, drawn once, whose per-example gradients are "
+      "compared.", flag_values=fv)
+  flags.DEFINE_integer(
+      "gradients_projection_dim", 0,
+      "Project each per-example gradient to this many dimensions "
+      "(Johnson-Lindenstrauss; 0: exact).", flag_values=fv)
+  flags.DEFINE_integer("gradients_chunk_size", 64,
+                       "Per-example gradients computed per traced call.",
+                       flag_values=fv)
+  flags.DEFINE_bool(
+      "gradients_per_layer", False,
+      "Also log the statistics of each variable's block of the gradients.",
+      flag_values=fv)
+
   for name in ("width", "depth", "ghost_batch_size", "epochs", "steps",
                "eval_every", "eval_batch_size", "steps_per_loop",
                "cpu_replicas", "keep_checkpoints", "full_batch_chunk",
@@ -313,12 +340,15 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
                "synthetic_test_examples", "synthetic_dim", "train_subset",
                "learning_rate", "lr_drop_factor", "bn_momentum",
                "curvature_examples", "curvature_top_k", "curvature_tol",
-               "curvature_max_iterations"):
+               "curvature_max_iterations", "gradients_examples",
+               "gradients_chunk_size"):
     flags.register_validator(name, *_positive(name), flag_values=fv)
   for name in ("momentum", "weight_decay", "warmup_epochs",
                "checkpoint_every_steps", "leaky_slope",
                "curvature_every_epochs", "curvature_every_steps",
-               "curvature_trace_probes", "curvature_batch_size"):
+               "curvature_trace_probes", "curvature_batch_size",
+               "gradients_every_epochs", "gradients_every_steps",
+               "gradients_projection_dim"):
     flags.register_validator(name, *_non_negative(name), flag_values=fv)
   flags.register_validator(
       "curvature_test_batches", lambda v: v >= -1,

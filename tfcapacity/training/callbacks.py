@@ -71,4 +71,7 @@ def from_config(cfg) -> list[Callback]:
   if cfg.curvature_every_epochs or cfg.curvature_every_steps:
     from tfcapacity.curvature import callback as curvature  # pylint: disable=g-import-not-at-top
     out.append(curvature.CurvatureCallback(cfg))
+  if cfg.gradients_every_epochs or cfg.gradients_every_steps:
+    from tfcapacity.gradients import callback as gradients  # pylint: disable=g-import-not-at-top
+    out.append(gradients.GradientStatisticsCallback(cfg))
   return out

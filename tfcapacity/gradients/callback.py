@@ -1,0 +1,82 @@
+"""Gradient confusion and its relatives during training.
+
+Every `--gradients_every_epochs` epochs (or `--gradients_every_steps` steps)
+the per-example gradients of `--gradients_examples` fixed training examples
+(drawn once with the run's seed) are compared (Sankararaman et al., "The
+impact of neural network overparameterization on gradient confusion and
+SGD"): the gradient confusion max(0, -min_{i != j} <g_i, g_j>), the minimum
+and mean inner products and cosines, cosine quantiles, the gradient
+diversity (Yin et al. 2018) and the simple noise scale (McCandlish et al.
+2018). Scalars are logged under `gradients/...`, the pairwise cosines as a
+TensorBoard histogram (`gradients/cosines`), and with
+`--gradients_per_layer` each variable's statistics under
+`gradients/<variable path>/...`.
+
+Per-example gradients use the model in inference mode (batch-norm moving
+statistics): one example's batch statistics are ill-defined. The model is
+never changed (`tfcapacity.gradients.per_example`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tensorflow as tf
+
+from tfcapacity.gradients import per_example
+from tfcapacity.gradients import statistics
+from tfcapacity.training import callbacks as callbacks_lib
+
+_SALT = 0x6A7D
+_SCALARS = ("gradient_confusion", "min_inner_product", "mean_inner_product",
+            "min_cosine", "mean_cosine", "gradient_diversity",
+            "noise_scale_simple")
+
+
+def fixed_indices(seed: int, num_examples: int, size: int) -> np.ndarray:
+  """The training examples compared throughout a run (sorted indices)."""
+  rng = np.random.default_rng([seed, _SALT])
+  return np.sort(rng.choice(num_examples, min(size, num_examples),
+                            replace=False))
+
+
+def scalars(summary: dict, prefix: str) -> dict:
+  """The loggable scalars of a `statistics.summarize` result."""
+  out = {f"{prefix}/{key}": summary[key] for key in _SCALARS}
+  for level, value in summary["cosine_quantiles"].items():
+    out[f"{prefix}/cosine_q{level}"] = value
+  return out
+
+
+class GradientStatisticsCallback(callbacks_lib.Callback):
+  """Per-example gradient statistics on fixed training examples."""
+
+  name = "gradients"
+
+  def __init__(self, cfg):
+    self.cfg = cfg
+    self.every_epochs = cfg.gradients_every_epochs
+    self.every_steps = cfg.gradients_every_steps
+    self.examples = None
+
+  def on_train_begin(self, ctx):
+    cfg = self.cfg
+    index = fixed_indices(cfg.seed, ctx.train_data.info.num_examples,
+                          cfg.gradients_examples)
+    self.examples = ctx.train_data.examples(index)
+
+  def __call__(self, ctx):
+    cfg = self.cfg
+    per_layer = cfg.gradients_per_layer and not cfg.gradients_projection_dim
+    result = per_example.gradient_inner_products(
+        ctx.model, *self.examples, chunk_size=cfg.gradients_chunk_size,
+        projection_dim=cfg.gradients_projection_dim or None, seed=cfg.seed,
+        strategy=ctx.strategy, per_layer=per_layer)
+    gram, layers = result if per_layer else (result, {})
+    out = scalars(statistics.summarize(gram), "gradients")
+    cosines, _ = statistics.pairwise_cosines(gram)
+    if len(cosines) and tf.summary.experimental.get_step() is not None:
+      tf.summary.histogram("gradients/cosines", cosines)
+    for path, layer_gram in layers.items():
+      out.update(scalars(statistics.summarize(layer_gram),
+                         f"gradients/{path}"))
+    return out
