@@ -1,0 +1,201 @@
+"""The gradient-confusion tool (tfcapacity.confusion) end to end.
+
+One tiny run (digits, MLP of width 8: 610 parameters) is trained once.
+Results are checked against a brute-force computation here: one
+GradientTape per example on the run's model.keras (or on a freshly built
+model with the run's seed), and the statistics from the stacked gradients in
+numpy.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+from absl import flags
+import h5py
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tfcapacity import config
+from tfcapacity import confusion
+from tfcapacity import data as data_lib
+from tfcapacity import models as models_lib
+from tfcapacity import training
+
+ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
+N = 24
+PROG = "tfcapacity.confusion"
+KEYS = ("gradient_confusion", "min_inner_product", "mean_inner_product",
+        "min_cosine", "mean_cosine", "cosine_quantiles", "gradient_diversity",
+        "noise_scale_simple", "gram_min_eigenvalue", "gram_condition_number",
+        "num_examples", "bn_mode", "seconds", "source", "checkpoint", "step",
+        "dataset", "num_parameters")
+
+
+def run_tool(*args):
+  return subprocess.run([sys.executable, "-m", PROG, *args],
+                        capture_output=True, text=True, env=ENV, timeout=300)
+
+
+def compute(*args):
+  fv = flags.FlagValues()
+  confusion.define_flags(fv)
+  fv(["prog", "--output=/nonexistent/unused.json", "--noprogress_bar",
+      *args])
+  return confusion.compute(fv)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+  model_dir = str(tmp_path_factory.mktemp("confusion_cli") / "run")
+  cfg = config.make(dataset="digits", width=8, depth=1, epochs=1,
+                    batch_size="32", train_subset=400, model_dir=model_dir,
+                    progress_bar=False)
+  assert training.train(cfg)["status"] == "completed"
+  return model_dir
+
+
+def run_config(run_dir):
+  return config.parse_flagfile(open(os.path.join(run_dir,
+                                                 "flags.txt")).read())
+
+
+@pytest.fixture(scope="module")
+def run_examples(run_dir):
+  cfg = run_config(run_dir)
+  return data_lib.get(cfg.dataset, "train", cfg).examples(np.arange(N))
+
+
+def brute_force(model, x, y):
+  """Statistics from single-example tapes, numpy float64."""
+  rows = []
+  for xi, yi in zip(np.asarray(x, np.float32), np.asarray(y, np.int64)):
+    with tf.GradientTape() as tape:
+      logits = model(xi[None], training=False)
+      loss = tf.nn.sparse_softmax_cross_entropy_with_logits(
+          labels=tf.constant([yi], tf.int32), logits=logits)[0]
+    grads = tape.gradient(loss, model.trainable_variables)
+    rows.append(np.concatenate([g.numpy().ravel() for g in grads]))
+  m = np.asarray(rows, np.float64)
+  g = m @ m.T
+  n = len(g)
+  i, j = np.triu_indices(n, 1)
+  norms = np.sqrt(np.diag(g))
+  cos = g[i, j] / (norms[i] * norms[j])
+  mean_sq = g.sum() / n**2
+  trace_sigma = (np.trace(g) / n - mean_sq) * n / (n - 1)
+  eig = np.linalg.eigvalsh(g)
+  return {"gradient_confusion": max(0.0, -g[i, j].min()),
+          "min_inner_product": g[i, j].min(),
+          "mean_inner_product": g[i, j].mean(),
+          "min_cosine": cos.min(), "mean_cosine": cos.mean(),
+          "cosine_quantiles": dict(zip(("0.01", "0.5", "0.99"),
+                                       np.quantile(cos, [0.01, 0.5, 0.99]))),
+          "gradient_diversity": np.trace(g) / g.sum(),
+          "noise_scale_simple": trace_sigma / mean_sq,
+          "gram_min_eigenvalue": eig[0],
+          "gram_condition_number": (eig[-1] / eig[0] if eig[0] > 0
+                                    else float("inf"))}
+
+
+def assert_matches(result, exact):
+  for key, value in exact.items():
+    if key == "cosine_quantiles":
+      for q, v in value.items():
+        assert result[key][q] == pytest.approx(v, rel=1e-4, abs=1e-5), q
+    elif key in ("gram_min_eigenvalue", "gram_condition_number"):
+      # The least eigenvalue of a near-singular G: absolute tolerance.
+      scale = exact["gram_min_eigenvalue"] if key == "gram_min_eigenvalue" \
+          else value
+      assert result[key] == pytest.approx(value, rel=1e-2,
+                                          abs=1e-4 * abs(scale) + 1e-6), key
+    else:
+      assert result[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+
+
+@pytest.fixture(scope="module")
+def cli_result(run_dir, tmp_path_factory):
+  out = str(tmp_path_factory.mktemp("confusion_out") / "confusion.json")
+  proc = run_tool(f"--model_dir={run_dir}", "--checkpoint=final",
+                  f"--num_examples={N}", "--noshuffle", "--chunk_size=10",
+                  "--per_layer", f"--output={out}")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(out) as f:
+    return json.load(f)
+
+
+def test_cli_matches_single_example_tapes(cli_result, run_dir,
+                                          run_examples):
+  result = cli_result
+  for key in KEYS:
+    assert key in result, key
+  assert result["num_examples"] == N and result["num_parameters"] == 610
+  assert result["bn_mode"] == "inference" and result["at_init"] is False
+  model = keras.saving.load_model(os.path.join(run_dir, "model.keras"))
+  assert_matches(result, brute_force(model, *run_examples))
+  assert set(result["per_layer"]) == {
+      v.path for v in model.trainable_variables}
+  # The per-layer blocks sum to G: their mean inner products add up.
+  assert sum(r["mean_inner_product"] for r in result["per_layer"].values()
+             ) == pytest.approx(result["mean_inner_product"], rel=1e-5)
+
+
+def test_at_init_is_the_freshly_built_model(run_dir, run_examples,
+                                             cli_result):
+  result = compute(f"--model_dir={run_dir}", "--at_init",
+                   f"--num_examples={N}", "--noshuffle")
+  assert result["at_init"] is True and result["step"] == 0
+  assert result["gradient_confusion"] != pytest.approx(
+      cli_result["gradient_confusion"], rel=1e-3)
+  cfg = run_config(run_dir)
+  info = data_lib.get(cfg.dataset, "train", cfg).info
+  keras.utils.set_random_seed(cfg.seed)
+  fresh = models_lib.from_config(cfg, info.input_shape, info.num_classes)
+  assert_matches(result, brute_force(fresh, *run_examples))
+  # Training's own step-0 checkpoint is the same model.
+  start = compute(f"--model_dir={run_dir}", "--checkpoint=0",
+                  f"--num_examples={N}", "--noshuffle")
+  assert start["mean_inner_product"] == pytest.approx(
+      result["mean_inner_product"], rel=1e-5)
+
+
+def test_hdf5_is_exactly_the_files_examples(run_dir, tmp_path):
+  rng = np.random.default_rng(3)
+  n = 15
+  x = rng.uniform(0.0, 3.0, size=(n, 64)).astype(np.float32)
+  y = rng.integers(0, 10, size=n)
+  path = tmp_path / "probe.h5"
+  with h5py.File(path, "w") as f:
+    f["features"] = x
+    f["labels"] = y
+  result = compute(f"--keras_model={run_dir}/model.keras",
+                   f"--dataset=hdf5:{path}", "--noshuffle",
+                   f"--num_examples={n}", "--chunk_size=4")
+  assert result["num_examples"] == n
+  assert result["dataset"] == f"hdf5:{path}"
+  model = keras.saving.load_model(os.path.join(run_dir, "model.keras"))
+  assert_matches(result, brute_force(model, x, y))
+
+
+def test_bad_inputs_one_line(run_dir, tmp_path):
+  keep = f"--output={tmp_path / 'out.json'}"
+  cases = [
+      ([f"--model_dir={run_dir}", "--bn_mode=batch", keep],
+       "--bn_mode=inference"),
+      ([f"--saved_model={run_dir}/saved_model", "--dataset=digits", keep],
+       "--keras_model"),
+      ([f"--keras_model={run_dir}/model.keras", "--dataset=digits",
+        "--at_init", keep], "--at_init needs --model_dir"),
+      ([f"--model_dir={run_dir}"], "--output"),
+  ]
+  for args, needle in cases:
+    proc = run_tool(*args)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr[-2000:]
+    assert lines[0].startswith(f"{PROG}: error:"), lines[0]
+    assert needle in lines[0], lines[0]
+  assert not os.listdir(tmp_path)

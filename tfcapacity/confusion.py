@@ -1,0 +1,246 @@
+r"""Gradient confusion of a model: `python -m tfcapacity.confusion`.
+
+Measures the statistics of the per-example gradients g_i = grad f_i(w) of
+each example's own softmax cross-entropy, over fixed examples, and writes
+them to a JSON file:
+
+  python -m tfcapacity.confusion --model_dir=runs/w256 --num_examples=500 \
+      --output=runs/w256/confusion.json
+
+  * gradient confusion, max(0, -min_{i != j} <g_i, g_j>) (Sankararaman, De,
+    Xu, Huang & Goldstein 2020, Def. 2.1), the minimum and mean pairwise
+    inner product and cosine, and cosine quantiles 0.01, 0.5, 0.99;
+  * gradient diversity (Yin et al. 2018, Def. 1) and the simple noise scale
+    (McCandlish et al. 2018, Eq. 2.8);
+  * `gram_min_eigenvalue`, `gram_max_eigenvalue`, `gram_condition_number`:
+    the spectrum of G = M M^T, the Gram matrix of the per-example LOSS
+    gradients. Deviation: Du, Lee, Li, Wang & Zhai (2019) bound the rate of
+    gradient descent by the least eigenvalue of the Gram matrix of OUTPUT
+    gradients (the neural tangent kernel of the outputs, not weighted by the
+    loss's derivative); that one is future work here.
+
+All of them are functions of G (`tfcapacity.gradients.statistics`), which
+`tfcapacity.gradients.per_example` computes chunk by chunk, exactly or after
+a Johnson-Lindenstrauss projection (`--projection_dim`). `--per_layer` adds
+the same statistics of each variable's own block G_l (they sum to G).
+
+The model and the examples come from `tfcapacity.curvature.analysis`
+(`--model_dir`/`--checkpoint`, `--keras_model`, `--dataset`, `--split`,
+`--num_examples`, `--seed`/`--noshuffle`), so with
+`--dataset=hdf5:FILE --noshuffle --num_examples=<rows>` the statistics are
+over exactly the file's rows, each with its own label. Per-example gradients
+need a Keras model (a SavedModel's function cannot be differentiated one
+example at a time here) and batch norm's moving statistics
+(`--bn_mode=inference`: a single example's batch statistics are
+ill-defined).
+
+`--at_init` measures the run's model as training initialised it: rebuilt
+from the run's flags.txt with its seed (`keras.utils.set_random_seed(seed)`,
+then `models.from_config`), no checkpoint restored. The examples are those
+of the run directory as without `--at_init` (the run must hold a checkpoint,
+which analysis loads and this tool then replaces).
+
+The JSON is written once, atomically, at the end. Exit status: 0 done, 2 bad
+input (one line on stderr).
+"""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import time  # noqa: E402
+
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+from absl import logging  # noqa: E402
+
+from tfcapacity import cli  # noqa: E402
+from tfcapacity.curvature import analysis  # noqa: E402
+from tfcapacity.errors import UserError  # noqa: E402
+from tfcapacity.training import rundir  # noqa: E402
+
+PROG = "tfcapacity.confusion"
+FLAGS = flags.FLAGS
+
+
+def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
+  """The tool's flags (idempotent per `fv`); see `tfcapacity.hessian`."""
+  analysis.define_flags(fv)
+  # --help lists the shared flags with the tool's own.
+  flags.adopt_module_key_flags(analysis, flag_values=fv)
+  if "at_init" in fv:
+    return
+  flags.DEFINE_bool(
+      "at_init", False,
+      "Measure the run's model freshly initialised from its flags and seed "
+      "(no checkpoint); --model_dir only.", flag_values=fv)
+  flags.DEFINE_integer(
+      "projection_dim", None,
+      "Project each gradient to this many dimensions (Gaussian "
+      "Johnson-Lindenstrauss, seeded by --seed); default exact.",
+      flag_values=fv)
+  flags.DEFINE_integer("chunk_size", 64,
+                       "Examples per traced gradient computation (bounds "
+                       "memory).", flag_values=fv)
+  flags.DEFINE_bool(
+      "per_layer", False,
+      "Also the statistics of each variable's own Gram block (exact "
+      "gradients only).", flag_values=fv)
+  for name in ("projection_dim", "chunk_size"):
+    flags.register_validator(name, lambda v: v is None or v > 0,
+                             f"--{name} must be positive", flag_values=fv)
+  flags.mark_flag_as_required("output", flag_values=fv)
+
+
+def check_flags(fv: flags.FlagValues = flags.FLAGS):
+  """The `analysis.Request`, after the checks that need no TensorFlow.
+
+  Raises:
+    UserError: bad input.
+  """
+  request = analysis.request_from_flags(fv)
+  if fv.bn_mode != "inference":
+    raise UserError(
+        f"--bn_mode={fv.bn_mode}: per-example gradients need "
+        f"--bn_mode=inference (the batch statistics of a single example are "
+        f"ill-defined)")
+  if request.saved_model:
+    raise UserError(
+        "per-example gradients need a Keras model; a SavedModel cannot be "
+        "used: give --keras_model=FILE (e.g. the run's model.keras) or "
+        "--model_dir=RUN")
+  if fv.at_init:
+    if not request.model_dir:
+      raise UserError("--at_init needs --model_dir (the run's flags and "
+                      "seed rebuild the initial model)")
+    if fv.checkpoint is not None:
+      raise UserError("--at_init measures the initial model, not a "
+                      "checkpoint; drop --checkpoint")
+  if fv.per_layer and fv.projection_dim:
+    raise UserError("--per_layer needs exact gradients; drop "
+                    "--projection_dim")
+  return request
+
+
+def initial_model(loaded: "analysis.Loaded"):
+  """The run's model as training initialised it (no checkpoint restored).
+
+  As `training.loop` and `analysis` build it: the run's seed, then
+  `models.from_config` with the input shape and classes of the run's own
+  training split.
+  """
+  import keras  # pylint: disable=g-import-not-at-top
+  from tfcapacity import data as data_lib  # pylint: disable=g-import-not-at-top
+  from tfcapacity import models as models_lib  # pylint: disable=g-import-not-at-top
+  cfg = loaded.config
+  info = data_lib.get(cfg.dataset, "train", cfg.replace(augment=False)).info
+  with loaded.strategy.scope():
+    keras.utils.set_random_seed(cfg.seed)
+    return models_lib.from_config(cfg, info.input_shape, info.num_classes)
+
+
+def confusion_report(loaded: "analysis.Loaded", *, chunk_size: int = 64,
+                     projection_dim: int | None = None, seed: int = 0,
+                     per_layer: bool = False,
+                     layers: list[str] | None = None,
+                     include_slopes: bool = False) -> dict:
+  """Per-example gradient statistics of the loaded model and examples.
+
+  Args:
+    loaded: from `analysis.load` (a Keras model).
+    chunk_size, projection_dim, seed, per_layer: see
+      `per_example.gradient_inner_products`.
+    layers, include_slopes: the parameter block (`hvp.select_params`).
+
+  Returns:
+    A JSON-ready dict: `statistics.summarize` of G, the Gram spectrum
+    (gram_min_eigenvalue, gram_max_eigenvalue, gram_condition_number),
+    num_parameters, how it was computed, `loaded.description`, and
+    per_layer {variable path: summarize of G_l} when asked.
+
+  Raises:
+    UserError: a SavedModel, bad options.
+  """
+  from tfcapacity.curvature import hvp  # pylint: disable=g-import-not-at-top
+  from tfcapacity.gradients import per_example  # pylint: disable=g-import-not-at-top
+  from tfcapacity.gradients import statistics  # pylint: disable=g-import-not-at-top
+  if not loaded.is_keras:
+    raise UserError("per-example gradients need a Keras model; give "
+                    "--keras_model=FILE or --model_dir=RUN")
+  if len(loaded.y) < 2:
+    raise UserError("--num_examples must be at least 2: the statistics are "
+                    "over pairs of examples")
+  start = time.time()
+  params = None
+  if layers or include_slopes:
+    params = hvp.select_params(loaded.model, layers or None,
+                               include_slopes=include_slopes)
+  chosen = params if params is not None else loaded.model.trainable_variables
+  found = per_example.gradient_inner_products(
+      loaded.model, loaded.x, loaded.y, params=params, chunk_size=chunk_size,
+      projection_dim=projection_dim, seed=seed, strategy=loaded.strategy,
+      per_layer=per_layer)
+  gram, layer_grams = found if per_layer else (found, None)
+  spectrum = statistics.gram_spectrum(gram)
+  out = {**loaded.description, **statistics.summarize(gram),
+         "gram_min_eigenvalue": spectrum["min_eigenvalue"],
+         "gram_max_eigenvalue": spectrum["max_eigenvalue"],
+         "gram_condition_number": spectrum["condition_number"],
+         "bn_mode": "inference",
+         "num_parameters": int(sum(int(v.numpy().size) for v in chosen)),
+         "projection_dim": projection_dim, "projection_seed": int(seed),
+         "chunk_size": int(chunk_size),
+         "layers": list(layers) if layers else None}
+  if per_layer:
+    out["per_layer"] = statistics.per_layer(layer_grams)
+  out["seconds"] = time.time() - start
+  return out
+
+
+def compute(fv: flags.FlagValues = flags.FLAGS, strategy=None) -> dict:
+  """The JSON-ready result the flags in `fv` ask for (nothing is written).
+
+  Raises:
+    UserError: bad input.
+  """
+  loaded = analysis.load(check_flags(fv), strategy)
+  if fv.at_init:
+    loaded.model = initial_model(loaded)
+    loaded.description.update(checkpoint=None, step=0)
+  result = confusion_report(
+      loaded, chunk_size=fv.chunk_size, projection_dim=fv.projection_dim,
+      seed=fv.seed, per_layer=fv.per_layer, layers=fv.layers,
+      include_slopes=fv.include_slopes)
+  result["at_init"] = bool(fv.at_init)
+  return result
+
+
+def main(argv):
+  cli.no_arguments(PROG, argv)
+  try:
+    # Everything that needs no TensorFlow is checked before it loads.
+    check_flags(FLAGS)
+    analysis.check_output(FLAGS.output)
+    with cli.quiet_native_stderr():  # TF's load-time and device-probe lines.
+      from tfcapacity import distribute  # pylint: disable=g-import-not-at-top
+      strategy = distribute.make_strategy(FLAGS.strategy, FLAGS.cpu_replicas)
+    result = compute(FLAGS, strategy)
+  except UserError as e:
+    cli.fail(PROG, str(e))
+  if not distribute.is_chief(strategy):
+    return  # Under multi-worker training every worker computes; one writes.
+  rundir.write_json(FLAGS.output, result)
+  logging.info("Gradient confusion %.6g, min cosine %.4g, diversity %.4g over "
+               "%d examples (%.1fs); wrote %s", result["gradient_confusion"],
+               result["min_cosine"], result["gradient_diversity"],
+               result["num_examples"], result["seconds"], FLAGS.output)
+
+
+def run():
+  """Console-script entry point (tfcapacity-confusion)."""
+  define_flags()
+  app.run(main, flags_parser=cli.flags_parser(PROG))
+
+
+if __name__ == "__main__":
+  run()
