@@ -60,6 +60,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from tfcapacity import config  # noqa: E402
+import common  # noqa: E402  (benchmarks/ is sys.path[0])
 from tfcapacity import models  # noqa: E402
 from tfcapacity import training  # noqa: E402
 from tfcapacity.curvature import eigen  # noqa: E402
@@ -84,31 +85,12 @@ HVP_GOALS = {"MLP 40-1000-10": 2.0, "ResNet-20": 2.5}
 CALLBACK_GOAL = 0.10
 
 
-def _sync(out):
-  return out.numpy() if hasattr(out, "numpy") else out
 
 
-def _time(fn, calls):
-  """Seconds per call of `fn` over `calls` calls, synchronised at the end."""
-  start = time.perf_counter()
-  for _ in range(calls):
-    out = fn()
-  _sync(out)
-  return (time.perf_counter() - start) / calls
 
 
-def _rounds(contenders, rounds, calls):
-  """Per-round seconds per call of each contender, in rotating order."""
-  times = {k: [] for k in contenders}
-  keys = list(contenders)
-  for r in range(rounds):
-    for key in keys[r % len(keys):] + keys[:r % len(keys)]:
-      times[key].append(_time(contenders[key], calls))
-  return {k: np.array(v) for k, v in times.items()}
 
 
-def _median_ratio(a, b):
-  return float(np.median(a / b))
 
 
 # --- 1. HVP / gradient -------------------------------------------------------
@@ -129,19 +111,6 @@ def _hvp_cases(quick):
          1, 2 if quick else 10)
 
 
-def _gradient(model, x, y):
-  """The fair baseline: the flat gradient of the HVP's loss, in inference
-  mode, over the same examples (held as constants, as the operator holds its
-  resident batches)."""
-  x, y = tf.constant(x), tf.constant(y)
-
-  @tf.function
-  def gradient():
-    with tf.GradientTape() as tape:
-      loss = tf.reduce_mean(loop.cross_entropy(y, model(x, training=False)))
-    return hvp.flatten(tape.gradient(loss, model.trainable_variables))
-
-  return gradient
 
 
 def graph_flops(concrete) -> float:
@@ -220,7 +189,7 @@ def part_hvp(quick):
     keras.utils.set_random_seed(0)
     model = models.get(kwargs.pop("name"), **kwargs)
     y = np.random.default_rng(1).integers(0, 10, BATCH).astype(np.int64)
-    gradient = _gradient(model, x, y)
+    gradient = common.flat_gradient(model, x, y)
     ops = {m: hvp.HessianOperator(model, x, y, batch_size=BATCH, method=m)
            for m in hvp.METHODS}
     bare = _bare_products(model, x, y)
@@ -230,7 +199,7 @@ def part_hvp(quick):
       contenders[f"op_{m}"] = lambda op=ops[m]: op.matvec(v)
       contenders[f"bare_{m}"] = lambda f=bare[m]: f(v)
     for fn in contenders.values():  # traces
-      _sync(fn())
+      common.sync(fn())
     # The contenders compute the same product (a check, not a timing).
     reference = ops["reverse"].matvec(v)
     scale = float(tf.reduce_max(tf.abs(reference)))
@@ -243,7 +212,7 @@ def part_hvp(quick):
     flop_ratio = (graph_flops(bare["reverse"].get_concrete_function())
                   / graph_flops(gradient.get_concrete_function()))
     load = os.getloadavg()[0]
-    times = _rounds(contenders, rounds, calls)
+    times = common.rounds(contenders, rounds, calls)
     grad_ms = 1e3 * float(np.median(times["gradient"]))
     print(f"{name}: gradient {grad_ms:.2f} ms ({rounds} rounds of {calls} "
           f"calls; load average {load:.1f} -> {os.getloadavg()[0]:.1f}); "
@@ -253,17 +222,15 @@ def part_hvp(quick):
           f"gradient's: {flop_ratio:.2f}")
     for m in hvp.METHODS:
       op_t, bare_t = times[f"op_{m}"], times[f"bare_{m}"]
-      ratios = op_t / times["gradient"]
+      ratio, spread = common.ratio_quartiles(op_t, times["gradient"])
       row = dict(
           model=name, method=m, grad_ms=grad_ms,
-          op_ms=1e3 * float(np.median(op_t)),
-          ratio=float(np.median(ratios)),
-          spread=tuple(np.percentile(ratios, [25, 75])),
+          op_ms=1e3 * float(np.median(op_t)), ratio=ratio, spread=spread,
           flop_ratio=flop_ratio if m == "reverse" else None,
           goal=HVP_GOALS[name],
           bare_ms=1e3 * float(np.median(bare_t)),
-          bare_ratio=_median_ratio(bare_t, times["gradient"]),
-          op_vs_bare=_median_ratio(op_t, bare_t),
+          bare_ratio=common.median_ratio(bare_t, times["gradient"]),
+          op_vs_bare=common.median_ratio(op_t, bare_t),
           overhead_ms=1e3 * float(np.median(op_t - bare_t)))
       rows.append(row)
       print(f"  {m:7s}: operator {row['op_ms']:.2f} ms = "
@@ -353,18 +320,18 @@ def part_lambda(quick):
   op = hvp.HessianOperator(model, x[:500], y[:500], method="reverse")
   v = tf.random.normal([op.size], seed=1)
   start = time.perf_counter()
-  _sync(op.matvec(v))
+  common.sync(op.matvec(v))
   trace_s = time.perf_counter() - start
-  _sync(op.loss_and_gradient()[1])
+  common.sync(op.loss_and_gradient()[1])
   eigen.power_iteration(_Diagonal(op.size), tol=1e9, max_iterations=1)
   reps = 1 if quick else 5
-  t = _rounds({"hvp": lambda: op.matvec(v),
-               "gradient": lambda: op.loss_and_gradient()[1]}, reps, 1)
+  t = common.rounds({"hvp": lambda: op.matvec(v),
+                     "gradient": lambda: op.loss_and_gradient()[1]}, reps, 1)
   hvp_s = float(np.median(t["hvp"]))
   grad_s = float(np.median(t["gradient"]))
   print(f"HVP over 500 (one batch of {op.batch_size}): {hvp_s:.2f} s; "
         f"gradient over 500: {grad_s:.2f} s; ratio "
-        f"{_median_ratio(t['hvp'], t['gradient']):.2f} ({reps} rounds); "
+        f"{common.median_ratio(t['hvp'], t['gradient']):.2f} ({reps} rounds); "
         f"first call (tracing) {trace_s:.1f} s")
   rows = []
   cold, secs, loose = _power(op)
@@ -394,7 +361,8 @@ def part_lambda(quick):
           f"{'yes' if r.converged else 'no'} | {r.iterations} | {secs:.1f} | "
           f"{secs / r.iterations:.2f} | {at_loose} |")
   print(f"\nHVP over 500 examples: {hvp_s:.2f} s = "
-        f"{_median_ratio(t['hvp'], t['gradient']):.2f}x the gradient over "
+        f"{common.median_ratio(t['hvp'], t['gradient']):.2f}x the gradient "
+        f"over "
         f"them ({grad_s:.2f} s)\n")
   return rows
 
@@ -417,7 +385,7 @@ class _CountProducts:
     def counted(op, v):
       start = time.perf_counter()
       out = original(op, v)
-      _sync(out)
+      common.sync(out)
       elapsed = time.perf_counter() - start
       if id(op) in self._seen:
         self.calls += 1

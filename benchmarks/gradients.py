@@ -58,6 +58,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+import common  # noqa: E402  (benchmarks/ is sys.path[0])
 from tfcapacity import models  # noqa: E402
 from tfcapacity.curvature import hvp  # noqa: E402
 from tfcapacity.gradients import per_example  # noqa: E402
@@ -89,32 +90,12 @@ MODELS = {
 }
 
 
-def _sync(out):
-  return out.numpy() if hasattr(out, "numpy") else out
 
 
-def _time(fn, calls):
-  start = time.perf_counter()
-  for _ in range(calls):
-    out = fn()
-  _sync(out)
-  return (time.perf_counter() - start) / calls
 
 
-def _rounds(contenders, rounds, calls):
-  """Per-round seconds per call of each contender, in rotating order."""
-  times = {k: [] for k in contenders}
-  keys = list(contenders)
-  for r in range(rounds):
-    for key in keys[r % len(keys):] + keys[:r % len(keys)]:
-      times[key].append(_time(contenders[key], calls[key]))
-  return {k: np.array(v) for k, v in times.items()}
 
 
-def _ratio(a, b):
-  """Median and quartiles of the per-round ratios a / b."""
-  r = a / b
-  return float(np.median(r)), tuple(np.percentile(r, [25, 75]))
 
 
 def _fmt(ratio):
@@ -132,17 +113,6 @@ def _build(name, n, seed=0):
   return model, x, y
 
 
-def _gradient(model, x, y):
-  """The fair baseline: one flat gradient of the mean loss over x."""
-  x, y = tf.constant(x), tf.constant(y)
-
-  @tf.function
-  def gradient():
-    with tf.GradientTape() as tape:
-      loss = tf.reduce_mean(loop.cross_entropy(y, model(x, training=False)))
-    return hvp.flatten(tape.gradient(loss, model.trainable_variables))
-
-  return gradient
 
 
 def _single_step(model, input_shape, compiled=True):
@@ -185,7 +155,7 @@ def _trace_with_log(fn):
   logger.setLevel(std_logging.WARNING)
   logger.addFilter(capture)
   try:
-    _sync(fn())
+    common.sync(fn())
   finally:
     logger.removeFilter(capture)
     logger.setLevel(level)
@@ -213,7 +183,7 @@ def part_time(quick, with_loop):
     shape = x.shape[1:]
     mlp = name.startswith("MLP")
     rounds = (2 if quick else 7) if mlp else (2 if quick else 4)
-    gradient = _gradient(model, x, y)
+    gradient = common.flat_gradient(model, x, y)
     comps = {c: per_example.get_computation(model, shape, chunk_size=c)
              for c in CHUNKS}
     xt, yt = tf.constant(x), tf.constant(y)
@@ -249,7 +219,7 @@ def part_time(quick, with_loop):
     calls["gradient"] = 50 if mlp else 2
     calls["vmap_256"] = 5 if mlp else 1
     load = _load()
-    times = _rounds(contenders, rounds, calls)
+    times = common.rounds(contenders, rounds, calls)
     load_after = _load()
     grad_ms = 1e3 * float(np.median(times["gradient"]))
     print(f"{name}: P = {comps[64].size} parameters; one batch gradient "
@@ -261,16 +231,18 @@ def part_time(quick, with_loop):
     logged = sorted(set(m for v in fallbacks.values() for m in v))
     print("  pfor while_loop fallbacks logged while tracing: "
           + ("; ".join(logged) if logged else "none"))
-    stats = {c: _ratio(times[f"stats_{c}"], times["gradient"])
+    stats = {c: common.ratio_quartiles(times[f"stats_{c}"],
+                                       times["gradient"])
              for c in CHUNKS}
     best = min(CHUNKS, key=lambda c: stats[c][0])
     for c in CHUNKS:
       print(f"  statistics, chunk {c:3d}: "
             f"{1e3 * np.median(times[f'stats_{c}']):.1f} ms = "
             f"{_fmt(stats[c])}x gradient")
-    vmap = _ratio(times["vmap_256"], times["gradient"])
-    gram = _ratio(times["gram_summarize"], times["gradient"])
-    share = _ratio(times["gram_summarize"], times[f"stats_{best}"])
+    vmap = common.ratio_quartiles(times["vmap_256"], times["gradient"])
+    gram = common.ratio_quartiles(times["gram_summarize"], times["gradient"])
+    share = common.ratio_quartiles(times["gram_summarize"],
+                                   times[f"stats_{best}"])
     print(f"  vectorized_map alone (one chunk of 256, in the graph): "
           f"{1e3 * np.median(times['vmap_256']):.1f} ms = {_fmt(vmap)}x")
     print(f"  G = M M^T (float64) + summarize alone, numpy: "
@@ -280,11 +252,12 @@ def part_time(quick, with_loop):
     row = dict(model=name, grad_ms=grad_ms, best=best, stats=stats[best],
                vmap=vmap, gram=gram, share=share)
     if with_loop:
-      pe = {c: _ratio(times["loop"], times[f"pe_{c}"]) for c in CHUNKS}
+      pe = {c: common.ratio_quartiles(times["loop"], times[f"pe_{c}"])
+            for c in CHUNKS}
       pe_best = max(CHUNKS, key=lambda c: pe[c][0])
-      loop_stats = _ratio(times["loop"] + times["gram_summarize"],
-                          times[f"stats_{best}"])
-      loop_grad = _ratio(times["loop"], times["gradient"])
+      loop_stats = common.ratio_quartiles(
+          times["loop"] + times["gram_summarize"], times[f"stats_{best}"])
+      loop_grad = common.ratio_quartiles(times["loop"], times["gradient"])
       eager_step = _single_step(model, shape, compiled=False)
       k = N if mlp else 16
       start = time.perf_counter()
@@ -364,7 +337,7 @@ def memory_child(config, n, chunk):
   """One configuration in this (fresh) process; prints its peaks as JSON."""
   projection = None if config == "exact" else int(config)
   model, x, y = _build("ResNet-20", n)
-  _sync(_gradient(model, x[:64], y[:64])())
+  common.sync(common.flat_gradient(model, x[:64], y[:64])())
   try:
     tf.config.experimental.reset_memory_stats("CPU:0")
     reset_info = True
