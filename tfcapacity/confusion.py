@@ -52,12 +52,10 @@ import time  # noqa: E402
 
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
-from absl import logging  # noqa: E402
 
 from tfcapacity import cli  # noqa: E402
 from tfcapacity.curvature import analysis  # noqa: E402
 from tfcapacity.errors import UserError  # noqa: E402
-from tfcapacity.training import rundir  # noqa: E402
 
 PROG = "tfcapacity.confusion"
 FLAGS = flags.FLAGS
@@ -215,25 +213,16 @@ def compute(fv: flags.FlagValues = flags.FLAGS, strategy=None) -> dict:
   return result
 
 
+def _summary(result: dict) -> str:
+  return (f"Gradient confusion {result['gradient_confusion']:.6g}, min "
+          f"cosine {result['min_cosine']:.4g}, diversity "
+          f"{result['gradient_diversity']:.4g} over {result['num_examples']} "
+          f"examples ({result['seconds']:.1f}s)")
+
+
 def main(argv):
   cli.no_arguments(PROG, argv)
-  try:
-    # Everything that needs no TensorFlow is checked before it loads.
-    check_flags(FLAGS)
-    analysis.check_output(FLAGS.output)
-    with cli.quiet_native_stderr():  # TF's load-time and device-probe lines.
-      from tfcapacity import distribute  # pylint: disable=g-import-not-at-top
-      strategy = distribute.make_strategy(FLAGS.strategy, FLAGS.cpu_replicas)
-    result = compute(FLAGS, strategy)
-  except UserError as e:
-    cli.fail(PROG, str(e))
-  if not distribute.is_chief(strategy):
-    return  # Under multi-worker training every worker computes; one writes.
-  rundir.write_json(FLAGS.output, result)
-  logging.info("Gradient confusion %.6g, min cosine %.4g, diversity %.4g over "
-               "%d examples (%.1fs); wrote %s", result["gradient_confusion"],
-               result["min_cosine"], result["gradient_diversity"],
-               result["num_examples"], result["seconds"], FLAGS.output)
+  analysis.run_tool(PROG, FLAGS, compute, _summary, check=check_flags)
 
 
 def run():

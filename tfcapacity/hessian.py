@@ -25,12 +25,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
-from absl import logging  # noqa: E402
 
 from tfcapacity import cli  # noqa: E402
 from tfcapacity.curvature import analysis  # noqa: E402
-from tfcapacity.errors import UserError  # noqa: E402
-from tfcapacity.training import rundir  # noqa: E402
 
 PROG = "tfcapacity.hessian"
 FLAGS = flags.FLAGS
@@ -117,26 +114,17 @@ def compute(fv: flags.FlagValues = flags.FLAGS, strategy=None) -> dict:
       seed=fv.seed, per_layer=fv.per_layer, progress_bar=fv.progress_bar)
 
 
+def _summary(result: dict) -> str:
+  trace = (f", trace {result['trace']:.6g} +- {result['trace_stderr']:.2g}"
+           if "trace" in result else "")
+  return (f"Top eigenvalues "
+          f"{', '.join(f'{v:.6g}' for v in result['eigenvalues'])} "
+          f"({result['matvecs']} products, {result['seconds']:.1f}s){trace}")
+
+
 def main(argv):
   cli.no_arguments(PROG, argv)
-  try:
-    # Everything that needs no TensorFlow is checked before it loads.
-    analysis.request_from_flags(FLAGS)
-    analysis.check_output(FLAGS.output)
-    with cli.quiet_native_stderr():  # TF's load-time and device-probe lines.
-      from tfcapacity import distribute  # pylint: disable=g-import-not-at-top
-      strategy = distribute.make_strategy(FLAGS.strategy, FLAGS.cpu_replicas)
-    result = compute(FLAGS, strategy)
-  except UserError as e:
-    cli.fail(PROG, str(e))
-  if not distribute.is_chief(strategy):
-    return  # Under multi-worker training every worker computes; one writes.
-  rundir.write_json(FLAGS.output, result)
-  logging.info("Top eigenvalues %s (%d products, %.1fs)%s; wrote %s",
-               ", ".join(f"{v:.6g}" for v in result["eigenvalues"]),
-               result["matvecs"], result["seconds"],
-               f", trace {result['trace']:.6g} +- {result['trace_stderr']:.2g}"
-               if "trace" in result else "", FLAGS.output)
+  analysis.run_tool(PROG, FLAGS, compute, _summary)
 
 
 def run():

@@ -25,12 +25,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
-from absl import logging  # noqa: E402
 
 from tfcapacity import cli  # noqa: E402
 from tfcapacity.curvature import analysis  # noqa: E402
-from tfcapacity.errors import UserError  # noqa: E402
-from tfcapacity.training import rundir  # noqa: E402
 
 PROG = "tfcapacity.sharpness"
 FLAGS = flags.FLAGS
@@ -81,25 +78,15 @@ def compute(fv: flags.FlagValues = flags.FLAGS, strategy=None) -> dict:
       progress_bar=fv.progress_bar)
 
 
+def _summary(result: dict) -> str:
+  return (f"Sharpness {result['sharpness']:.6g}% at epsilon "
+          f"{result['epsilon']:g} (loss {result['loss']:.6g}, max "
+          f"{result['max_loss']:.6g}; {result['seconds']:.1f}s)")
+
+
 def main(argv):
   cli.no_arguments(PROG, argv)
-  try:
-    # Everything that needs no TensorFlow is checked before it loads.
-    analysis.request_from_flags(FLAGS)
-    analysis.check_output(FLAGS.output)
-    with cli.quiet_native_stderr():  # TF's load-time and device-probe lines.
-      from tfcapacity import distribute  # pylint: disable=g-import-not-at-top
-      strategy = distribute.make_strategy(FLAGS.strategy, FLAGS.cpu_replicas)
-    result = compute(FLAGS, strategy)
-  except UserError as e:
-    cli.fail(PROG, str(e))
-  if not distribute.is_chief(strategy):
-    return  # Under multi-worker training every worker computes; one writes.
-  rundir.write_json(FLAGS.output, result)
-  logging.info("Sharpness %.6g%% at epsilon %g (loss %.6g, max %.6g; %.1fs); "
-               "wrote %s", result["sharpness"], result["epsilon"],
-               result["loss"], result["max_loss"], result["seconds"],
-               FLAGS.output)
+  analysis.run_tool(PROG, FLAGS, compute, _summary)
 
 
 def run():

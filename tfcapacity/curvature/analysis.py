@@ -59,6 +59,7 @@ from absl import flags
 from absl import logging
 import numpy as np
 
+from tfcapacity import cli
 from tfcapacity import config as config_lib
 from tfcapacity.errors import UserError
 from tfcapacity.training import rundir
@@ -277,6 +278,31 @@ def check_output(path: str) -> None:
   if not os.path.isdir(directory):
     raise UserError(f"--output={path}: directory {directory} does not exist; "
                     f"create it first")
+
+
+def run_tool(prog: str, fv: flags.FlagValues, compute, summary, *,
+             check=None) -> None:
+  """The body of the analysis mains (hessian, sharpness, confusion).
+
+  Checks what needs no TensorFlow first (`check`, default
+  `request_from_flags`, and the output path), builds the strategy with
+  TensorFlow's load-time lines hidden, runs `compute(fv, strategy)`, and on
+  the chief writes the JSON atomically and logs `summary(result)`. A
+  UserError ends the program with one line and status 2.
+  """
+  try:
+    (check or request_from_flags)(fv)
+    check_output(fv.output)
+    with cli.quiet_native_stderr():  # TF's load-time and device-probe lines.
+      from tfcapacity import distribute  # pylint: disable=g-import-not-at-top
+      strategy = distribute.make_strategy(fv.strategy, fv.cpu_replicas)
+    result = compute(fv, strategy)
+  except UserError as e:
+    cli.fail(prog, str(e))
+  if not distribute.is_chief(strategy):
+    return  # Under multi-worker training every worker computes; one writes.
+  rundir.write_json(fv.output, result)
+  logging.info("%s; wrote %s", summary(result), fv.output)
 
 
 def checkpoint_steps(model_dir: str) -> list[int]:
