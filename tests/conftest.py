@@ -36,3 +36,25 @@ def two_replicas() -> tf.distribute.MirroredStrategy:
   if not _MIRRORED:
     _MIRRORED.append(tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]))
   return _MIRRORED[0]
+
+
+TOOL_ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
+
+
+def run_tool(module: str, *args, env=None):
+  """`python -m <module> ARGS` in a subprocess (the analysis CLIs)."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  return subprocess.run([sys.executable, "-m", module, *args],
+                        capture_output=True, text=True,
+                        env=env or TOOL_ENV, timeout=300)
+
+
+def compute_tool(module, *args):
+  """An analysis tool's result in-process, through its own flag parsing."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  fv = flags.FlagValues()
+  module.define_flags(fv)
+  fv(["prog", "--output=/nonexistent/unused.json", "--noprogress_bar",
+      *args])
+  return module.compute(fv)

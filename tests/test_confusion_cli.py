@@ -9,10 +9,7 @@ numpy.
 
 import json
 import os
-import subprocess
-import sys
 
-from absl import flags
 import h5py
 import keras
 import numpy as np
@@ -24,6 +21,7 @@ from tfcapacity import confusion
 from tfcapacity import data as data_lib
 from tfcapacity import models as models_lib
 from tfcapacity import training
+import conftest  # tests/ is on sys.path (pytest rootdir conftest)
 
 ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
 N = 24
@@ -36,16 +34,11 @@ KEYS = ("gradient_confusion", "min_inner_product", "mean_inner_product",
 
 
 def run_tool(*args):
-  return subprocess.run([sys.executable, "-m", PROG, *args],
-                        capture_output=True, text=True, env=ENV, timeout=300)
+  return conftest.run_tool(PROG, *args, env=ENV)
 
 
 def compute(*args):
-  fv = flags.FlagValues()
-  confusion.define_flags(fv)
-  fv(["prog", "--output=/nonexistent/unused.json", "--noprogress_bar",
-      *args])
-  return confusion.compute(fv)
+  return conftest.compute_tool(confusion, *args)
 
 
 @pytest.fixture(scope="module")

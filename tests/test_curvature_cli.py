@@ -9,10 +9,7 @@ run's exported model.keras, over the same examples.
 
 import json
 import os
-import subprocess
-import sys
 
-from absl import flags
 import h5py
 import keras
 import numpy as np
@@ -26,24 +23,17 @@ from tfcapacity import sharpness
 from tfcapacity import training
 from tfcapacity.curvature import analysis
 from tfcapacity.errors import UserError
+import conftest  # tests/ is on sys.path (pytest rootdir conftest)
 
 ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
 N = 40  # Examples of the measured loss.
 
 
 def run_tool(module, *args, env=None):
-  return subprocess.run([sys.executable, "-m", module, *args],
-                        capture_output=True, text=True, env=env or ENV,
-                        timeout=300)
+  return conftest.run_tool(module, *args, env=env or ENV)
 
 
-def compute(module, *args):
-  """The tool's result in-process, through its own flag parsing."""
-  fv = flags.FlagValues()
-  module.define_flags(fv)
-  fv(["prog", "--output=/nonexistent/unused.json", "--noprogress_bar",
-      *args])
-  return module.compute(fv)
+compute = conftest.compute_tool
 
 
 @pytest.fixture(scope="module")
