@@ -13,7 +13,6 @@ TensorBoard images. The markdown table is also printed.
 Exit status: 0 done, 2 bad input.
 """
 
-import json
 import os
 import sys
 
@@ -70,10 +69,7 @@ def main(argv):
       "unfinished": report.unfinished})
   pngs = capacity.figures(report)
   for name, data in pngs.items():
-    path = os.path.join(out_dir, name)
-    with open(path + ".tmp", "wb") as f:
-      f.write(data)
-    os.replace(path + ".tmp", path)
+    rundir.atomic_write(os.path.join(out_dir, name), data)
   if FLAGS.tensorboard:
     with cli.quiet_native_stderr():
       capacity.write_tensorboard_images(pngs, out_dir)

@@ -79,8 +79,6 @@ from __future__ import annotations
 import dataclasses
 import io
 import math
-import os
-import tempfile
 from typing import Any, Callable, Protocol, Sequence
 
 from absl import logging
@@ -90,6 +88,7 @@ import scipy.special
 import tensorflow as tf
 
 from tfcapacity.errors import UserError, choices_error
+from tfcapacity.training import rundir
 
 WHICH = ("LM", "LA")
 # progress(iteration, info): iteration counts matvecs so far in the call.
@@ -916,17 +915,7 @@ def density_figure(density: Density, path: str, title: str | None = None,
   buf = io.BytesIO()
   fig.savefig(buf, format="png", dpi=120)
   plt.close(fig)
-  directory = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(dir=directory,
-                             prefix="." + os.path.basename(path))
-  try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(buf.getvalue())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
+  rundir.atomic_write(path, buf.getvalue())
   return path
 
 

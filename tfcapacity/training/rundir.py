@@ -27,12 +27,12 @@ _RUN_ENTRIES = (FLAGS_FILE, RESULTS_FILE, CHECKPOINT_DIR, "train", "eval",
                 "model.keras", "saved_model")
 
 
-def atomic_write(path: str, text: str) -> None:
-  """Writes `text` to `path` through a temp file and a rename."""
+def atomic_write(path: str, text: str | bytes) -> None:
+  """Writes `text` (or bytes) to `path` through a temp file and a rename."""
   directory = os.path.dirname(os.path.abspath(path))
   fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path))
   try:
-    with os.fdopen(fd, "w") as f:
+    with os.fdopen(fd, "wb" if isinstance(text, bytes) else "w") as f:
       f.write(text)
       f.flush()
       os.fsync(f.fileno())
