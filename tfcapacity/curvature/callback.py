@@ -25,6 +25,8 @@ from the training throughput. The measurement never changes the model
 
 from __future__ import annotations
 
+import functools
+
 from absl import logging
 import numpy as np
 
@@ -36,11 +38,8 @@ from tfcapacity.training import callbacks as callbacks_lib
 _SALT = 0xC0A7
 
 
-def fixed_indices(seed: int, num_examples: int, size: int) -> np.ndarray:
-  """The training examples measured throughout a run (sorted indices)."""
-  rng = np.random.default_rng([seed, _SALT])
-  return np.sort(rng.choice(num_examples, min(size, num_examples),
-                            replace=False))
+# The training examples measured throughout a run (sorted indices).
+fixed_indices = functools.partial(callbacks_lib.fixed_indices, salt=_SALT)
 
 
 def test_batches(seed: int, num_examples: int, size: int, batches: int

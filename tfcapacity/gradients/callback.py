@@ -19,7 +19,8 @@ never changed (`tfcapacity.gradients.per_example`).
 
 from __future__ import annotations
 
-import numpy as np
+import functools
+
 import tensorflow as tf
 
 from tfcapacity.gradients import per_example
@@ -32,11 +33,8 @@ _SCALARS = ("gradient_confusion", "min_inner_product", "mean_inner_product",
             "noise_scale_simple")
 
 
-def fixed_indices(seed: int, num_examples: int, size: int) -> np.ndarray:
-  """The training examples compared throughout a run (sorted indices)."""
-  rng = np.random.default_rng([seed, _SALT])
-  return np.sort(rng.choice(num_examples, min(size, num_examples),
-                            replace=False))
+# The training examples compared throughout a run (sorted indices).
+fixed_indices = functools.partial(callbacks_lib.fixed_indices, salt=_SALT)
 
 
 def scalars(summary: dict, prefix: str) -> dict:

@@ -16,6 +16,7 @@ import dataclasses
 from typing import Any
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 
@@ -63,6 +64,18 @@ class Callback:
       return True
     return bool(epoch_end and self.every_epochs
                 and epoch % self.every_epochs == 0)
+
+
+def fixed_indices(seed: int, num_examples: int, size: int, *,
+                  salt: int) -> np.ndarray:
+  """Examples a measurement uses throughout a run (sorted indices).
+
+  Drawn once from `(seed, salt)`: each measurement has its own salt, so its
+  draw differs from the data order and from other measurements'.
+  """
+  rng = np.random.default_rng([seed, salt])
+  return np.sort(rng.choice(num_examples, min(size, num_examples),
+                            replace=False))
 
 
 def from_config(cfg) -> list[Callback]:
