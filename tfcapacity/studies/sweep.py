@@ -255,13 +255,21 @@ def _read_attempts(cell_dir: str) -> list[dict]:
     return json.load(f)
 
 
-def cell_state(cell_dir: str) -> str:
-  """One of completed, diverged, running, failed, interrupted, pending."""
-  results = None
+def _results(cell_dir: str) -> dict | None:
+  """The cell's results.json, or None if absent or unreadable."""
   try:
-    results = rundir.read_results(cell_dir)
+    return rundir.read_results(cell_dir)
   except (OSError, ValueError):
-    pass
+    return None
+
+
+def cell_state(cell_dir: str, results: dict | None = None) -> str:
+  """One of completed, diverged, running, failed, interrupted, pending.
+
+  `results` is the cell's results.json if the caller has read it already.
+  """
+  if results is None:
+    results = _results(cell_dir)
   status = (results or {}).get("status")
   if status == COMPLETED and results.get("steps", 0) >= results.get(
       "total_steps", math.inf):
@@ -286,14 +294,9 @@ def collect(sweep_dir: str, grid_cells: Sequence[Cell],
   rows = []
   for cell in grid_cells:
     cell_dir = os.path.join(sweep_dir, cell.name)
-    state = cell_state(cell_dir)
+    results = _results(cell_dir)
+    state = cell_state(cell_dir, results)
     row = {"cell": cell.name, "status": state, **dict(cell.overrides)}
-    results = None
-    if os.path.exists(os.path.join(cell_dir, rundir.RESULTS_FILE)):
-      try:
-        results = rundir.read_results(cell_dir)
-      except (OSError, ValueError):
-        results = None
     final = (results or {}).get("final", {})
     for key in METRIC_KEYS:
       row[key] = final.get(key, "")
