@@ -171,3 +171,51 @@ def test_two_replicas_equal_one_device():
       strategy=tf.distribute.get_strategy())
   np.testing.assert_allclose(projected.matrix, single(x, y).matrix,
                              rtol=1e-5, atol=1e-6)
+
+
+def reference_jacobians(model, x):
+  """[n, C, P]: d logit_c(x_i) / d theta by a loop of single-example tapes."""
+  out = []
+  for i in range(len(x)):
+    rows = []
+    for c in range(3):
+      with tf.GradientTape() as tape:
+        logit = model(x[i:i + 1], training=False)[0, c]
+      grads = tape.gradient(logit, model.trainable_variables)
+      rows.append(np.concatenate([
+          np.zeros(v.shape).ravel() if g is None else g.numpy().ravel()
+          for g, v in zip(grads, model.trainable_variables)]))
+    out.append(rows)
+  return np.asarray(out)
+
+
+@pytest.mark.parametrize("name", ["mlp", "resnet"])
+def test_logit_jacobian_gram_is_the_ntk(name):
+  model, shape = make_model(name)
+  x, y = make_data(7, shape)
+  jac = reference_jacobians(model, x)
+  expected = np.einsum("icp,jcp->ij", jac, jac)
+  ntk, layers = per_example.gradient_inner_products(
+      model, x, y, chunk_size=3, output="logits", per_layer=True)
+  assert_close(ntk, expected)
+  # Each variable's block: its own columns of every class's Jacobian.
+  start = 0
+  for v in model.trainable_variables:
+    size = int(np.prod(v.shape))
+    block = jac[:, :, start:start + size]
+    assert_close(layers[v.path], np.einsum("icp,jcp->ij", block, block))
+    start += size
+
+
+def test_saved_model_matches_keras(tmp_path):
+  model, shape = make_model("mlp")
+  x, y = make_data(6, shape)
+  model.export(str(tmp_path / "sm"), format="tf_saved_model", verbose=False)
+  restored = tf.saved_model.load(str(tmp_path / "sm"))
+  expected = reference(model, x, y)
+  gram = per_example.gradient_inner_products(restored, x, y, chunk_size=4)
+  assert_close(gram, expected @ expected.T)
+  ntk = per_example.gradient_inner_products(restored, x, y, chunk_size=4,
+                                            output="logits")
+  jac = reference_jacobians(model, x)
+  assert_close(ntk, np.einsum("icp,jcp->ij", jac, jac))

@@ -75,10 +75,11 @@ class PerExample:
   dim: int
 
 
-def _layer_slices(params) -> list[tuple[str, int, int]]:
+def _layer_slices(params, num_outputs: int = 1
+                  ) -> list[tuple[str, int, int]]:
   out, start = [], 0
   for p in params:
-    size = int(np.prod(p.shape))
+    size = int(np.prod(p.shape)) * num_outputs
     out.append((getattr(p, "path", p.name), start, start + size))
     start += size
   return out
@@ -94,12 +95,24 @@ def _check_bn_mode(bn_mode):
         f"example would be normalised by its own mean and variance)")
 
 
+OUTPUTS = ("loss", "logits")
+
+
 class PerExampleGradients:
   """Per-example gradients of one model, traced once per input shape.
 
+  With `output="loss"` the row of example i is grad f_i (P numbers). With
+  `output="logits"` it is the Jacobian of the logits, d z_c(x_i) / d theta for
+  every class c, flattened variable by variable (C x P numbers, the C rows of
+  each variable kept together): the inner product of two such rows is
+  sum_c <d z_c(x_i), d z_c(x_j)>, so their Gram matrix is the empirical
+  neural tangent kernel summed over outputs, and every block of columns is
+  one variable's contribution to it.
+
   Attributes:
-    size: the number of parameters P.
-    dim: columns of the output (P, or projection_dim).
+    size: the number of columns before projection (P, or C x P for logits).
+    dim: columns of the output (size, or projection_dim).
+    output: "loss" or "logits".
     chunk_size: examples per traced call (a multiple of the replicas).
     layer_slices: as in `PerExample` (None when projected).
   """
@@ -107,10 +120,11 @@ class PerExampleGradients:
   def __init__(self, model, input_shape: Sequence[int], *, params=None,
                bn_mode: str = "inference", chunk_size: int = 64,
                projection_dim: int | None = None,
-               strategy: tf.distribute.Strategy | None = None):
-    if not isinstance(model, keras.Model):
-      raise UserError("per-example gradients need a Keras model")
+               strategy: tf.distribute.Strategy | None = None,
+               output: str = "loss"):
     _check_bn_mode(bn_mode)
+    if output not in OUTPUTS:
+      raise choices_error("output", output, OUTPUTS)
     if int(chunk_size) < 1:
       raise UserError(f"chunk_size must be positive; got {chunk_size}")
     if projection_dim is not None and int(projection_dim) < 1:
@@ -120,22 +134,26 @@ class PerExampleGradients:
     self.replicas = self.strategy.num_replicas_in_sync
     self.chunk_size = -(-int(chunk_size) // self.replicas) * self.replicas
     self.input_shape = tuple(int(s) for s in input_shape)
-    self.function = hvp._KerasFunction(
-        model, params if params is not None else model.trainable_variables,
-        "inference", None)
+    self.output = output
+    self.function = _function(model, params)
     self.params = self.function.params
-    self.size = int(sum(np.prod(p.shape) for p in self.params))
+    self.num_outputs = (
+        1 if output == "loss" else
+        int(self.function.logits(self.function.values(),
+                                 tf.zeros([1, *self.input_shape])).shape[-1]))
+    self.size = self.num_outputs * int(
+        sum(np.prod(p.shape) for p in self.params))
     self.projection_dim = (None if projection_dim is None
                            else int(projection_dim))
     self.dim = self.projection_dim or self.size
     self.layer_slices = (None if self.projection_dim
-                         else _layer_slices(self.params))
+                         else _layer_slices(self.params, self.num_outputs))
     self._build()
 
   # -- inside the graph -------------------------------------------------------
 
   def _gradients(self, x, y):
-    """[rows, P] gradients of each row's own loss."""
+    """[rows, size]: each row's loss gradient or flattened logit Jacobian."""
     values = self.function.values()
 
     def one(example):
@@ -144,10 +162,19 @@ class PerExampleGradients:
         tape.watch(values)
         logits = self.function.logits(values, xi[None])
         loss = loop.cross_entropy(yi[None], logits)[0]
-      grads = tape.gradient(loss, values)
-      return hvp.flatten([
-          tf.zeros(v.shape, tf.float32) if g is None else tf.cast(g, tf.float32)
-          for g, v in zip(grads, values)])
+        target = loss if self.output == "loss" else logits[0]
+      if self.output == "loss":
+        grads = tape.gradient(target, values)
+        return hvp.flatten([
+            tf.zeros(v.shape, tf.float32) if g is None
+            else tf.cast(g, tf.float32) for g, v in zip(grads, values)])
+      # [C, *shape] per variable, flattened variable by variable.
+      jac = tape.jacobian(target, values)
+      c = self.num_outputs
+      return tf.concat([
+          tf.zeros([c * int(np.prod(v.shape))], tf.float32) if j is None
+          else tf.reshape(tf.cast(j, tf.float32), [-1])
+          for j, v in zip(jac, values)], axis=0)
 
     return tf.vectorized_map(one, (x, y))
 
@@ -268,6 +295,18 @@ class PerExampleGradients:
     return self._chunk.experimental_get_tracing_count()
 
 
+def _function(model, params):
+  """logits(values, x) of a Keras model (stateless) or a SavedModel."""
+  if isinstance(model, keras.Model):
+    return hvp._KerasFunction(
+        model, params if params is not None else model.trainable_variables,
+        "inference", None)
+  if hasattr(model, "serve"):
+    return hvp._SavedModelFunction(model, params)
+  raise UserError("per-example gradients need a Keras model or a SavedModel "
+                  "with a 'serve' function")
+
+
 # One traced computation per (model, parameters, options, input shape), so
 # repeated calls (a training callback) do not retrace.
 _CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -276,26 +315,27 @@ _CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 def get_computation(model, input_shape, *, params=None,
                     bn_mode: str = "inference", chunk_size: int = 64,
                     projection_dim: int | None = None,
-                    strategy=None) -> PerExampleGradients:
+                    strategy=None, output: str = "loss"
+                    ) -> PerExampleGradients:
   """The cached `PerExampleGradients` for these options (built if new)."""
   _check_bn_mode(bn_mode)
   strategy = strategy or tf.distribute.get_strategy()
   chosen = params if params is not None else model.trainable_variables
   key = (tuple(id(p) for p in chosen), int(chunk_size), projection_dim,
-         id(strategy), tuple(int(s) for s in input_shape))
+         id(strategy), tuple(int(s) for s in input_shape), output)
   per_model = _CACHE.setdefault(model, {})
   if key not in per_model:
     per_model[key] = PerExampleGradients(
         model, input_shape, params=params, bn_mode=bn_mode,
         chunk_size=chunk_size, projection_dim=projection_dim,
-        strategy=strategy)
+        strategy=strategy, output=output)
   return per_model[key]
 
 
 def per_example_gradients(model, x, y, *, params=None,
                           bn_mode: str = "inference", chunk_size: int = 64,
                           projection_dim: int | None = None, seed: int = 0,
-                          strategy=None) -> PerExample:
+                          strategy=None, output: str = "loss") -> PerExample:
   """The per-example gradients of each example's own cross-entropy.
 
   Args:
@@ -309,6 +349,8 @@ def per_example_gradients(model, x, y, *, params=None,
       Gaussian Johnson-Lindenstrauss map (None: exact gradients).
     seed: seed of the projection; the same seed gives the same map.
     strategy: the distribution strategy (default: the current one).
+    output: "loss" (each example's loss gradient) or "logits" (its logit
+      Jacobian, C x P numbers; see `PerExampleGradients`).
 
   Returns:
     A `PerExample`, rows in the order of `x`.
@@ -320,14 +362,15 @@ def per_example_gradients(model, x, y, *, params=None,
   computation = get_computation(
       model, x.shape[1:], params=params, bn_mode=bn_mode,
       chunk_size=chunk_size, projection_dim=projection_dim,
-      strategy=strategy)
+      strategy=strategy, output=output)
   return computation(x, y, seed=seed)
 
 
 def gradient_inner_products(model, x, y, *, params=None,
                             bn_mode: str = "inference", chunk_size: int = 64,
                             projection_dim: int | None = None, seed: int = 0,
-                            strategy=None, per_layer: bool = False):
+                            strategy=None, per_layer: bool = False,
+                            output: str = "loss"):
   """G = M M^T of the per-example gradients, float64 [n, n].
 
   Accumulated block by block from chunks of gradients (chunk_i chunk_j^T),
@@ -337,6 +380,8 @@ def gradient_inner_products(model, x, y, *, params=None,
     As `per_example_gradients`, and
     per_layer: also return a dict variable path -> G_l of that variable's
       columns (they sum to G). Not with a projection.
+    output: "loss" gives the Gram matrix of loss gradients; "logits" the
+      empirical neural tangent kernel K_ij = sum_c <dz_c(x_i), dz_c(x_j)>.
 
   Returns:
     G, or (G, {path: G_l}) when `per_layer`.
@@ -345,5 +390,5 @@ def gradient_inner_products(model, x, y, *, params=None,
   computation = get_computation(
       model, x.shape[1:], params=params, bn_mode=bn_mode,
       chunk_size=chunk_size, projection_dim=projection_dim,
-      strategy=strategy)
+      strategy=strategy, output=output)
   return computation.inner_products(x, y, seed=seed, per_layer=per_layer)
