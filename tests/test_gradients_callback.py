@@ -14,7 +14,9 @@ from tfcapacity.gradients import callback as gradients_callback
 FLAGS = dict(dataset="digits", width=6, depth=1, activation="tanh",
              epochs=2, batch_size="40", gradients_every_epochs=1,
              gradients_examples=30, gradients_chunk_size=8,
-             gradients_per_layer=True, deterministic=True, export=True)
+             gradients_per_layer=True, gradients_ntk=True,
+             gradients_feature_layer="penultimate", deterministic=True,
+             export=True)
 
 
 def run(tiny_cfg, model_dir, **overrides):
@@ -58,6 +60,27 @@ def test_logged_statistics_equal_a_loop_of_single_example_tapes(tiny_cfg,
   for key, value in expected.items():
     assert row[key] == pytest.approx(value, rel=1e-4, abs=1e-7), key
   assert "gradients/hidden_0/kernel/gradient_confusion" in row
+  # Gram spectra: loss gradients, logit Jacobians (NTK), penultimate features.
+  jac = []
+  for i in range(n):
+    rows = []
+    for c in range(10):
+      with tf.GradientTape() as tape:
+        logit = model(x[i:i + 1], training=False)[0, c]
+      grads = tape.gradient(logit, model.trainable_variables)
+      rows.append(np.concatenate([g.numpy().ravel() for g in grads]))
+    jac.append(np.concatenate(rows))
+  jac = np.array(jac, np.float64)
+  kernel, bias = (v.numpy().astype(np.float64) for v in
+                  model.get_layer("hidden_0").weights)
+  feats = np.tanh(x.reshape(n, -1) @ kernel + bias)
+  for name, k in [("gram", m @ m.T), ("ntk", jac @ jac.T),
+                  ("features", feats @ feats.T / feats.shape[1])]:
+    eig = np.linalg.eigvalsh(k)
+    assert row[f"gradients/{name}_min_eigenvalue"] == pytest.approx(
+        eig[0], rel=1e-3, abs=1e-6 * eig[-1]), name
+    assert row[f"gradients/{name}_max_eigenvalue"] == pytest.approx(
+        eig[-1], rel=1e-4), name
   assert row["timing/gradients_seconds"] > 0
 
 
@@ -69,3 +92,9 @@ def test_measuring_gradients_does_not_change_training(tiny_cfg, tmp_path):
                                            "model.keras"))
   for u, v in zip(a.variables, b.variables):
     np.testing.assert_array_equal(u.numpy(), v.numpy())
+
+
+def test_unknown_feature_layer_fails_before_training(tiny_cfg, tmp_path):
+  from tfcapacity.errors import UserError
+  with pytest.raises(UserError, match="no 'hidden_9'.*hidden_0"):
+    run(tiny_cfg, tmp_path / "bad", gradients_feature_layer="hidden_9")

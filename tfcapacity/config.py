@@ -34,6 +34,7 @@ OPERATIONAL_FLAGS = frozenset({
     "curvature_max_iterations", "curvature_batch_size",
     "gradients_every_epochs", "gradients_every_steps", "gradients_examples",
     "gradients_projection_dim", "gradients_chunk_size", "gradients_per_layer",
+    "gradients_ntk", "gradients_feature_layer",
 })
 
 _DEFINED: list[str] = []
@@ -332,6 +333,15 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
       "gradients_per_layer", False,
       "Also log the statistics of each variable's block of the gradients.",
       flag_values=fv)
+  flags.DEFINE_bool(
+      "gradients_ntk", False,
+      "Also log the spectrum of the empirical neural-tangent Gram matrix of "
+      "the logits over the same examples (gradients/ntk_*).", flag_values=fv)
+  flags.DEFINE_string(
+      "gradients_feature_layer", "",
+      "Also log the spectrum of the Gram matrix F F^T / width of this "
+      "layer's outputs (gradients/features_*); 'penultimate' = the "
+      "classifier's input; empty: off.", flag_values=fv)
 
   for name in ("width", "depth", "ghost_batch_size", "epochs", "steps",
                "eval_every", "eval_batch_size", "steps_per_loop",

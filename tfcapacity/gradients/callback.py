@@ -12,6 +12,14 @@ TensorBoard histogram (`gradients/cosines`), and with
 `--gradients_per_layer` each variable's statistics under
 `gradients/<variable path>/...`.
 
+Gram matrices and their spectra (least and largest eigenvalue, condition
+number), the quantities Du et al. (2019) bound the speed of gradient descent
+with: always `gradients/gram_*` of the loss-gradient Gram matrix G; with
+`--gradients_ntk`, `gradients/ntk_*` of the empirical neural-tangent Gram
+matrix of the logits, K_ij = sum_c <d z_c(x_i), d z_c(x_j)>; with
+`--gradients_feature_layer=LAYER` (or `penultimate`), `gradients/features_*`
+of the layer's feature kernel F F^T / width.
+
 Per-example gradients use the model in inference mode (batch-norm moving
 statistics): one example's batch statistics are ill-defined. The model is
 never changed (`tfcapacity.gradients.per_example`).
@@ -23,6 +31,7 @@ import functools
 
 import tensorflow as tf
 
+from tfcapacity.gradients import features
 from tfcapacity.gradients import per_example
 from tfcapacity.gradients import statistics
 from tfcapacity.training import callbacks as callbacks_lib
@@ -35,6 +44,12 @@ _SCALARS = ("gradient_confusion", "min_inner_product", "mean_inner_product",
 
 # The training examples compared throughout a run (sorted indices).
 fixed_indices = functools.partial(callbacks_lib.fixed_indices, salt=_SALT)
+
+
+def spectrum_scalars(kernel, prefix: str) -> dict:
+  """`prefix`_min_eigenvalue, _max_eigenvalue, _condition_number."""
+  return {f"{prefix}_{key}": value
+          for key, value in statistics.gram_spectrum(kernel).items()}
 
 
 def scalars(summary: dict, prefix: str) -> dict:
@@ -61,6 +76,8 @@ class GradientStatisticsCallback(callbacks_lib.Callback):
     index = fixed_indices(cfg.seed, ctx.train_data.info.num_examples,
                           cfg.gradients_examples)
     self.examples = ctx.train_data.examples(index)
+    if cfg.gradients_feature_layer:  # A bad name fails before training.
+      features.feature_model(ctx.model, cfg.gradients_feature_layer)
 
   def __call__(self, ctx):
     cfg = self.cfg
@@ -71,6 +88,18 @@ class GradientStatisticsCallback(callbacks_lib.Callback):
         strategy=ctx.strategy, per_layer=per_layer)
     gram, layers = result if per_layer else (result, {})
     out = scalars(statistics.summarize(gram), "gradients")
+    out.update(spectrum_scalars(gram, "gradients/gram"))
+    if cfg.gradients_ntk:
+      ntk = per_example.gradient_inner_products(
+          ctx.model, *self.examples, chunk_size=cfg.gradients_chunk_size,
+          projection_dim=cfg.gradients_projection_dim or None, seed=cfg.seed,
+          strategy=ctx.strategy, output="logits")
+      out.update(spectrum_scalars(ntk, "gradients/ntk"))
+    if cfg.gradients_feature_layer:
+      found = features.layer_features(ctx.model, self.examples[0],
+                                      cfg.gradients_feature_layer)
+      out.update(spectrum_scalars(statistics.feature_gram(found),
+                                  "gradients/features"))
     cosines, _ = statistics.pairwise_cosines(gram)
     if len(cosines) and tf.summary.experimental.get_step() is not None:
       tf.summary.histogram("gradients/cosines", cosines)
