@@ -9,6 +9,7 @@ numpy.
 
 import json
 import os
+import shutil
 
 import h5py
 import keras
@@ -137,7 +138,7 @@ def test_cli_matches_single_example_tapes(cli_result, run_dir,
 
 
 def test_at_init_is_the_freshly_built_model(run_dir, run_examples,
-                                             cli_result):
+                                             cli_result, tmp_path):
   result = compute(f"--model_dir={run_dir}", "--at_init",
                    f"--num_examples={N}", "--noshuffle")
   assert result["at_init"] is True and result["step"] == 0
@@ -153,6 +154,53 @@ def test_at_init_is_the_freshly_built_model(run_dir, run_examples,
                   f"--num_examples={N}", "--noshuffle")
   assert start["mean_inner_product"] == pytest.approx(
       result["mean_inner_product"], rel=1e-5)
+  # A run directory with nothing but its flags: the same initial model.
+  bare = tmp_path / "bare"
+  bare.mkdir()
+  shutil.copy(os.path.join(run_dir, "flags.txt"), bare / "flags.txt")
+  only_flags = compute(f"--model_dir={bare}", "--at_init",
+                       f"--num_examples={N}", "--noshuffle")
+  assert only_flags["checkpoint"] is None and only_flags["at_init"] is True
+  for key in ("mean_inner_product", "gradient_confusion", "min_cosine"):
+    assert only_flags[key] == result[key], key
+
+
+def test_saved_model_ntk_and_features(run_dir, run_examples):
+  model = keras.saving.load_model(os.path.join(run_dir, "model.keras"))
+  x, y = run_examples
+  saved = compute(f"--saved_model={run_dir}/saved_model", "--dataset=digits",
+                  f"--num_examples={N}", "--noshuffle", "--chunk_size=7",
+                  "--ntk")
+  assert saved["source"] == "saved_model"
+  assert_matches(saved, brute_force(model, x, y))
+  # The NTK of the logits and the penultimate feature kernel, brute force.
+  jac = []
+  for xi in np.asarray(x, np.float32):
+    rows = []
+    for c in range(10):
+      with tf.GradientTape() as tape:
+        logit = model(xi[None], training=False)[0, c]
+      grads = tape.gradient(logit, model.trainable_variables)
+      rows.append(np.concatenate([g.numpy().ravel() for g in grads]))
+    jac.append(np.concatenate(rows))
+  jac = np.asarray(jac, np.float64)
+  kernel, bias = (v.numpy().astype(np.float64)
+                  for v in model.get_layer("hidden_0").weights)
+  feats = np.maximum(np.asarray(x, np.float64) @ kernel + bias, 0.0)
+  keras_result = compute(f"--keras_model={run_dir}/model.keras",
+                         "--dataset=digits", f"--num_examples={N}",
+                         "--noshuffle", "--ntk",
+                         "--feature_layer=penultimate")
+  for result in (saved, keras_result):
+    eig = np.linalg.eigvalsh(jac @ jac.T)
+    assert result["ntk_min_eigenvalue"] == pytest.approx(
+        eig[0], rel=1e-3, abs=1e-5 * eig[-1])
+    assert result["ntk_max_eigenvalue"] == pytest.approx(eig[-1], rel=1e-4)
+  eig = np.linalg.eigvalsh(feats @ feats.T / feats.shape[1])
+  assert keras_result["features_min_eigenvalue"] == pytest.approx(
+      eig[0], rel=1e-3, abs=1e-5 * eig[-1])
+  assert keras_result["features_max_eigenvalue"] == pytest.approx(
+      eig[-1], rel=1e-4)
 
 
 def test_hdf5_is_exactly_the_files_examples(run_dir, tmp_path):
@@ -178,8 +226,10 @@ def test_bad_inputs_one_line(run_dir, tmp_path):
   cases = [
       ([f"--model_dir={run_dir}", "--bn_mode=batch", keep],
        "--bn_mode=inference"),
-      ([f"--saved_model={run_dir}/saved_model", "--dataset=digits", keep],
-       "--keras_model"),
+      ([f"--saved_model={run_dir}/saved_model", "--dataset=digits",
+        "--feature_layer=penultimate", keep], "--keras_model"),
+      ([f"--model_dir={run_dir}", "--at_init", "--checkpoint=0", keep],
+       "drop --checkpoint"),
       ([f"--keras_model={run_dir}/model.keras", "--dataset=digits",
         "--at_init", keep], "--at_init needs --model_dir"),
       ([f"--model_dir={run_dir}"], "--output"),

@@ -13,11 +13,15 @@ them to a JSON file:
   * gradient diversity (Yin et al. 2018, Def. 1) and the simple noise scale
     (McCandlish et al. 2018, Eq. 2.8);
   * `gram_min_eigenvalue`, `gram_max_eigenvalue`, `gram_condition_number`:
-    the spectrum of G = M M^T, the Gram matrix of the per-example LOSS
-    gradients. Deviation: Du, Lee, Li, Wang & Zhai (2019) bound the rate of
-    gradient descent by the least eigenvalue of the Gram matrix of OUTPUT
-    gradients (the neural tangent kernel of the outputs, not weighted by the
-    loss's derivative); that one is future work here.
+    the spectrum of G = M M^T, the Gram matrix of the per-example loss
+    gradients;
+  * with `--ntk`, `ntk_min_eigenvalue`, `ntk_max_eigenvalue`,
+    `ntk_condition_number`: the spectrum of the empirical neural-tangent
+    Gram matrix of the logits, K_ij = sum_c <d z_c(x_i), d z_c(x_j)>, the
+    matrix whose least eigenvalue governs gradient descent in Du, Lee, Li,
+    Wang & Zhai (2019);
+  * with `--feature_layer=LAYER` (or `penultimate`, the classifier's input),
+    `features_*`: the spectrum of that layer's feature kernel F F^T / width.
 
 All of them are functions of G (`tfcapacity.gradients.statistics`), which
 `tfcapacity.gradients.per_example` computes chunk by chunk, exactly or after
@@ -28,17 +32,16 @@ The model and the examples come from `tfcapacity.curvature.analysis`
 (`--model_dir`/`--checkpoint`, `--keras_model`, `--dataset`, `--split`,
 `--num_examples`, `--seed`/`--noshuffle`), so with
 `--dataset=hdf5:FILE --noshuffle --num_examples=<rows>` the statistics are
-over exactly the file's rows, each with its own label. Per-example gradients
-need a Keras model (a SavedModel's function cannot be differentiated one
-example at a time here) and batch norm's moving statistics
+over exactly the file's rows, each with its own label. A SavedModel
+(`--saved_model`) is differentiated through its `serve` function and
+restored variables (no per-layer parameter choice, no `--feature_layer`).
+Per-example gradients need batch norm's moving statistics
 (`--bn_mode=inference`: a single example's batch statistics are
 ill-defined).
 
 `--at_init` measures the run's model as training initialised it: rebuilt
-from the run's flags.txt with its seed (`keras.utils.set_random_seed(seed)`,
-then `models.from_config`), no checkpoint restored. The examples are those
-of the run directory as without `--at_init` (the run must hold a checkpoint,
-which analysis loads and this tool then replaces).
+from the run's flags.txt with its seed, no checkpoint restored, so a run
+directory holding only flags.txt will do (`analysis`).
 
 The JSON is written once, atomically, at the end. Exit status: 0 done, 2 bad
 input (one line on stderr).
@@ -66,12 +69,8 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
   analysis.define_flags(fv)
   # --help lists the shared flags with the tool's own.
   flags.adopt_module_key_flags(analysis, flag_values=fv)
-  if "at_init" in fv:
+  if "projection_dim" in fv:
     return
-  flags.DEFINE_bool(
-      "at_init", False,
-      "Measure the run's model freshly initialised from its flags and seed "
-      "(no checkpoint); --model_dir only.", flag_values=fv)
   flags.DEFINE_integer(
       "projection_dim", None,
       "Project each gradient to this many dimensions (Gaussian "
@@ -84,6 +83,15 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
       "per_layer", False,
       "Also the statistics of each variable's own Gram block (exact "
       "gradients only).", flag_values=fv)
+  flags.DEFINE_bool(
+      "ntk", False,
+      "Also the spectrum of the empirical neural-tangent Gram matrix of the "
+      "logits (ntk_*).", flag_values=fv)
+  flags.DEFINE_string(
+      "feature_layer", None,
+      "Also the spectrum of this layer's feature kernel F F^T / width "
+      "(features_*); 'penultimate' = the classifier's input.",
+      flag_values=fv)
   for name in ("projection_dim", "chunk_size"):
     flags.register_validator(name, lambda v: v is None or v > 0,
                              f"--{name} must be positive", flag_values=fv)
@@ -102,69 +110,49 @@ def check_flags(fv: flags.FlagValues = flags.FLAGS):
         f"--bn_mode={fv.bn_mode}: per-example gradients need "
         f"--bn_mode=inference (the batch statistics of a single example are "
         f"ill-defined)")
-  if request.saved_model:
-    raise UserError(
-        "per-example gradients need a Keras model; a SavedModel cannot be "
-        "used: give --keras_model=FILE (e.g. the run's model.keras) or "
-        "--model_dir=RUN")
-  if fv.at_init:
-    if not request.model_dir:
-      raise UserError("--at_init needs --model_dir (the run's flags and "
-                      "seed rebuild the initial model)")
-    if fv.checkpoint is not None:
-      raise UserError("--at_init measures the initial model, not a "
-                      "checkpoint; drop --checkpoint")
+  if request.saved_model and (fv.layers or fv.include_slopes):
+    raise UserError("--layers/--include_slopes need a Keras model; a "
+                    "SavedModel's variables are used whole")
+  if request.saved_model and fv.feature_layer:
+    raise UserError("--feature_layer needs a Keras model (a SavedModel does "
+                    "not expose its layers); give --keras_model or "
+                    "--model_dir")
   if fv.per_layer and fv.projection_dim:
     raise UserError("--per_layer needs exact gradients; drop "
                     "--projection_dim")
   return request
 
 
-def initial_model(loaded: "analysis.Loaded"):
-  """The run's model as training initialised it (no checkpoint restored).
-
-  As `training.loop` and `analysis` build it: the run's seed, then
-  `models.from_config` with the input shape and classes of the run's own
-  training split.
-  """
-  import keras  # pylint: disable=g-import-not-at-top
-  from tfcapacity import data as data_lib  # pylint: disable=g-import-not-at-top
-  from tfcapacity import models as models_lib  # pylint: disable=g-import-not-at-top
-  cfg = loaded.config
-  info = data_lib.get(cfg.dataset, "train", cfg.replace(augment=False)).info
-  with loaded.strategy.scope():
-    keras.utils.set_random_seed(cfg.seed)
-    return models_lib.from_config(cfg, info.input_shape, info.num_classes)
-
-
 def confusion_report(loaded: "analysis.Loaded", *, chunk_size: int = 64,
                      projection_dim: int | None = None, seed: int = 0,
                      per_layer: bool = False,
                      layers: list[str] | None = None,
-                     include_slopes: bool = False) -> dict:
+                     include_slopes: bool = False, ntk: bool = False,
+                     feature_layer: str | None = None) -> dict:
   """Per-example gradient statistics of the loaded model and examples.
 
   Args:
-    loaded: from `analysis.load` (a Keras model).
+    loaded: from `analysis.load` (a Keras model or a SavedModel).
     chunk_size, projection_dim, seed, per_layer: see
       `per_example.gradient_inner_products`.
     layers, include_slopes: the parameter block (`hvp.select_params`).
+    ntk: also the spectrum of the logits' neural-tangent Gram matrix.
+    feature_layer: also the spectrum of this layer's feature kernel.
 
   Returns:
     A JSON-ready dict: `statistics.summarize` of G, the Gram spectrum
     (gram_min_eigenvalue, gram_max_eigenvalue, gram_condition_number),
-    num_parameters, how it was computed, `loaded.description`, and
-    per_layer {variable path: summarize of G_l} when asked.
+    ntk_* and features_* when asked, num_parameters, how it was computed,
+    `loaded.description`, and per_layer {variable path: summarize of G_l}
+    when asked.
 
   Raises:
-    UserError: a SavedModel, bad options.
+    UserError: bad options.
   """
   from tfcapacity.curvature import hvp  # pylint: disable=g-import-not-at-top
+  from tfcapacity.gradients import features  # pylint: disable=g-import-not-at-top
   from tfcapacity.gradients import per_example  # pylint: disable=g-import-not-at-top
   from tfcapacity.gradients import statistics  # pylint: disable=g-import-not-at-top
-  if not loaded.is_keras:
-    raise UserError("per-example gradients need a Keras model; give "
-                    "--keras_model=FILE or --model_dir=RUN")
   if len(loaded.y) < 2:
     raise UserError("--num_examples must be at least 2: the statistics are "
                     "over pairs of examples")
@@ -174,21 +162,29 @@ def confusion_report(loaded: "analysis.Loaded", *, chunk_size: int = 64,
     params = hvp.select_params(loaded.model, layers or None,
                                include_slopes=include_slopes)
   chosen = params if params is not None else loaded.model.trainable_variables
+  options = dict(params=params, chunk_size=chunk_size,
+                 projection_dim=projection_dim, seed=seed,
+                 strategy=loaded.strategy)
   found = per_example.gradient_inner_products(
-      loaded.model, loaded.x, loaded.y, params=params, chunk_size=chunk_size,
-      projection_dim=projection_dim, seed=seed, strategy=loaded.strategy,
-      per_layer=per_layer)
+      loaded.model, loaded.x, loaded.y, per_layer=per_layer, **options)
   gram, layer_grams = found if per_layer else (found, None)
-  spectrum = statistics.gram_spectrum(gram)
   out = {**loaded.description, **statistics.summarize(gram),
-         "gram_min_eigenvalue": spectrum["min_eigenvalue"],
-         "gram_max_eigenvalue": spectrum["max_eigenvalue"],
-         "gram_condition_number": spectrum["condition_number"],
-         "bn_mode": "inference",
-         "num_parameters": int(sum(int(v.numpy().size) for v in chosen)),
-         "projection_dim": projection_dim, "projection_seed": int(seed),
-         "chunk_size": int(chunk_size),
-         "layers": list(layers) if layers else None}
+         **statistics.named_spectrum(gram, "gram")}
+  if ntk:
+    ntk_gram = per_example.gradient_inner_products(
+        loaded.model, loaded.x, loaded.y, output="logits", **options)
+    out.update(statistics.named_spectrum(ntk_gram, "ntk"))
+  if feature_layer:
+    found = features.layer_features(loaded.model, loaded.x, feature_layer)
+    out.update(statistics.named_spectrum(statistics.feature_gram(found),
+                                         "features"))
+  out.update({
+      "bn_mode": "inference",
+      "num_parameters": int(sum(int(v.numpy().size) for v in chosen)),
+      "projection_dim": projection_dim, "projection_seed": int(seed),
+      "chunk_size": int(chunk_size),
+      "layers": list(layers) if layers else None,
+      "feature_layer": feature_layer})
   if per_layer:
     out["per_layer"] = statistics.per_layer(layer_grams)
   out["seconds"] = time.time() - start
@@ -202,15 +198,11 @@ def compute(fv: flags.FlagValues = flags.FLAGS, strategy=None) -> dict:
     UserError: bad input.
   """
   loaded = analysis.load(check_flags(fv), strategy)
-  if fv.at_init:
-    loaded.model = initial_model(loaded)
-    loaded.description.update(checkpoint=None, step=0)
-  result = confusion_report(
+  return confusion_report(
       loaded, chunk_size=fv.chunk_size, projection_dim=fv.projection_dim,
       seed=fv.seed, per_layer=fv.per_layer, layers=fv.layers,
-      include_slopes=fv.include_slopes)
-  result["at_init"] = bool(fv.at_init)
-  return result
+      include_slopes=fv.include_slopes, ntk=fv.ntk,
+      feature_layer=fv.feature_layer)
 
 
 def _summary(result: dict) -> str:

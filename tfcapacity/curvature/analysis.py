@@ -11,6 +11,8 @@ trace and spectral density of the Hessian: papers/003 Sec. 2.3; Hutchinson
      shape and classes from the run's dataset) and the checkpoint's model
      weights are restored (only the model: optimizer and counters are left
      in the checkpoint). `final` loads the run's model.keras instead.
+     `--at_init` restores nothing: the model as training initialised it,
+     which needs only the run's flags.txt (e.g. a run not yet started).
    * `--saved_model=DIR`: a `tf_saved_model` export with a `serve` function
      (`tf.saved_model.load`); inference mode and reverse-mode HVPs only.
    * `--keras_model=FILE`: a `.keras` file (`keras.saving.load_model`, with
@@ -97,6 +99,10 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
       "checkpoint", None,
       "With --model_dir: 'latest' (default), a step number, or 'final' "
       "(the run's model.keras).", flag_values=fv)
+  flags.DEFINE_bool(
+      "at_init", False,
+      "With --model_dir: the run's model freshly initialised from its flags "
+      "and seed, no checkpoint (flags.txt suffices).", flag_values=fv)
   flags.DEFINE_string("saved_model", None,
                       "A tf_saved_model export (serve function); needs "
                       "--dataset.", flag_values=fv)
@@ -205,6 +211,9 @@ class Request:
   shuffle: bool = True
   seed: int = 0
   data_flags: dict = dataclasses.field(default_factory=dict)
+  # The run's model as training initialised it (its flags and seed), no
+  # checkpoint: a run directory with flags.txt alone will do.
+  at_init: bool = False
 
   @property
   def source(self) -> str:
@@ -235,12 +244,19 @@ class Request:
       raise UserError(f"--{unknown[0]} is not a data flag of this tool")
     if self.source != "model_dir" and self.checkpoint is not None:
       raise UserError("--checkpoint applies to --model_dir only; drop it")
+    if self.at_init and self.source != "model_dir":
+      raise UserError("--at_init needs --model_dir (the run's flags and "
+                      "seed rebuild the initial model)")
+    if self.at_init and self.checkpoint is not None:
+      raise UserError("--at_init measures the initial model, not a "
+                      "checkpoint; drop --checkpoint")
     if self.model_dir:
       if not os.path.isdir(self.model_dir):
         raise UserError(f"--model_dir={self.model_dir} is not a directory; "
                         f"name a tfcapacity run directory")
       rundir.load_config(self.model_dir)  # Raises if flags.txt is missing.
-      resolve_checkpoint(self.model_dir, self.checkpoint)
+      if not self.at_init:
+        resolve_checkpoint(self.model_dir, self.checkpoint)
       return
     flag = f"--{self.source}"
     path = getattr(self, self.source)
@@ -265,7 +281,8 @@ def request_from_flags(fv: flags.FlagValues = flags.FLAGS) -> Request:
       dataset=fv.dataset, split=fv.split, num_examples=fv.num_examples,
       shuffle=fv.shuffle, seed=fv.seed,
       data_flags={name: fv[name].value for name in DATA_FLAGS
-                  if fv[name].value is not None})
+                  if fv[name].value is not None},
+      at_init=fv.at_init)
   request.validate()
   return request
 
@@ -452,7 +469,8 @@ def _describe(request: Request, path, checkpoint, step, info, n) -> dict:
           "step": step, "dataset": info.name,
           "split": request.split, "num_examples": int(n),
           "shuffle": bool(request.shuffle),
-          "selection_seed": int(request.seed)}
+          "selection_seed": int(request.seed),
+          "at_init": bool(request.at_init)}
 
 
 def _check_fit(x, y, input_shape, num_outputs, dataset):
@@ -479,7 +497,8 @@ def _load_run(request: Request, strategy) -> Loaded:
   from tfcapacity import models as models_lib
   model_dir = request.model_dir
   run_cfg = rundir.load_config(model_dir)
-  path, step = resolve_checkpoint(model_dir, request.checkpoint)
+  path, step = ((None, 0) if request.at_init
+                else resolve_checkpoint(model_dir, request.checkpoint))
   data_cfg = _data_config(request, run_cfg, None)
   x, y, info = _examples(request, data_cfg)
 
@@ -505,6 +524,7 @@ def _load_run(request: Request, strategy) -> Loaded:
       keras.utils.set_random_seed(run_cfg.seed)
       model = models_lib.from_config(run_cfg, run_info.input_shape,
                                      run_info.num_classes)
+    if path is not None and request.checkpoint != "final":
       try:
         status = tf.train.Checkpoint(model=model).restore(path)
         status.expect_partial()

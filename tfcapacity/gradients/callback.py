@@ -46,12 +46,6 @@ _SCALARS = ("gradient_confusion", "min_inner_product", "mean_inner_product",
 fixed_indices = functools.partial(callbacks_lib.fixed_indices, salt=_SALT)
 
 
-def spectrum_scalars(kernel, prefix: str) -> dict:
-  """`prefix`_min_eigenvalue, _max_eigenvalue, _condition_number."""
-  return {f"{prefix}_{key}": value
-          for key, value in statistics.gram_spectrum(kernel).items()}
-
-
 def scalars(summary: dict, prefix: str) -> dict:
   """The loggable scalars of a `statistics.summarize` result."""
   out = {f"{prefix}/{key}": summary[key] for key in _SCALARS}
@@ -88,17 +82,17 @@ class GradientStatisticsCallback(callbacks_lib.Callback):
         strategy=ctx.strategy, per_layer=per_layer)
     gram, layers = result if per_layer else (result, {})
     out = scalars(statistics.summarize(gram), "gradients")
-    out.update(spectrum_scalars(gram, "gradients/gram"))
+    out.update(statistics.named_spectrum(gram, "gradients/gram"))
     if cfg.gradients_ntk:
       ntk = per_example.gradient_inner_products(
           ctx.model, *self.examples, chunk_size=cfg.gradients_chunk_size,
           projection_dim=cfg.gradients_projection_dim or None, seed=cfg.seed,
           strategy=ctx.strategy, output="logits")
-      out.update(spectrum_scalars(ntk, "gradients/ntk"))
+      out.update(statistics.named_spectrum(ntk, "gradients/ntk"))
     if cfg.gradients_feature_layer:
       found = features.layer_features(ctx.model, self.examples[0],
                                       cfg.gradients_feature_layer)
-      out.update(spectrum_scalars(statistics.feature_gram(found),
+      out.update(statistics.named_spectrum(statistics.feature_gram(found),
                                   "gradients/features"))
     cosines, _ = statistics.pairwise_cosines(gram)
     if len(cosines) and tf.summary.experimental.get_step() is not None:

@@ -315,6 +315,12 @@ def gram_spectrum(kernel) -> Dict[str, float]:
   }
 
 
+def named_spectrum(kernel, prefix: str) -> Dict[str, float]:
+  """`gram_spectrum` keyed `{prefix}_min_eigenvalue`, `_max_eigenvalue`, ..."""
+  return {f"{prefix}_{key}": value
+          for key, value in gram_spectrum(kernel).items()}
+
+
 def feature_gram(features) -> np.ndarray:
   """Kernel of a layer's outputs, F F^T / width (float64).
 
