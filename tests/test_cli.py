@@ -92,7 +92,10 @@ MW_ARGS = ["--dataset=synthetic", "--synthetic_examples=128",
            "--steps_per_loop=2",
            # Hessian-vector products under MultiWorkerMirroredStrategy too.
            "--curvature_every_epochs=1", "--curvature_examples=64",
-           "--curvature_tol=1e-5", "--curvature_max_iterations=1000"]
+           "--curvature_tol=1e-5", "--curvature_max_iterations=1000",
+           # And per-example gradients, loss and logits (NTK).
+           "--gradients_every_epochs=1", "--gradients_examples=24",
+           "--gradients_chunk_size=8", "--gradients_ntk"]
 
 
 def test_two_worker_run_matches_single_worker(tmp_path):
@@ -126,6 +129,10 @@ def test_two_worker_run_matches_single_worker(tmp_path):
         b["curvature/lambda_max"], rel=1e-4)
     assert a["curvature/lambda_max_test"] == pytest.approx(
         b["curvature/lambda_max_test"], rel=1e-4)
+    for key in ("gradient_confusion", "mean_cosine", "gram_max_eigenvalue",
+                "ntk_max_eigenvalue", "ntk_min_eigenvalue"):
+      assert a[f"gradients/{key}"] == pytest.approx(
+          b[f"gradients/{key}"], rel=1e-4, abs=1e-7), key
   for a, b in zip(final_weights(single), final_weights(multi)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
