@@ -266,6 +266,33 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
                     "Write model.keras and saved_model/ at the end.",
                     flag_values=fv)
 
+  # The maxi-batch study's additions to a step (tfcapacity.training.dynamics).
+  flags.DEFINE_bool(
+      "track_distance", False,
+      "Log the distance of the parameters from their initial values and the "
+      "path length, per layer and in total, every epoch.", flag_values=fv)
+  flags.DEFINE_enum(
+      "grad_noise", "none", ["none", "fixed", "annealed", "empirical"],
+      "Gaussian noise added to the gradients: fixed std, annealed variance "
+      "eta/(1+t)^gamma, or per-variable variances recorded by a reference "
+      "run.", flag_values=fv)
+  flags.DEFINE_float("grad_noise_std", 0.0,
+                     "Standard deviation of --grad_noise=fixed.",
+                     flag_values=fv)
+  flags.DEFINE_float("grad_noise_eta", 0.01,
+                     "eta of --grad_noise=annealed.", flag_values=fv)
+  flags.DEFINE_float("grad_noise_gamma", 0.55,
+                     "gamma of --grad_noise=annealed.", flag_values=fv)
+  flags.DEFINE_string(
+      "grad_noise_reference", None,
+      "Run directory whose recorded gradient variances "
+      "(--record_grad_variance) --grad_noise=empirical adds.",
+      flag_values=fv)
+  flags.DEFINE_bool(
+      "record_grad_variance", False,
+      "Log each variable's variance of mini-batch gradients over every "
+      "epoch (grad_variance/<variable>).", flag_values=fv)
+
   # Measurements during training (tfcapacity.curvature.callback).
   flags.DEFINE_integer(
       "curvature_every_epochs", 0,

@@ -41,6 +41,7 @@ from tfcapacity import distribute
 from tfcapacity import models as models_lib
 from tfcapacity.errors import UserError
 from tfcapacity.training import callbacks as callbacks_lib
+from tfcapacity.training import dynamics
 from tfcapacity.training import optim
 from tfcapacity.training import rundir
 
@@ -168,6 +169,14 @@ class Trainer:
       self.epoch_var = tf.Variable(0, dtype=tf.int64, trainable=False)
       self.position_var = tf.Variable(0, dtype=tf.int64, trainable=False)
       self.elapsed_var = tf.Variable(0.0, dtype=tf.float64, trainable=False)
+      tvars = self.model.trainable_variables
+      self.distance = (dynamics.DistanceTracker(tvars)
+                       if cfg.track_distance else None)
+      self.noise = (dynamics.GradientNoise(cfg, tvars, self.steps_per_epoch,
+                                           self.num_replicas)
+                    if cfg.grad_noise != "none" else None)
+      self.variance = (dynamics.GradientVarianceRecorder(tvars)
+                       if cfg.record_grad_variance else None)
       if cfg.full_batch:
         self._accumulators = [
             tf.Variable(tf.zeros(v.shape, v.dtype), trainable=False,
@@ -176,10 +185,18 @@ class Trainer:
             for v in self.model.trainable_variables]
     self.num_parameters = int(sum(
         np.prod(v.shape) for v in self.model.trainable_variables))
+    extra = {}
+    if self.distance is not None:
+      extra["distance"] = self.distance.trackables()
+    if self.variance is not None:
+      extra["grad_variance"] = self.variance.trackables()
     self.checkpoint = tf.train.Checkpoint(
         model=self.model, optimizer=self.optimizer, step=self.step_var,
         epoch=self.epoch_var, data_position=self.position_var,
-        elapsed=self.elapsed_var)
+        elapsed=self.elapsed_var, **extra)
+    if self.distance or self.noise or self.variance:
+      self.callbacks.append(dynamics.DynamicsCallback(
+          self.distance, self.noise, self.variance))
     self._build_functions()
 
   # -- set-up -------------------------------------------------------------
@@ -227,8 +244,26 @@ class Trainer:
         loss = data_loss + tf.nn.scale_regularization_loss(
             l2_penalty(model, wd))
       grads = tape.gradient(loss, tvars)
+      grads = adjust(grads)
       optimizer.apply_gradients(zip(grads, tvars))
       return data_loss
+
+    def adjust(grads):
+      """Records the step's gradients and adds noise, as the flags ask."""
+      if self.variance is not None:
+        self.variance.accumulate(grads, strategy.num_replicas_in_sync)
+      if self.noise is not None:
+        grads = self.noise.add(grads, optimizer.iterations)
+      return grads
+
+    def tracked(step_fn):
+      """`step_fn()` (one step, cross-replica) with the distance updated."""
+      if self.distance is None:
+        return step_fn()
+      before = self.distance.snapshot()
+      out = step_fn()
+      self.distance.update(before)
+      return out
 
     def steps(fetch, num_steps):
       # Stops after the first non-finite loss. The test sits in the loop's
@@ -238,9 +273,9 @@ class Trainer:
       done = tf.constant(0)
       finite = tf.constant(True)
       while done < num_steps and finite:
-        loss = strategy.reduce(
+        loss = tracked(lambda: strategy.reduce(
             tf.distribute.ReduceOp.SUM,
-            strategy.run(replica_step, args=fetch(done)), axis=None)
+            strategy.run(replica_step, args=fetch(done)), axis=None))
         total += loss
         done += 1
         finite = tf.math.is_finite(loss)
@@ -297,7 +332,7 @@ class Trainer:
         decay = wd / strategy.num_replicas_in_sync
         grads = [a.read_value() + decay * v if wd and is_decayed(v)
                  else a.read_value() for a, v in zip(accumulators, tvars)]
-        optimizer.apply_gradients(zip(grads, tvars))
+        optimizer.apply_gradients(zip(adjust(grads), tvars))
         for a in accumulators:
           a.assign(tf.zeros_like(a))
 
@@ -308,7 +343,7 @@ class Trainer:
           total += strategy.reduce(
               tf.distribute.ReduceOp.SUM,
               strategy.run(replica_accumulate, args=batch), axis=None)
-        strategy.run(replica_apply)
+        tracked(lambda: strategy.run(replica_apply))
         return total
 
       self.full_batch_step = full_batch_step

@@ -1,0 +1,291 @@
+"""What the maxi-batch study adds to a training step (papers/003).
+
+Three pieces the training loop wires into its steps when their flags ask:
+
+  * `DistanceTracker` (`--track_distance`, Fig. 5 of the study): the
+    distance ||theta_t - theta_0|| of the parameters from their initial
+    values, per layer and in total, and the path length
+    sum_t ||theta_{t+1} - theta_t||, accumulated after every step inside
+    the training graph. A layer is the set of variables whose paths share
+    a prefix (`hidden_0/kernel` and `hidden_0/bias` form `hidden_0`).
+  * `GradientNoise` (`--grad_noise`, Sec. 2.4): Gaussian noise added to
+    every variable's gradient before the optimizer sees it:
+      - `fixed`: N(0, s^2) per coordinate with s = `--grad_noise_std`;
+      - `annealed`: variance eta / (1 + t)^gamma at step t (Neelakantan et
+        al. 2015, "Adding gradient noise improves learning for very deep
+        networks"; `--grad_noise_eta`, `--grad_noise_gamma`);
+      - `empirical`: each variable gets the variance that a reference run
+        (`--grad_noise_reference=RUN`) recorded for it in the same epoch
+        (the last recorded epoch after the reference ends).
+    The noise of step t and variable l is `tf.random.stateless_normal` with
+    seed (hash(seed), t * L + l): the same on every replica (each adds 1/R
+    of it to its share of the gradient the optimizer sums) and after a
+    resume. It is added to the gradient, L2 term included, that the
+    optimizer applies.
+  * `GradientVarianceRecorder` (`--record_grad_variance`): for each
+    variable, the variance over an epoch's steps of its mini-batch
+    gradients, averaged over its coordinates (the unbiased variance over
+    the steps; 0 with one step per epoch). A small-batch run that records
+    it is the reference of `--grad_noise=empirical`.
+
+Their accumulators are variables of the run's checkpoint, so a resumed run
+continues them. `DynamicsCallback` logs everything once per epoch:
+`distance/total`, `distance/<layer>`, `path_length/total`,
+`path_length/<layer>`, `grad_noise/std` (or `grad_noise/std/<variable>`
+for `empirical`) and `grad_variance/<variable>`.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import zlib
+
+import numpy as np
+import tensorflow as tf
+
+from tfcapacity.errors import UserError
+from tfcapacity.training import callbacks as callbacks_lib
+from tfcapacity.training import rundir
+
+NOISE_KINDS = ("none", "fixed", "annealed", "empirical")
+_NOISE_SALT = 0x6E01
+
+
+def layer_of(path: str) -> str:
+  """The layer a variable path belongs to: its path without the last part."""
+  return path.rsplit("/", 1)[0] if "/" in path else path
+
+
+def _groups(variables):
+  """Layer name -> indices of `variables`, in first-seen order."""
+  out = collections.OrderedDict()
+  for i, v in enumerate(variables):
+    out.setdefault(layer_of(v.path), []).append(i)
+  return out
+
+
+class DistanceTracker:
+  """||theta_t - theta_0|| and the path length, per layer and in total.
+
+  Build it under the strategy's scope right after the model, so that its
+  copy of the initial values is theta_0.
+  """
+
+  def __init__(self, variables):
+    self.variables = list(variables)
+    self.groups = _groups(self.variables)
+    self.initial = [tf.Variable(v.value, trainable=False,
+                                name="initial_value")
+                    for v in self.variables]
+    self.path = tf.Variable(tf.zeros([len(self.groups) + 1], tf.float64),
+                            trainable=False, name="path_length")
+
+  def trackables(self) -> dict:
+    return {"initial": self.initial, "path": self.path}
+
+  def snapshot(self):
+    """The current values (call before a step, in the cross-replica graph)."""
+    return [tf.identity(v.value) for v in self.variables]
+
+  def update(self, before) -> None:
+    """Adds the step's per-layer and total update norms to the path."""
+    sq = [tf.reduce_sum(tf.square(tf.cast(v.value - b, tf.float64)))
+          for v, b in zip(self.variables, before)]
+    per_layer = [tf.add_n([sq[i] for i in idx])
+                 for idx in self.groups.values()]
+    total = tf.add_n(per_layer)
+    self.path.assign_add(tf.sqrt(tf.stack(per_layer + [total])))
+
+  def scalars(self) -> dict[str, float]:
+    sq = [float(np.sum(np.square(
+        v.numpy().astype(np.float64) - i.numpy().astype(np.float64))))
+          for v, i in zip(self.variables, self.initial)]
+    path = self.path.numpy()
+    out = {"distance/total": float(np.sqrt(sum(sq))),
+           "path_length/total": float(path[-1])}
+    for k, (layer, idx) in enumerate(self.groups.items()):
+      out[f"distance/{layer}"] = float(np.sqrt(sum(sq[i] for i in idx)))
+      out[f"path_length/{layer}"] = float(path[k])
+    return out
+
+
+def read_reference_variances(run_dir: str) -> dict[int, dict[str, float]]:
+  """epoch -> {variable path: variance} recorded by a reference run.
+
+  Raises:
+    UserError: no results.json, or it holds no `grad_variance/` values.
+  """
+  path = os.path.join(run_dir, rundir.RESULTS_FILE)
+  try:
+    with open(path) as f:
+      results = json.load(f)
+  except (OSError, ValueError) as e:
+    raise UserError(f"--grad_noise_reference={run_dir}: cannot read {path} "
+                    f"({e.__class__.__name__}); name a finished run that "
+                    f"used --record_grad_variance") from None
+  table = {}
+  for row in results.get("history", []) + results.get("measurements", []):
+    found = {k[len("grad_variance/"):]: float(v) for k, v in row.items()
+             if k.startswith("grad_variance/")}
+    if found:
+      table.setdefault(int(row["epoch"]), {}).update(found)
+  if not table:
+    raise UserError(f"--grad_noise_reference={run_dir} recorded no gradient "
+                    f"variances; rerun it with --record_grad_variance")
+  return table
+
+
+class GradientNoise:
+  """Seeded Gaussian gradient noise of a fixed, annealed or recorded scale."""
+
+  def __init__(self, cfg, variables, steps_per_epoch: int, num_replicas: int):
+    if cfg.grad_noise not in NOISE_KINDS:
+      raise UserError(f"--grad_noise={cfg.grad_noise}: choose one of "
+                      f"{', '.join(NOISE_KINDS)}")
+    self.kind = cfg.grad_noise
+    self.variables = list(variables)
+    self.steps_per_epoch = int(steps_per_epoch)
+    self.num_replicas = int(num_replicas)
+    self.base_seed = zlib.crc32(f"{cfg.seed}:{_NOISE_SALT}".encode())
+    self.std = float(cfg.grad_noise_std)
+    self.eta = float(cfg.grad_noise_eta)
+    self.gamma = float(cfg.grad_noise_gamma)
+    for name, value in (("grad_noise_std", self.std),
+                        ("grad_noise_eta", self.eta),
+                        ("grad_noise_gamma", self.gamma)):
+      if not np.isfinite(value) or value < 0:
+        raise UserError(f"--{name} must be a finite number >= 0; got {value}")
+    self.table = None
+    if self.kind == "empirical":
+      self.table = self._variance_table(cfg.grad_noise_reference)
+
+  def _variance_table(self, reference):
+    if not reference:
+      raise UserError("--grad_noise=empirical needs --grad_noise_reference="
+                      "RUN (a run trained with --record_grad_variance)")
+    recorded = read_reference_variances(reference)
+    paths = [v.path for v in self.variables]
+    epochs = sorted(recorded)
+    missing = [p for p in paths if p not in recorded[epochs[-1]]]
+    if missing:
+      raise UserError(
+          f"--grad_noise_reference={reference} has no gradient variance of "
+          f"{missing[0]}; the reference must train the same model")
+    # Row k serves the steps of epoch k (0-based): the variances recorded
+    # at the end of that epoch, k + 1, or else the latest recorded before
+    # it (the first recorded one before any); the last row after the end.
+    rows = []
+    for k in range(epochs[-1]):
+      known = [e for e in epochs if e <= k + 1] or epochs[:1]
+      rows.append([recorded[known[-1]][p] for p in paths])
+    return np.asarray(rows, np.float32)
+
+  # -- the scale -------------------------------------------------------------
+
+  def stddevs(self, step):
+    """Per-variable standard deviations at `step` (a tensor or a number)."""
+    if self.kind == "fixed":
+      return tf.fill([len(self.variables)], tf.constant(self.std, tf.float32))
+    if self.kind == "annealed":
+      t = tf.cast(step, tf.float32)
+      sd = tf.sqrt(self.eta / tf.pow(1.0 + t, self.gamma))
+      return tf.fill([len(self.variables)], sd)
+    epoch = tf.cast(step, tf.int64) // self.steps_per_epoch
+    row = tf.minimum(epoch, len(self.table) - 1)
+    return tf.sqrt(tf.gather(tf.constant(self.table), row))
+
+  def add(self, grads, step):
+    """`grads` + this replica's 1/R share of step `step`'s noise."""
+    sds = self.stddevs(step)
+    count = len(self.variables)
+    step = tf.cast(step, tf.int64)
+    out = []
+    for i, (g, v) in enumerate(zip(grads, self.variables)):
+      seed = tf.stack([tf.constant(self.base_seed, tf.int64),
+                       step * count + i])
+      noise = tf.random.stateless_normal(v.shape, seed=seed,
+                                         dtype=tf.float32) * sds[i]
+      if self.num_replicas > 1:
+        noise = noise / self.num_replicas
+      out.append(g + tf.cast(noise, g.dtype))
+    return out
+
+  def scalars(self, step: int) -> dict[str, float]:
+    sds = self.stddevs(step).numpy()
+    if self.kind != "empirical":
+      return {"grad_noise/std": float(sds[0])}
+    return {f"grad_noise/std/{v.path}": float(s)
+            for v, s in zip(self.variables, sds)}
+
+
+class GradientVarianceRecorder:
+  """Per variable, the variance of its mini-batch gradients over an epoch."""
+
+  def __init__(self, variables):
+    self.variables = list(variables)
+    agg = tf.VariableAggregation.ONLY_FIRST_REPLICA
+    self.sums = [tf.Variable(tf.zeros(v.shape, tf.float32), trainable=False,
+                             aggregation=agg, name="grad_sum")
+                 for v in self.variables]
+    self.squares = [tf.Variable(tf.zeros(v.shape, tf.float32),
+                                trainable=False, aggregation=agg,
+                                name="grad_square_sum")
+                    for v in self.variables]
+    self.count = tf.Variable(0, dtype=tf.int64, trainable=False,
+                             aggregation=agg, name="grad_count")
+
+  def trackables(self) -> dict:
+    return {"sums": self.sums, "squares": self.squares, "count": self.count}
+
+  def accumulate(self, grads, num_replicas: int) -> None:
+    """Adds one step's gradients (a replica's shares, summed over replicas)."""
+    if num_replicas > 1:
+      grads = tf.distribute.get_replica_context().all_reduce(
+          tf.distribute.ReduceOp.SUM, list(grads))
+    for s, q, g in zip(self.sums, self.squares, grads):
+      g = tf.cast(g, tf.float32)
+      s.assign_add(g)
+      q.assign_add(tf.square(g))
+    self.count.assign_add(1)
+
+  def scalars_and_reset(self) -> dict[str, float]:
+    n = int(self.count.numpy())
+    out = {}
+    for v, s, q in zip(self.variables, self.sums, self.squares):
+      if n < 2:
+        var = 0.0
+      else:
+        mean = s.numpy().astype(np.float64) / n
+        sq = q.numpy().astype(np.float64) / n
+        var = float(np.mean(np.maximum(sq - mean ** 2, 0.0)) * n / (n - 1))
+      out[f"grad_variance/{v.path}"] = var
+      s.assign(tf.zeros_like(s))
+      q.assign(tf.zeros_like(q))
+    self.count.assign(0)
+    return out
+
+
+class DynamicsCallback(callbacks_lib.Callback):
+  """Logs distance, path length, noise scale and gradient variance."""
+
+  name = "dynamics"
+  every_epochs = 1
+
+  def __init__(self, distance=None, noise=None, variance=None):
+    self.distance, self.noise, self.variance = distance, noise, variance
+
+  def due(self, step, epoch, epoch_end):
+    # Also at step 0, where the distance is 0 by construction.
+    return epoch_end or step == 0
+
+  def __call__(self, ctx):
+    out = {}
+    if self.distance is not None:
+      out.update(self.distance.scalars())
+    if self.noise is not None:
+      out.update(self.noise.scalars(ctx.step))
+    if self.variance is not None and ctx.step > 0:
+      out.update(self.variance.scalars_and_reset())
+    return out
