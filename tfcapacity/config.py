@@ -293,6 +293,21 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
       "Log each variable's variance of mini-batch gradients over every "
       "epoch (grad_variance/<variable>).", flag_values=fv)
 
+  flags.DEFINE_integer(
+      "linearize_every_steps", 0,
+      "Adaptive linearisation: every N steps move each rectifier slope by "
+      "the sign of its component of the dominant Hessian eigenvector (needs "
+      "--activation=leaky_relu; 0: never).", flag_values=fv)
+  flags.DEFINE_float("delta_minus", 0.1,
+                     "Slope decrease where the eigenvector component is "
+                     "positive.", flag_values=fv)
+  flags.DEFINE_float("delta_plus", 0.05,
+                     "Slope increase where it is not.", flag_values=fv)
+  flags.DEFINE_integer(
+      "linearize_examples", 500,
+      "Training examples (drawn once) of the linearisation's Hessian.",
+      flag_values=fv)
+
   # Measurements during training (tfcapacity.curvature.callback).
   flags.DEFINE_integer(
       "curvature_every_epochs", 0,
@@ -378,6 +393,7 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
                "learning_rate", "lr_drop_factor", "bn_momentum",
                "curvature_examples", "curvature_top_k", "curvature_tol",
                "curvature_max_iterations", "gradients_examples",
+               "linearize_examples",
                "gradients_chunk_size"):
     flags.register_validator(name, *_positive(name), flag_values=fv)
   for name in ("momentum", "weight_decay", "warmup_epochs",

@@ -8,6 +8,11 @@ new measurement (the pattern of init2winit's callbacks).
 
 The loop times each callback and logs `timing/<name>_seconds`, so training
 throughput stays honest when measurements are expensive.
+
+Measurements leave the model alone, which is why their flags may change when
+a run resumes. The one intervention, adaptive linearisation
+(`tfcapacity.curvature.linearize`), uses the same interface but moves the
+rectifier slopes; its flags belong to the run's identity.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import tensorflow as tf
 
 @dataclasses.dataclass
 class Context:
-  """What a callback may look at. It must not change the model."""
+  """What a callback may look at. Measurements must not change the model."""
   model: keras.Model
   optimizer: keras.optimizers.Optimizer
   strategy: tf.distribute.Strategy
@@ -84,6 +89,9 @@ def from_config(cfg) -> list[Callback]:
   if cfg.curvature_every_epochs or cfg.curvature_every_steps:
     from tfcapacity.curvature import callback as curvature  # pylint: disable=g-import-not-at-top
     out.append(curvature.CurvatureCallback(cfg))
+  if cfg.linearize_every_steps:
+    from tfcapacity.curvature import linearize  # pylint: disable=g-import-not-at-top
+    out.append(linearize.LinearizationCallback(cfg))
   if cfg.gradients_every_epochs or cfg.gradients_every_steps:
     from tfcapacity.gradients import callback as gradients  # pylint: disable=g-import-not-at-top
     out.append(gradients.GradientStatisticsCallback(cfg))
