@@ -214,6 +214,8 @@ class Request:
   # The run's model as training initialised it (its flags and seed), no
   # checkpoint: a run directory with flags.txt alone will do.
   at_init: bool = False
+  # num_examples is an upper bound: a smaller split is taken whole.
+  at_most: bool = False
 
   @property
   def source(self) -> str:
@@ -449,6 +451,8 @@ def _examples(request: Request, data_cfg):
     n = min(DEFAULT_NUM_EXAMPLES, total)
   elif wanted in (-1, 0):
     n = total
+  elif wanted > total and request.at_most:
+    n = total
   elif wanted > total:
     raise UserError(
         f"--num_examples={wanted} exceeds the {total} {request.split} "
@@ -490,41 +494,57 @@ def _first_line(e: BaseException) -> str:
   return text.splitlines()[0] if text else type(e).__name__
 
 
-def _load_run(request: Request, strategy) -> Loaded:
+def load_run_model(model_dir: str, checkpoint: str | None = None, *,
+                   at_init: bool = False, strategy=None):
+  """A run directory's model alone, as `load` builds it for --model_dir.
+
+  For tools that need a run's model without its examples (e.g. the second
+  end point of an interpolation).
+
+  Returns:
+    (model, path, step): the checkpoint prefix or model.keras loaded (None
+    with `at_init`), and its step (0 at init, None for 'final').
+
+  Raises:
+    UserError: no flags.txt, no such checkpoint, or one that does not match.
+  """
+  import tensorflow as tf
+  if not os.path.isdir(model_dir):
+    raise UserError(f"{model_dir} is not a directory; name a tfcapacity run "
+                    f"directory")
+  run_cfg = rundir.load_config(model_dir)
+  path, step = ((None, 0) if at_init
+                else resolve_checkpoint(model_dir, checkpoint))
+  model = _run_model(model_dir, run_cfg, path, checkpoint,
+                     strategy or tf.distribute.get_strategy(), None)
+  return model, path, step
+
+
+def _run_model(model_dir, run_cfg, path, checkpoint, strategy, run_info):
+  """The run's model, built and restored under `strategy`'s scope.
+
+  `run_info`: the run's own training split's info (it fixes the input shape
+  and classes, whatever data a measurement uses), loaded when None.
+  """
   import keras
   import tensorflow as tf
   from tfcapacity import data as data_lib
   from tfcapacity import models as models_lib
-  model_dir = request.model_dir
-  run_cfg = rundir.load_config(model_dir)
-  path, step = ((None, 0) if request.at_init
-                else resolve_checkpoint(model_dir, request.checkpoint))
-  data_cfg = _data_config(request, run_cfg, None)
-  x, y, info = _examples(request, data_cfg)
-
-  # The model's shape comes from the run's own training split, as in
-  # training, whatever data the measurement uses.
-  run_data_cfg = run_cfg.replace(augment=False)
-  if request.dataset:
+  if run_info is None and checkpoint != "final":
     try:
-      run_info = data_lib.get(run_cfg.dataset, "train", run_data_cfg).info
+      run_info = data_lib.get(run_cfg.dataset, "train",
+                              run_cfg.replace(augment=False)).info
     except UserError as e:
       raise UserError(f"the run's dataset {run_cfg.dataset} (it fixes the "
                       f"model's input shape and classes) cannot be loaded: "
                       f"{e}") from None
-  elif request.split == "train":
-    run_info = info
-  else:
-    run_info = data_lib.get(run_cfg.dataset, "train", run_data_cfg).info
-
   with strategy.scope():
-    if request.checkpoint == "final":
-      model = _load_keras_file(path, "--checkpoint=final")
-    else:
-      keras.utils.set_random_seed(run_cfg.seed)
-      model = models_lib.from_config(run_cfg, run_info.input_shape,
-                                     run_info.num_classes)
-    if path is not None and request.checkpoint != "final":
+    if checkpoint == "final":
+      return _load_keras_file(path, "--checkpoint=final")
+    keras.utils.set_random_seed(run_cfg.seed)
+    model = models_lib.from_config(run_cfg, run_info.input_shape,
+                                   run_info.num_classes)
+    if path is not None:
       try:
         status = tf.train.Checkpoint(model=model).restore(path)
         status.expect_partial()
@@ -534,6 +554,21 @@ def _load_run(request: Request, strategy) -> Loaded:
             f"checkpoint {path} does not match the model that "
             f"{model_dir}/flags.txt describes ({_first_line(e)}); was "
             f"flags.txt edited?") from None
+  return model
+
+
+def _load_run(request: Request, strategy) -> Loaded:
+  model_dir = request.model_dir
+  run_cfg = rundir.load_config(model_dir)
+  path, step = ((None, 0) if request.at_init
+                else resolve_checkpoint(model_dir, request.checkpoint))
+  data_cfg = _data_config(request, run_cfg, None)
+  x, y, info = _examples(request, data_cfg)
+
+  run_info = (info if request.split == "train" and not request.dataset
+              else None)
+  model = _run_model(model_dir, run_cfg, path, request.checkpoint, strategy,
+                     run_info)
   _check_fit(x, y, model.input_shape[1:], model.output_shape[-1], info.name)
   if step is None:
     results = rundir.read_results(model_dir) or {}
