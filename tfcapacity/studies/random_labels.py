@@ -1,0 +1,543 @@
+"""Random labels, depth and width: Du et al. (2019) on a small scale.
+
+Du, Lee, Li, Wang and Zhai, "Gradient descent finds global minima of deep
+neural networks" (papers/002 summarises it), prove that gradient descent
+drives the training loss of a wide enough network to zero at a linear rate,
+whatever the labels, provided the least eigenvalue of a Gram matrix stays
+away from zero; the width they need grows exponentially with depth for
+fully-connected nets (Theorem 3.1) and only polynomially for ResNets with a
+skip connection around every layer and branches scaled by c_res/H (Theorem
+4.1). This module turns a grid of training runs (model x depth x width x
+learning rate, run by `tfcapacity.studies.sweep`) into:
+  * per run: the final training loss after the fixed budget of steps, the
+    number of steps to reach a training loss below a threshold (1e-3; None
+    when not reached), and the Gram matrices' least eigenvalues over
+    training (`gradients/ntk_min_eigenvalue`,
+    `gradients/features_min_eigenvalue`, `gradients/gram_min_eigenvalue`
+    from the gradients callback);
+  * per (model, depth, width): the run of the best learning rate;
+  * a CSV of each, a markdown table and figures.
+
+Deviations from the paper: softmax cross-entropy on 10 classes rather than
+the squared loss on a scalar output; the initialiser carries the
+1/sqrt(width) factor (see `tfcapacity.models.fc_resnet`); the learning rate
+is picked from a small grid per setting rather than from the theorem's
+bound.
+
+Steps to the threshold are read per step from the `train/batch_loss`
+TensorBoard scalars: with the whole training set as the batch and no batch
+norm, the value logged at step s is the training loss of the parameters
+after s - 1 steps. The evaluation rows of results.json (the loss after
+exactly `step` steps) fill in any step the events lack.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import io
+import math
+import os
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from tfcapacity.errors import UserError
+from tfcapacity.studies import sweep
+from tfcapacity.training import rundir
+
+THRESHOLD = 1e-3
+LOSS_TAG = "train/batch_loss"
+# Least eigenvalues of the Gram matrices the gradients callback logs.
+GRAM_KEYS = {
+    "ntk": "gradients/ntk_min_eigenvalue",
+    "features": "gradients/features_min_eigenvalue",
+    "gram": "gradients/gram_min_eigenvalue",
+}
+GRAM_LABELS = {
+    "ntk": "neural-tangent Gram of the logits",
+    "features": "penultimate features' Gram F F^T/width",
+    "gram": "loss-gradient Gram",
+}
+MODELS = ("mlp", "fc_resnet")
+
+
+# --- Cells -------------------------------------------------------------------
+
+
+def residual_scale(depth: int, c_res: float) -> str:
+  """fc_resnet's branch scale c_res/H as a flag value."""
+  return format(c_res / depth, ".12g")
+
+
+def study_cells(grid: Sequence[tuple[str, Sequence[str]]],
+                c_res: float, base_depth: int | None = None
+                ) -> list[sweep.Cell]:
+  """The grid's cells; fc_resnet cells also get --residual_scale=c_res/depth.
+
+  Args:
+    grid: parsed `# sweep.grid:` lines (`sweep.parse_grid`).
+    c_res: Du et al.'s c_res; 0 leaves --residual_scale as the flags say.
+    base_depth: the base flags' --depth, for grids that do not vary depth.
+
+  Raises:
+    UserError: the grid sets --residual_scale itself while c_res != 0, or a
+      depth is not a positive integer.
+  """
+  keys = [key for key, _ in grid]
+  if c_res and "residual_scale" in keys:
+    raise UserError("the grid sets --residual_scale and --residual_scale_c "
+                    "would override it; drop one (--residual_scale_c=0 keeps "
+                    "the grid's)")
+  out = []
+  for cell in sweep.cells(grid):
+    values = dict(cell.overrides)
+    model = values.get("model")
+    if c_res and model == "fc_resnet":
+      try:
+        depth = int(values.get("depth", base_depth))
+      except (TypeError, ValueError):
+        raise UserError(f"--depth={values.get('depth')} of cell {cell.name} "
+                        f"is not an integer") from None
+      if depth < 1:
+        raise UserError(f"--depth must be positive; cell {cell.name} has "
+                        f"{depth}")
+      cell = sweep.Cell(cell.index, cell.overrides + (
+          ("residual_scale", residual_scale(depth, c_res)),))
+    out.append(cell)
+  return out
+
+
+# --- One run -----------------------------------------------------------------
+
+
+def read_scalar_events(logdir: str, tag: str) -> dict[int, float]:
+  """{step: value} of a scalar tag in `logdir`'s event files.
+
+  A step logged twice (a resumed run repeats the steps after its last
+  checkpoint) keeps the value written last.
+  """
+  files = sorted(glob.glob(os.path.join(logdir, "events.out.tfevents.*")))
+  if not files:
+    return {}
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  latest = {}
+  for path in files:
+    try:
+      for record in tf.data.TFRecordDataset(path):
+        event = tf.compat.v1.Event.FromString(record.numpy())
+        for value in event.summary.value:
+          if value.tag != tag:
+            continue
+          number = (float(tf.make_ndarray(value.tensor))
+                    if value.HasField("tensor") else float(value.simple_value))
+          old = latest.get(event.step)
+          if old is None or event.wall_time >= old[0]:
+            latest[event.step] = (event.wall_time, number)
+    except tf.errors.DataLossError:
+      pass  # A file cut short by a killed run: keep what was read.
+  return {step: value for step, (_, value) in latest.items()}
+
+
+def loss_curve(history: Sequence[dict], batch_losses: dict[int, float]
+               ) -> tuple[np.ndarray, np.ndarray]:
+  """The training loss after t steps, for every t known: (t, loss).
+
+  `batch_losses[s]` (full batch) is the loss after s - 1 steps; history rows
+  give the loss after `row["step"]` steps where the events have none.
+  """
+  curve = {int(row["step"]): float(row["train_loss"]) for row in history
+           if "train_loss" in row}
+  for step, value in batch_losses.items():
+    if step >= 1:
+      curve[int(step) - 1] = float(value)
+  steps = np.array(sorted(curve), dtype=np.int64)
+  return steps, np.array([curve[s] for s in steps], dtype=np.float64)
+
+
+def steps_to_threshold(steps: Sequence[int], losses: Sequence[float],
+                       threshold: float = THRESHOLD) -> int | None:
+  """The first t with loss(t) < threshold, or None if it never gets there.
+
+  Raises:
+    UserError: a threshold that is not a positive number.
+  """
+  if not threshold > 0 or not math.isfinite(threshold):
+    raise UserError(f"--threshold must be a positive number; got {threshold}")
+  for step, loss in sorted(zip(steps, losses)):
+    if loss < threshold:
+      return int(step)
+  return None
+
+
+def measurement_series(results: dict, key: str) -> list[tuple[int, float]]:
+  """(step, value) of a callback scalar over training, sorted by step.
+
+  The loop puts a measurement that falls on an evaluation step in that
+  evaluation's history row, others in "measurements" rows.
+  """
+  series = {}
+  for row in [*results.get("history", []), *results.get("measurements", [])]:
+    if key in row:
+      # float() also reads the "nan" and "inf" strings of results.json.
+      series[int(row["step"])] = float(row[key])
+  return sorted(series.items())
+
+
+@dataclasses.dataclass
+class Run:
+  """One finished cell: its flags and what the study reads from it."""
+  name: str
+  state: str  # completed or diverged
+  model: str
+  depth: int
+  width: int
+  learning_rate: float
+  residual_scale: float
+  steps: int  # steps trained
+  total_steps: int
+  curve_steps: np.ndarray
+  curve_losses: np.ndarray
+  final_loss: float
+  final_top1_error: float
+  steps_to_threshold: int | None
+  gram: dict  # short key -> [(step, least eigenvalue)]
+  wall_seconds: float
+  num_parameters: int
+
+  def gram_at(self, key: str, which: str) -> float:
+    """Least eigenvalue `key` at "init", at the "end", or its "min"."""
+    series = self.gram.get(key) or []
+    if not series:
+      return math.nan
+    if which == "init":
+      return series[0][1] if series[0][0] == 0 else math.nan
+    if which == "end":
+      return series[-1][1]
+    return min(v for _, v in series)
+
+
+def load_run(cell_dir: str, threshold: float = THRESHOLD) -> Run | None:
+  """The finished run in `cell_dir`, or None if it has not finished."""
+  results = rundir.read_results(cell_dir)
+  state = sweep.cell_state(cell_dir, results)
+  if state not in sweep.FINISHED:
+    return None
+  flags = rundir.load_config(cell_dir)
+  history = results.get("history", [])
+  batch = read_scalar_events(os.path.join(cell_dir, "train"), LOSS_TAG)
+  steps, losses = loss_curve(history, batch)
+  final = results.get("final") or {}
+  final_loss = float(final.get("train_loss", math.nan))
+  if state == sweep.DIVERGED:
+    final_loss = math.inf
+  return Run(
+      name=os.path.basename(os.path.normpath(cell_dir)), state=state,
+      model=flags.model, depth=int(flags.depth), width=int(flags.width),
+      learning_rate=float(flags.learning_rate),
+      residual_scale=float(flags.residual_scale),
+      steps=int(results.get("steps", 0)),
+      total_steps=int(results.get("total_steps", 0)),
+      curve_steps=steps, curve_losses=losses, final_loss=final_loss,
+      final_top1_error=float(final.get("train_top1_error", math.nan)),
+      steps_to_threshold=steps_to_threshold(steps, losses, threshold),
+      gram={short: measurement_series(results, key)
+            for short, key in GRAM_KEYS.items()},
+      wall_seconds=float(final.get("wall_seconds", math.nan)),
+      num_parameters=int(results.get("num_parameters", 0)))
+
+
+def load_runs(study_dir: str, cells: Iterable[sweep.Cell],
+              threshold: float = THRESHOLD) -> tuple[list[Run], list[str]]:
+  """The finished runs of `cells` under `study_dir`, and unfinished names.
+
+  Raises:
+    UserError: `study_dir` is not a directory.
+  """
+  if not os.path.isdir(study_dir):
+    raise UserError(f"--study_dir={study_dir} is not a directory; run the "
+                    f"study first (without --report_only)")
+  runs, unfinished = [], []
+  for cell in cells:
+    run = load_run(os.path.join(study_dir, cell.name), threshold)
+    if run is None:
+      unfinished.append(cell.name)
+    else:
+      runs.append(run)
+  return runs, unfinished
+
+
+# --- Summary -----------------------------------------------------------------
+
+
+def _rank(run: Run) -> tuple:
+  """Best first: reached sooner, else lower final loss; then smaller lr."""
+  if run.steps_to_threshold is not None:
+    return (0, run.steps_to_threshold, run.final_loss, run.learning_rate)
+  loss = run.final_loss if math.isfinite(run.final_loss) else math.inf
+  return (1, loss, 0, run.learning_rate)
+
+
+def best_runs(runs: Sequence[Run]) -> dict[tuple[str, int, int], Run]:
+  """The best learning rate's run per (model, depth, width).
+
+  Best: reaches the threshold in the fewest steps; if no rate does, the
+  lowest final training loss; diverged runs come last.
+  """
+  groups = {}
+  for run in runs:
+    groups.setdefault((run.model, run.depth, run.width), []).append(run)
+  return {key: min(group, key=_rank) for key, group in sorted(groups.items())}
+
+
+def run_row(run: Run, threshold: float = THRESHOLD) -> dict:
+  """A CSV row of one run."""
+  row = {"model": run.model, "depth": run.depth, "width": run.width,
+         "learning_rate": run.learning_rate,
+         "residual_scale": run.residual_scale if run.model == "fc_resnet"
+         else "", "state": run.state, "steps": run.steps,
+         "final_train_loss": run.final_loss,
+         "final_train_top1_error": run.final_top1_error,
+         "threshold": threshold,
+         "reached_threshold": run.steps_to_threshold is not None,
+         "steps_to_threshold": ("" if run.steps_to_threshold is None
+                                else run.steps_to_threshold)}
+  for short in GRAM_KEYS:
+    for which in ("init", "end", "min"):
+      row[f"{short}_min_eigenvalue_{which}"] = run.gram_at(short, which)
+  row.update({"num_parameters": run.num_parameters,
+              "wall_seconds": run.wall_seconds, "run": run.name})
+  return row
+
+
+def write_csv(path: str, runs: Sequence[Run],
+              threshold: float = THRESHOLD) -> None:
+  sweep.write_csv(path, [run_row(r, threshold) for r in runs])
+
+
+def _fmt(value: float, spec: str = ".3g") -> str:
+  if value is None or (isinstance(value, float) and math.isnan(value)):
+    return "-"
+  if isinstance(value, float) and math.isinf(value):
+    return "diverged"
+  return format(value, spec)
+
+
+def markdown(best: dict, threshold: float = THRESHOLD,
+             unfinished: Sequence[str] = ()) -> str:
+  """One table per model: rows depth, columns width, best learning rate."""
+  lines = []
+  widths = sorted({w for _, _, w in best})
+  for model in [m for m in MODELS if any(k[0] == m for k in best)] + sorted(
+      {k[0] for k in best} - set(MODELS)):
+    depths = sorted({d for m, d, _ in best if m == model})
+    lines.append(f"**{model}** — final training loss / steps to loss < "
+                 f"{threshold:g} / least NTK eigenvalue at init -> end "
+                 f"(best learning rate)")
+    lines.append("")
+    lines.append("| depth | " + " | ".join(f"width {w}" for w in widths)
+                 + " |")
+    lines.append("|---|" + "---|" * len(widths))
+    for depth in depths:
+      cells = []
+      for width in widths:
+        run = best.get((model, depth, width))
+        if run is None:
+          cells.append("")
+          continue
+        reached = (f"{run.steps_to_threshold} steps"
+                   if run.steps_to_threshold is not None else "not reached")
+        cells.append(
+            f"{_fmt(run.final_loss)} / {reached} / "
+            f"{_fmt(run.gram_at('ntk', 'init'))} -> "
+            f"{_fmt(run.gram_at('ntk', 'end'))} (lr {run.learning_rate:g})")
+      lines.append(f"| {depth} | " + " | ".join(cells) + " |")
+    lines.append("")
+  if unfinished:
+    lines.append(f"{len(unfinished)} runs unfinished and left out: "
+                 + ", ".join(unfinished))
+    lines.append("")
+  return "\n".join(lines)
+
+
+def summary_json(runs: Sequence[Run], best: dict, unfinished: Sequence[str],
+                 threshold: float = THRESHOLD) -> dict:
+  return {"threshold": threshold,
+          "best": [run_row(r, threshold) for r in best.values()],
+          "runs": len(runs), "unfinished": list(unfinished),
+          "reached": sum(r.steps_to_threshold is not None
+                         for r in best.values()),
+          "settings": len(best)}
+
+
+# --- Figures -----------------------------------------------------------------
+
+
+def _plt():
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+  return plt
+
+
+def _png(fig) -> bytes:
+  plt = _plt()
+  buf = io.BytesIO()
+  fig.tight_layout()
+  fig.savefig(buf, format="png", dpi=110)
+  plt.close(fig)
+  return buf.getvalue()
+
+
+def _models(best) -> list[str]:
+  present = {k[0] for k in best}
+  return [m for m in MODELS if m in present] + sorted(present - set(MODELS))
+
+
+def figures(best: dict, threshold: float = THRESHOLD) -> dict[str, bytes]:
+  """The study's figures as PNG bytes, by file name (best rate per setting).
+
+  Raises:
+    UserError: no finished runs.
+  """
+  if not best:
+    raise UserError("no finished runs to plot yet; run the study first")
+  plt = _plt()
+  models = _models(best)
+  widths = sorted({w for _, _, w in best})
+  depths = sorted({d for _, d, _ in best})
+  cmap = plt.get_cmap("viridis")
+  wcolor = {w: cmap(i / max(1, len(widths) - 1) * 0.9)
+            for i, w in enumerate(widths)}
+  dcolor = {d: plt.get_cmap("plasma")(i / max(1, len(depths) - 1) * 0.85)
+            for i, d in enumerate(depths)}
+  budget = max(r.total_steps for r in best.values())
+  out = {}
+
+  # Final training loss against depth.
+  fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 3.8),
+                           sharey=True, squeeze=False)
+  for ax, model in zip(axes[0], models):
+    for w in widths:
+      pts = [(d, best[(model, d, w)].final_loss) for d in depths
+             if (model, d, w) in best
+             and math.isfinite(best[(model, d, w)].final_loss)]
+      if pts:
+        ax.plot(*zip(*pts), marker="o", color=wcolor[w], label=f"width {w}")
+    ax.axhline(threshold, color="0.4", ls=":", lw=1,
+               label=f"loss {threshold:g}")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("depth (hidden layers / residual blocks)")
+    ax.set_title(f"{model}: training loss after {budget} GD steps")
+    ax.grid(alpha=0.3)
+  axes[0][0].set_ylabel("final training loss (random labels)")
+  axes[0][-1].legend(fontsize=8)
+  out["random_labels_final_loss.png"] = _png(fig)
+
+  # Steps to the threshold against depth; not reached drawn above the budget.
+  fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 3.8),
+                           sharey=True, squeeze=False)
+  ceiling = budget * 1.25
+  for ax, model in zip(axes[0], models):
+    for w in widths:
+      runs = [(d, best[(model, d, w)]) for d in depths
+              if (model, d, w) in best]
+      reached = [(d, r.steps_to_threshold) for d, r in runs
+                 if r.steps_to_threshold is not None]
+      missed = [d for d, r in runs if r.steps_to_threshold is None]
+      ax.plot([d for d, _ in reached], [s for _, s in reached], marker="o",
+              color=wcolor[w], label=f"width {w}")
+      if missed:
+        ax.scatter(missed, [ceiling] * len(missed), marker="x", s=60,
+                   color=wcolor[w])
+    ax.axhline(budget, color="0.4", ls=":", lw=1)
+    ax.text(0.02, ceiling, "x: not reached", transform=ax.get_yaxis_transform(),
+            va="bottom", fontsize=8)
+    ax.set_xscale("log", base=2)
+    ax.set_ylim(0, ceiling * 1.12)
+    ax.set_xlabel("depth (hidden layers / residual blocks)")
+    ax.set_title(f"{model}: steps to training loss < {threshold:g}")
+    ax.grid(alpha=0.3)
+  axes[0][0].set_ylabel(f"GD steps (budget {budget}, dotted)")
+  axes[0][-1].legend(fontsize=8)
+  out["random_labels_steps_to_threshold.png"] = _png(fig)
+
+  # Loss curves and Gram eigenvalues: one panel per (model, width).
+  for name, draw, ylabel in (
+      ("random_labels_loss_curves.png", "loss", "training loss"),
+      ("random_labels_ntk_eigenvalue.png", "ntk",
+       "least eigenvalue, NTK Gram (32 ex.)"),
+      ("random_labels_features_eigenvalue.png", "features",
+       "least eigenvalue, F F^T/width (32 ex.)")):
+    fig, axes = plt.subplots(len(models), len(widths),
+                             figsize=(3.6 * len(widths), 3.0 * len(models)),
+                             sharex=True, sharey=True, squeeze=False)
+    any_data = False
+    for i, model in enumerate(models):
+      for j, w in enumerate(widths):
+        ax = axes[i][j]
+        for d in depths:
+          run = best.get((model, d, w))
+          if run is None:
+            continue
+          if draw == "loss":
+            xs, ys = run.curve_steps, run.curve_losses
+          else:
+            series = [(s, v) for s, v in run.gram.get(draw, [])]
+            xs = [s for s, _ in series]
+            ys = [max(v, 1e-12) for _, v in series]  # Log scale: clip at 0.
+          if len(xs):
+            any_data = True
+            ax.plot(xs, ys, color=dcolor[d], marker=None if draw == "loss"
+                    else "o", ms=3, label=f"depth {d}")
+        if draw == "loss":
+          ax.axhline(threshold, color="0.4", ls=":", lw=1)
+        ax.set_yscale("log")
+        ax.set_title(f"{model}, width {w}", fontsize=9)
+        ax.grid(alpha=0.3)
+        if i == len(models) - 1:
+          ax.set_xlabel("GD step")
+        if j == 0:
+          ax.set_ylabel(ylabel, fontsize=8)
+    if any_data:
+      axes[0][-1].legend(fontsize=7)
+      out[name] = _png(fig)
+    else:
+      plt.close(fig)
+
+  # Least eigenvalues at initialisation against depth.
+  keys = [k for k in ("ntk", "features")
+          if any(r.gram.get(k) for r in best.values())]
+  if keys:
+    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.8),
+                             squeeze=False)
+    for ax, key in zip(axes[0], keys):
+      for model, style in zip(models, ("-", "--", "-.", ":")):
+        for w in widths:
+          pts = [(d, best[(model, d, w)].gram_at(key, "init")) for d in depths
+                 if (model, d, w) in best]
+          pts = [(d, max(v, 1e-12)) for d, v in pts if math.isfinite(v)]
+          if pts:
+            ax.plot(*zip(*pts), style, marker="o", color=wcolor[w],
+                    label=f"{model} w{w}")
+      ax.set_xscale("log", base=2)
+      ax.set_yscale("log")
+      ax.set_xlabel("depth")
+      ax.set_title(f"at initialisation: {GRAM_LABELS[key]}", fontsize=9)
+      ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("least eigenvalue")
+    axes[0][-1].legend(fontsize=7, ncol=2)
+    out["random_labels_gram_at_init.png"] = _png(fig)
+  return out
+
+
+def write_tensorboard_images(pngs: dict[str, bytes], logdir: str) -> None:
+  """The figures as TensorBoard images (tag `random_labels/<name>`)."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  writer = tf.summary.create_file_writer(logdir)
+  with writer.as_default(step=0):
+    for name, data in pngs.items():
+      image = tf.image.decode_png(data, channels=4)[tf.newaxis]
+      tf.summary.image(f"random_labels/{os.path.splitext(name)[0]}", image)
+  writer.close()
