@@ -39,11 +39,15 @@ held at once.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging as std_logging
 import math
+import re
 import weakref
 from typing import Sequence
 
+from absl import logging
 import keras
 import numpy as np
 import tensorflow as tf
@@ -98,6 +102,136 @@ def _check_bn_mode(bn_mode):
 OUTPUTS = ("loss", "logits")
 
 
+@dataclasses.dataclass
+class _DenseProbe:
+  """A Dense layer on the fast path: positions of its kernel and bias in
+  `params` (None when that variable is not among them)."""
+  layer: keras.layers.Dense
+  kernel: int | None
+  bias: int | None
+
+
+@contextlib.contextmanager
+def _probing(probes: Sequence[_DenseProbe], hook):
+  """Replaces each probed layer's `call` while a function is traced.
+
+  The replacement computes z = a W + b as `keras.layers.Dense.call` does,
+  then `hook(k, a, z)` (k the probe's position) returns the tensor that goes
+  on, and the layer's activation is applied to that: the hook sees the
+  pre-activation output also when the activation is fused.
+  """
+  patched = []
+  try:
+    for k, probe in enumerate(probes):
+      layer = probe.layer
+
+      def call(inputs, training=None, k=k, layer=layer):
+        del training
+        z = keras.ops.matmul(inputs, layer.kernel)
+        if layer.bias is not None:
+          z = keras.ops.add(z, layer.bias)
+        z = hook(k, inputs, z)
+        return z if layer.activation is None else layer.activation(z)
+
+      layer.call = call
+      patched.append(layer)
+    yield
+  finally:
+    for layer in patched:
+      del layer.call  # Back to the class's method.
+
+
+def _dense_probes(model, function, params, input_shape
+                  ) -> list[_DenseProbe]:
+  """The Dense layers whose chosen variables can take the fast path.
+
+  A candidate is a plain `keras.layers.Dense` (not a subclass with its own
+  `call`, no LoRA, not quantized) holding a chosen kernel or bias. It stays
+  one if, in a forward pass on two zero examples, it runs exactly once on a
+  rank-2 float input; a layer shared between several places, or applied to
+  sequences, keeps the vectorized_map path.
+  """
+  if not isinstance(model, keras.Model):
+    return []
+  index = {id(p): i for i, p in enumerate(params)}
+  candidates = []
+  for layer in hvp._all_layers(model):
+    if (type(layer).call is not keras.layers.Dense.call
+        or getattr(layer, "lora_enabled", False)
+        or getattr(layer, "quantization_mode", None) is not None
+        or not layer.built):
+      continue
+    kernel = index.get(id(layer.kernel))
+    bias = None if layer.bias is None else index.get(id(layer.bias))
+    if kernel is not None or bias is not None:
+      candidates.append(_DenseProbe(layer, kernel, bias))
+  if not candidates:
+    return []
+  seen = [[] for _ in candidates]
+
+  def hook(k, a, z):
+    seen[k].append((a.shape.rank, a.dtype.is_floating))
+    return z
+
+  with _probing(candidates, hook):
+    function.logits(function.values(), tf.zeros([2, *input_shape]))
+  return [probe for probe, calls in zip(candidates, seen)
+          if calls == [(2, True)]]
+
+
+class _FallbackReport(std_logging.Filter):
+  """Collects (and hides) pfor's while_loop warnings while a map is traced.
+
+  TF logs "Conv2DBackpropFilter uses a while_loop. Fix that!" once per op
+  instance (tensorflow#34496), and "Using a while_loop for converting X" for
+  ops without a converter; `_vectorized_map` turns them into one line.
+  """
+
+  _PATTERNS = (re.compile(r"^(\w+) uses a while_loop"),
+               re.compile(r"^Using a while_loop for converting (\w+)"))
+
+  def __init__(self, level):
+    super().__init__()
+    self.level = level
+    self.ops = set()
+
+  def filter(self, record):
+    message = record.getMessage()
+    for pattern in self._PATTERNS:
+      match = pattern.match(message)
+      if match:
+        self.ops.add(match.group(1))
+        return False
+    return record.levelno >= self.level
+
+
+# Op types whose while_loop fallback has been reported in this process.
+_REPORTED_FALLBACKS: set = set()
+
+
+def _vectorized_map(fn, elems):
+  """`tf.vectorized_map`, reporting while_loop fallbacks in one log line."""
+  logger = tf.get_logger()
+  level = logger.getEffectiveLevel()
+  report = _FallbackReport(level)
+  logger.addFilter(report)
+  logger.setLevel(min(level, std_logging.WARNING))
+  try:
+    out = tf.vectorized_map(fn, elems)
+  finally:
+    logger.setLevel(level)
+    logger.removeFilter(report)
+  new = sorted(report.ops - _REPORTED_FALLBACKS)
+  if new:
+    _REPORTED_FALLBACKS.update(new)
+    logging.warning(
+        "per-example gradients: tf.vectorized_map cannot vectorise %s and "
+        "runs it in a while_loop, one example at a time: slower than the "
+        "vectorised ops (tensorflow#34496); reported once per process.",
+        ", ".join(new))
+  return out
+
+
 class PerExampleGradients:
   """Per-example gradients of one model, traced once per input shape.
 
@@ -115,6 +249,7 @@ class PerExampleGradients:
     output: "loss" or "logits".
     chunk_size: examples per traced call (a multiple of the replicas).
     layer_slices: as in `PerExample` (None when projected).
+    dense_paths: paths of the variables on the Dense fast path.
   """
 
   def __init__(self, model, input_shape: Sequence[int], *, params=None,
@@ -141,42 +276,114 @@ class PerExampleGradients:
         1 if output == "loss" else
         int(self.function.logits(self.function.values(),
                                  tf.zeros([1, *self.input_shape])).shape[-1]))
-    self.size = self.num_outputs * int(
-        sum(np.prod(p.shape) for p in self.params))
+    self.sizes = [self.num_outputs * int(np.prod(p.shape))
+                  for p in self.params]
+    self.size = int(sum(self.sizes))
     self.projection_dim = (None if projection_dim is None
                            else int(projection_dim))
     self.dim = self.projection_dim or self.size
     self.layer_slices = (None if self.projection_dim
                          else _layer_slices(self.params, self.num_outputs))
+    self.paths = [path for path, _, _ in _layer_slices(self.params)]
+    with self.strategy.scope():
+      self._probes = _dense_probes(model, self.function, self.params,
+                                   self.input_shape)
+    fast = {i for p in self._probes for i in (p.kernel, p.bias)
+            if i is not None}
+    self.dense_paths = [self.paths[i] for i in sorted(fast)]
+    # The other variables go through vectorized_map; their columns in the
+    # rows it returns.
+    self._rest = [i for i in range(len(self.params)) if i not in fast]
+    self._rest_slices, start = [], 0
+    for i in self._rest:
+      self._rest_slices.append((i, start, start + self.sizes[i]))
+      start += self.sizes[i]
     self._build()
 
   # -- inside the graph -------------------------------------------------------
 
-  def _gradients(self, x, y):
-    """[rows, size]: each row's loss gradient or flattened logit Jacobian."""
+  def _gradients(self, x, y, indices):
+    """[rows, sum of sizes]: the columns of the variables `indices`."""
     values = self.function.values()
+    chosen = [values[i] for i in indices]
 
     def one(example):
       xi, yi = example
       with tf.GradientTape() as tape:
-        tape.watch(values)
+        tape.watch(chosen)
         logits = self.function.logits(values, xi[None])
         loss = loop.cross_entropy(yi[None], logits)[0]
         target = loss if self.output == "loss" else logits[0]
       if self.output == "loss":
-        grads = tape.gradient(target, values)
+        grads = tape.gradient(target, chosen)
         return hvp.flatten([
             tf.zeros(v.shape, tf.float32) if g is None
-            else tf.cast(g, tf.float32) for g, v in zip(grads, values)])
+            else tf.cast(g, tf.float32) for g, v in zip(grads, chosen)])
       # [C, *shape] per variable, flattened variable by variable.
-      jac = tape.jacobian(target, values)
+      jac = tape.jacobian(target, chosen)
       c = self.num_outputs
       return tf.concat([
           tf.zeros([c * int(np.prod(v.shape))], tf.float32) if j is None
           else tf.reshape(tf.cast(j, tf.float32), [-1])
-          for j, v in zip(jac, values)], axis=0)
+          for j, v in zip(jac, chosen)], axis=0)
 
-    return tf.vectorized_map(one, (x, y))
+    return _vectorized_map(one, (x, y))
+
+  def _factors(self, x, y):
+    """(A, D) of every probed Dense layer, from one batched pass.
+
+    A [rows, inputs] is the layer's input, D [rows, C * units] the gradient
+    of example i's loss (or of each of its C logits, class-major) at the
+    layer's pre-activation output. In inference mode example i's loss
+    depends on example i alone, so the gradient of the SUM of the losses
+    with respect to a zero tensor added to that output has row i equal to
+    d f_i / d z_i. Example i's kernel gradient is a_i d_i^T, its bias
+    gradient d_i.
+    """
+    values = self.function.values()
+    inputs, probes = {}, {}
+    with tf.GradientTape() as tape:
+
+      def hook(k, a, z):
+        probe = tf.zeros_like(z)
+        tape.watch(probe)
+        inputs[k], probes[k] = a, probe
+        return z + probe
+
+      with _probing(self._probes, hook):
+        logits = self.function.logits(values, x)
+      if self.output == "loss":
+        target = tf.reduce_sum(loop.cross_entropy(y, logits))
+      else:
+        target = tf.reduce_sum(tf.cast(logits, tf.float32), axis=0)  # [C]
+    order = range(len(self._probes))
+    watched = [probes[k] for k in order]
+    if self.output == "loss":
+      deltas = tape.gradient(target, watched)
+    else:  # [C, rows, units] -> [rows, C * units], class-major.
+      deltas = [tf.reshape(tf.transpose(d, [1, 0, 2]), [tf.shape(d)[1], -1])
+                for d in tape.jacobian(target, watched)]
+    return [(tf.cast(inputs[k], tf.float32), tf.cast(d, tf.float32))
+            for k, d in zip(order, deltas)]
+
+  def _rows(self, x, y):
+    """[rows, size]: every variable's columns, in the variables' order."""
+    pieces = [None] * len(self.params)
+    if self._rest:
+      rest = self._gradients(x, y, self._rest)
+      for i, start, end in self._rest_slices:
+        pieces[i] = rest[:, start:end]
+    if self._probes:
+      c = self.num_outputs
+      for probe, (a, d) in zip(self._probes, self._factors(x, y)):
+        units = probe.layer.units
+        d3 = tf.reshape(d, [-1, c, units])
+        if probe.kernel is not None:  # [rows, C, inputs, units], flattened.
+          pieces[probe.kernel] = tf.reshape(
+              tf.einsum("ni,ncj->ncij", a, d3), [-1, self.sizes[probe.kernel]])
+        if probe.bias is not None:
+          pieces[probe.bias] = d
+    return tf.concat(pieces, axis=1)
 
   def _project(self, m, seed):
     """m R for R [P, d] of N(0, 1/d) entries, generated block by block."""
@@ -191,15 +398,54 @@ class PerExampleGradients:
       out += tf.matmul(m[:, start:end], block)
     return out / math.sqrt(d)
 
-  def _replica(self, x, y, seed):
+  def _slice(self, x, y):
     if self.replicas > 1:
       per = self.chunk_size // self.replicas
       lo = tf.distribute.get_replica_context().replica_id_in_sync_group * per
       x, y = x[lo:lo + per], y[lo:lo + per]
-    m = self._gradients(x, y)
+    return x, y
+
+  def _replica(self, x, y, seed):
+    m = self._rows(*self._slice(x, y))
     if self.projection_dim:
       m = self._project(m, seed)
     return m
+
+  def _gram_replica(self, x, y):
+    """The factors of the fast path and the vectorized_map rows of the rest."""
+    x, y = self._slice(x, y)
+    factors = self._factors(x, y) if self._probes else []
+    rest = (self._gradients(x, y, self._rest) if self._rest
+            else tf.zeros([tf.shape(y)[0], 0], tf.float32))
+    return factors, rest
+
+  def _run(self, fn, *args):
+    if self.replicas == 1:
+      return fn(*args)
+    per_replica = self.strategy.run(fn, args=args)
+    return tf.nest.map_structure(
+        lambda v: self.strategy.gather(v, axis=0), per_replica)
+
+  def _blocks(self, fi, ri, fj, rj, per_layer):
+    """G between two chunks: [L, ci, cj] per variable, or [ci, cj]."""
+    out = [None] * len(self.params)
+    total = None
+    for probe, (ai, di), (aj, dj) in zip(self._probes, fi, fj):
+      dd = tf.matmul(di, dj, transpose_b=True)
+      if probe.bias is not None:
+        out[probe.bias] = dd
+      if probe.kernel is not None:
+        out[probe.kernel] = tf.matmul(ai, aj, transpose_b=True) * dd
+    if per_layer:
+      for i, start, end in self._rest_slices:
+        out[i] = tf.matmul(ri[:, start:end], rj[:, start:end],
+                           transpose_b=True)
+      return tf.stack(out)
+    total = tf.matmul(ri, rj, transpose_b=True)
+    for block in out:
+      if block is not None:
+        total += block
+    return total
 
   def _build(self):
     spec = [tf.TensorSpec([self.chunk_size, *self.input_shape], tf.float32),
@@ -208,12 +454,19 @@ class PerExampleGradients:
 
     @tf.function(input_signature=spec)
     def chunk(x, y, seed):
-      if self.replicas == 1:
-        return self._replica(x, y, seed)
-      per_replica = self.strategy.run(self._replica, args=(x, y, seed))
-      return self.strategy.gather(per_replica, axis=0)
+      return self._run(self._replica, x, y, seed)
+
+    @tf.function(input_signature=spec[:2])
+    def gram_chunk(x, y):
+      return self._run(self._gram_replica, x, y)
 
     self._chunk = chunk
+    self._gram_chunk = gram_chunk
+    self._pair = {
+        per_layer: tf.function(
+            lambda fi, ri, fj, rj, per_layer=per_layer: self._blocks(
+                fi, ri, fj, rj, per_layer))
+        for per_layer in (False, True)}
 
   # -- the interface ----------------------------------------------------------
 
@@ -232,8 +485,7 @@ class PerExampleGradients:
   def num_chunks(self, n: int) -> int:
     return -(-n // self.chunk_size)
 
-  def chunk(self, x, y, index: int, seed: int = 0) -> np.ndarray:
-    """Rows [index * chunk_size, ...) of the gradient matrix, float32."""
+  def _padded(self, x, y, index):
     c = self.chunk_size
     xs, ys = x[index * c:(index + 1) * c], y[index * c:(index + 1) * c]
     rows = len(ys)
@@ -241,8 +493,12 @@ class PerExampleGradients:
       xs = np.concatenate([xs, np.zeros((c - rows, *xs.shape[1:]),
                                         np.float32)])
       ys = np.concatenate([ys, np.zeros(c - rows, np.int64)])
-    out = self._chunk(tf.constant(xs), tf.constant(ys),
-                      tf.constant(int(seed), tf.int64))
+    return tf.constant(xs), tf.constant(ys), rows
+
+  def chunk(self, x, y, index: int, seed: int = 0) -> np.ndarray:
+    """Rows [index * chunk_size, ...) of the gradient matrix, float32."""
+    xs, ys, rows = self._padded(x, y, index)
+    out = self._chunk(xs, ys, tf.constant(int(seed), tf.int64))
     return out.numpy()[:rows]
 
   def __call__(self, x, y, seed: int = 0) -> PerExample:
@@ -253,9 +509,22 @@ class PerExampleGradients:
                       projected=self.projection_dim is not None,
                       dim=self.dim)
 
+  def _gram_parts(self, x, y, index, seed):
+    """One chunk's (factors, rows) for `inner_products`, as tensors."""
+    xs, ys, _ = self._padded(x, y, index)
+    if self.projection_dim:
+      return [], self._chunk(xs, ys, tf.constant(int(seed), tf.int64))
+    return self._gram_chunk(xs, ys)
+
   def inner_products(self, x, y, seed: int = 0, per_layer: bool = False,
                      resident_bytes: int = _RESIDENT_BYTES):
-    """G = M M^T (float64), block by block; per-layer G's if asked."""
+    """G = M M^T (float64), block by block; per-layer G's if asked.
+
+    Blocks are float32 matrix products in the graph, returned as float64:
+    the Dense fast path's (A_i A_j^T) * (D_i D_j^T) and bias D_i D_j^T,
+    plus R_i R_j^T of the vectorized_map rows of the other variables (or of
+    the projected rows).
+    """
     if per_layer and self.projection_dim:
       raise UserError("per-layer inner products are not defined after a "
                       "projection; leave projection_dim unset")
@@ -267,27 +536,34 @@ class PerExampleGradients:
       nonlocal used
       if j in cache:
         return cache[j]
-      block = self.chunk(x, y, j, seed).astype(np.float64)
-      if used + block.nbytes <= resident_bytes:
-        cache[j] = block
-        used += block.nbytes
-      return block
+      parts = self._gram_parts(x, y, j, seed)
+      size = sum(int(np.prod(t.shape)) * 4 for t in tf.nest.flatten(parts))
+      if used + size <= resident_bytes:
+        cache[j] = parts
+        used += size
+      return parts
 
-    gram = np.zeros((n, n))
-    layers = ({path: np.zeros((n, n)) for path, _, _ in self.layer_slices}
-              if per_layer else None)
+    pair = self._pair[per_layer]
+    total = k * c
+    gram = np.zeros((total, total))
+    layers = np.zeros((len(self.params), total, total)) if per_layer else None
     for i in range(k):
-      a = get(i)
+      fi, ri = get(i)
       for j in range(i, k):
-        b = a if j == i else get(j)
-        si, sj = slice(i * c, i * c + len(a)), slice(j * c, j * c + len(b))
-        gram[si, sj] = a @ b.T
-        gram[sj, si] = gram[si, sj].T
+        fj, rj = (fi, ri) if j == i else get(j)
+        block = pair(fi, ri, fj, rj).numpy().astype(np.float64)
+        si, sj = slice(i * c, (i + 1) * c), slice(j * c, (j + 1) * c)
         if per_layer:
-          for path, s, e in self.layer_slices:
-            layers[path][si, sj] = a[:, s:e] @ b[:, s:e].T
-            layers[path][sj, si] = layers[path][si, sj].T
-    return (gram, layers) if per_layer else gram
+          layers[:, si, sj] = block
+          layers[:, sj, si] = np.swapaxes(block, 1, 2)
+          block = block.sum(axis=0)
+        gram[si, sj] = block
+        gram[sj, si] = block.T
+    gram = gram[:n, :n]
+    if not per_layer:
+      return gram
+    return gram, {path: layers[l, :n, :n].copy()
+                  for l, path in enumerate(self.paths)}
 
   @property
   def traces(self) -> int:
