@@ -219,3 +219,129 @@ def test_saved_model_matches_keras(tmp_path):
                                             output="logits")
   jac = reference_jacobians(model, x)
   assert_close(ntk, np.einsum("icp,jcp->ij", jac, jac))
+
+
+def mixed_model(seed=0):
+  """Conv + batch norm, a Dense on a sequence, a fused-activation Dense, a
+  Dense applied twice, and a classifier: every path of the fast-path test."""
+  keras.utils.set_random_seed(seed)
+  inputs = keras.Input((6, 6, 1))
+  h = keras.layers.Conv2D(3, 3, name="conv")(inputs)
+  h = keras.layers.BatchNormalization(name="bn")(h)
+  h = keras.layers.Activation("relu")(h)
+  h = keras.layers.Reshape((16, 3))(h)
+  h = keras.layers.Dense(2, name="per_position")(h)  # rank 3: vmap path
+  h = keras.layers.Flatten()(h)
+  h = keras.layers.Dense(5, activation="tanh", name="fused")(h)
+  shared = keras.layers.Dense(5, name="shared")  # applied twice: vmap path
+  h = shared(keras.layers.Activation("tanh")(shared(h)))
+  logits = keras.layers.Dense(3, name="classifier")(h)
+  model = keras.Model(inputs, logits)
+  # Moving statistics away from 0 and 1, so inference mode matters.
+  bn = model.get_layer("bn")
+  bn.moving_mean.assign([0.3, -0.2, 0.1])
+  bn.moving_variance.assign([2.0, 0.5, 1.5])
+  return model, (6, 6, 1)
+
+
+def gram_reference(model, x, y, output):
+  """G (and per-variable G_l) from the loop of single-example tapes."""
+  if output == "loss":
+    m = reference(model, x, y)[:, None, :]
+  else:
+    m = reference_jacobians(model, x)
+  layers, start = {}, 0
+  for v in model.trainable_variables:
+    size = int(np.prod(v.shape))
+    block = m[:, :, start:start + size]
+    layers[v.path] = np.einsum("icp,jcp->ij", block, block)
+    start += size
+  return np.einsum("icp,jcp->ij", m, m), layers
+
+
+@pytest.mark.parametrize("name,output", [
+    ("mlp", "loss"), ("fc_resnet", "loss"), ("fc_resnet", "logits"),
+    ("mixed", "loss"), ("mixed", "logits"), ("mlp_bn", "loss")])
+def test_dense_fast_path_matches_single_example_tapes(name, output):
+  if name == "mixed":
+    model, shape = mixed_model()
+  elif name == "mlp_bn":  # Dense without bias, then batch norm.
+    keras.utils.set_random_seed(0)
+    shape = (5,)
+    model = models.get("mlp", input_shape=shape, num_classes=3, width=8,
+                       depth=2, normalization="batch")
+  else:
+    model, shape = make_model(name)
+  x, y = make_data(10, shape)
+  computation = per_example.get_computation(model, shape, chunk_size=4,
+                                            output=output)
+  if name == "mixed":
+    assert computation.dense_paths == [
+        "fused/kernel", "fused/bias", "classifier/kernel", "classifier/bias"]
+  else:
+    assert computation.dense_paths == [
+        v.path for v in model.trainable_variables if "norm" not in v.path]
+  expected, expected_layers = gram_reference(model, x, y, output)
+  gram, layers = per_example.gradient_inner_products(
+      model, x, y, chunk_size=4, per_layer=True, output=output)
+  assert gram.dtype == np.float64
+  assert_close(gram, expected)
+  assert list(layers) == [v.path for v in model.trainable_variables]
+  for path, g in layers.items():
+    assert_close(g, expected_layers[path])
+  assert_close(per_example.gradient_inner_products(
+      model, x, y, chunk_size=4, output=output), expected)
+  # One chunk holding everything; chunks recomputed instead of kept.
+  assert_close(per_example.gradient_inner_products(
+      model, x, y, chunk_size=16, output=output), expected)
+  assert_close(computation.inner_products(x, y, resident_bytes=0), expected)
+  # The rows themselves (outer products of the same factors).
+  if output == "loss":
+    rows = per_example.per_example_gradients(model, x, y, chunk_size=4)
+    assert_close(rows.matrix, reference(model, x, y))
+
+
+def test_dense_fast_path_selected_params():
+  model, shape = mixed_model()
+  x, y = make_data(6, shape)
+  params = [model.get_layer("classifier").kernel,
+            model.get_layer("bn").gamma, model.get_layer("fused").bias]
+  computation = per_example.get_computation(model, shape, params=params)
+  assert computation.dense_paths == ["classifier/kernel", "fused/bias"]
+  gram, layers = per_example.gradient_inner_products(
+      model, x, y, params=params, per_layer=True)
+  _, expected = gram_reference(model, x, y, "loss")
+  assert list(layers) == [p.path for p in params]
+  for p in params:
+    assert_close(layers[p.path], expected[p.path])
+  assert_close(gram, sum(expected[p.path] for p in params))
+
+
+def test_dense_fast_path_two_replicas():
+  strategy = conftest.two_replicas()
+  with strategy.scope():
+    model, shape = make_model("fc_resnet")
+  x, y = make_data(9, shape)
+  for output in per_example.OUTPUTS:
+    expected, expected_layers = gram_reference(model, x, y, output)
+    gram, layers = per_example.gradient_inner_products(
+        model, x, y, chunk_size=4, strategy=strategy, per_layer=True,
+        output=output)
+    assert_close(gram, expected)
+    for path, g in layers.items():
+      assert_close(g, expected_layers[path])
+
+
+def test_while_loop_fallback_reported_once(monkeypatch, caplog):
+  monkeypatch.setattr(per_example, "_REPORTED_FALLBACKS", set())
+  model, shape = make_model("resnet")
+  x, y = make_data(4, shape)
+  caplog.set_level("WARNING")
+  for chunk_size in (2, 4):  # Two traces; one line.
+    per_example.PerExampleGradients(model, shape,
+                                    chunk_size=chunk_size)(x, y)
+  lines = [r.getMessage() for r in caplog.records
+           if "while_loop" in r.getMessage()]
+  assert len(lines) == 1, lines
+  assert "Conv2DBackpropFilter" in lines[0] and "slower" in lines[0]
+  assert caplog.records[0].name == "absl"

@@ -414,10 +414,12 @@ class PerExampleGradients:
   def _gram_replica(self, x, y):
     """The factors of the fast path and the vectorized_map rows of the rest."""
     x, y = self._slice(x, y)
-    factors = self._factors(x, y) if self._probes else []
-    rest = (self._gradients(x, y, self._rest) if self._rest
-            else tf.zeros([tf.shape(y)[0], 0], tf.float32))
-    return factors, rest
+    parts = {}  # No empty tensors: gathering them across replicas crashes.
+    if self._probes:
+      parts["factors"] = self._factors(x, y)
+    if self._rest:
+      parts["rest"] = self._gradients(x, y, self._rest)
+    return parts
 
   def _run(self, fn, *args):
     if self.replicas == 1:
@@ -514,7 +516,9 @@ class PerExampleGradients:
     xs, ys, _ = self._padded(x, y, index)
     if self.projection_dim:
       return [], self._chunk(xs, ys, tf.constant(int(seed), tf.int64))
-    return self._gram_chunk(xs, ys)
+    parts = self._gram_chunk(xs, ys)
+    return (parts.get("factors", []),
+            parts.get("rest", tf.zeros([self.chunk_size, 0], tf.float32)))
 
   def inner_products(self, x, y, seed: int = 0, per_layer: bool = False,
                      resident_bytes: int = _RESIDENT_BYTES):
