@@ -1,0 +1,217 @@
+"""The maxi-batch study (papers/003): runs the grid and variants, reports.
+
+  python tools/maxibatch_study.py \
+      --flagfile=flags/maxibatch_resnet_digits_cpu.flags \
+      --study_dir=runs/maxibatch_digits --parallel=2
+
+`--flagfile` is the training runs' base flagfile. Its `# sweep.grid:` lines
+give the grid (batch size x learning rate) and its `# maxibatch.variant: NAME
+flag=value ...` lines single runs beyond it (gradient noise, linearisation);
+`@CELL` in a value is that cell's run directory, and the variant waits for
+it. Each run is trained by the sweep library (tfcapacity.studies.sweep) in
+STUDY_DIR/<cell>: rerunning the same command skips finished runs and resumes
+interrupted ones.
+
+Then Fig. 2's interpolations (tfcapacity.interpolate, from the smallest
+batch size's best run to each run of the largest batch size), cached in
+STUDY_DIR/interpolation/*.json, and the report in --output_dir (default
+STUDY_DIR/report): maxibatch.md (tables), maxibatch.csv (one row per run),
+maxibatch.json (best rates, the paper's claims checked, interpolation
+summaries), the figures maxibatch_fig*.png and the same as TensorBoard
+images. `--report_only` trains nothing and computes no interpolation that
+is not cached.
+
+Exit status: 0 every run finished, 1 some run did not (the report covers
+the finished ones), 2 bad input.
+"""
+
+import os
+import signal
+import sys
+import time
+
+from absl import app
+from absl import flags
+from absl import logging
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(
+    __file__))))
+
+from tfcapacity import cli  # noqa: E402
+from tfcapacity.errors import UserError  # noqa: E402
+from tfcapacity.studies import maxibatch  # noqa: E402
+from tfcapacity.studies import sweep  # noqa: E402
+from tfcapacity.training import rundir  # noqa: E402
+
+flags.DEFINE_string("base_flagfile", None,
+                    "The training runs' base flagfile (also --flagfile).")
+flags.DEFINE_string("study_dir", None, "Directory of the study's runs.")
+flags.DEFINE_integer("parallel", 2, "Training processes at once.",
+                     lower_bound=1)
+flags.DEFINE_integer("threads_per_cell", None,
+                     "TensorFlow threads per training process (default: the "
+                     "CPU count divided by --parallel).", lower_bound=1)
+flags.DEFINE_integer("interpolation_points", 25,
+                     "Points on each interpolation line (Fig. 2).",
+                     lower_bound=2)
+flags.DEFINE_integer("interpolation_examples", -1,
+                     "Examples per split for the interpolation (-1: all).",
+                     lower_bound=-1)
+flags.DEFINE_string("output_dir", None,
+                    "Where the report goes (default: STUDY_DIR/report).")
+flags.DEFINE_bool("report_only", False,
+                  "Train nothing and compute no new interpolation; report "
+                  "what has finished.")
+flags.DEFINE_bool("tensorboard", True,
+                  "Also write the figures as TensorBoard images.")
+flags.DEFINE_bool("progress", None,
+                  "Progress bar over runs (default: on a terminal).")
+FLAGS = flags.FLAGS
+PROG = "maxibatch_study"
+ALPHA_RANGE = "-0.5,1.5"
+
+
+def fail(message: str):
+  cli.fail(PROG, message)
+
+
+def _terminate(signum, frame):
+  del frame
+  raise SystemExit(128 + signum)
+
+
+def interpolate(a_dir: str, b_dir: str, path: str) -> dict:
+  """Runs tfcapacity.interpolate's library on (A, B); writes `path`."""
+  from tfcapacity import interpolate as interp  # pylint: disable=g-import-not-at-top
+  fv = flags.FlagValues()
+  interp.define_flags(fv)
+  fv(["interpolate", f"--from={a_dir}", f"--to={b_dir}",
+      f"--num_points={FLAGS.interpolation_points}",
+      f"--alpha_range={ALPHA_RANGE}",
+      f"--num_examples={FLAGS.interpolation_examples}",
+      f"--output={path}", "--nofigure", "--noprogress_bar"])
+  result = interp.compute(fv)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  rundir.write_json(path, result)
+  return result
+
+
+def main(argv):
+  cli.no_arguments(PROG, argv)
+  if not FLAGS.study_dir:
+    fail("--study_dir is required: the directory that holds the runs")
+  if not FLAGS.base_flagfile:
+    fail("--flagfile is required: the training runs' base flagfile, e.g. "
+         "flags/maxibatch_resnet_digits_cpu.flags")
+  try:
+    with open(FLAGS.base_flagfile) as f:
+      text = f.read()
+  except OSError as e:
+    fail(f"cannot read --flagfile={FLAGS.base_flagfile}: {e.strerror}")
+  started = time.time()
+  try:
+    spec = sweep.grid_from_flagfile(text)
+    if spec is None:
+      raise UserError(f"{FLAGS.base_flagfile} has no '# sweep.grid: "
+                      f"flag=v1,v2' lines; add the study's grid there")
+    grid = sweep.parse_grid(spec)
+    grid_cells = sweep.cells(grid)
+    variants = maxibatch.parse_variants(text, grid_cells, FLAGS.study_dir)
+    all_cells = [*grid_cells, *variants]
+    base_args = [f"--flagfile={FLAGS.base_flagfile}"]
+    from tfcapacity import config as config_lib  # pylint: disable=g-import-not-at-top
+    base = config_lib.parse_args(base_args)
+    configs = sweep.validate(base_args, all_cells)
+    if not FLAGS.report_only:
+      sweep.prepare_sweep_dir(FLAGS.study_dir, base, grid)
+  except UserError as e:
+    fail(str(e))
+
+  states = {}
+  if not FLAGS.report_only:
+    threads = FLAGS.threads_per_cell or max(
+        1, (os.cpu_count() or 1) // FLAGS.parallel)
+    first, second = maxibatch.run_order(grid_cells, variants)
+    logging.info("maxi-batch study: %d grid runs and %d variants in %s",
+                 len(grid_cells), len(variants), FLAGS.study_dir)
+    signal.signal(signal.SIGTERM, _terminate)
+    run = dict(parallel=FLAGS.parallel, threads_per_cell=threads,
+               progress=FLAGS.progress)
+    states = sweep.run(FLAGS.study_dir, all_cells, first, configs, **run)
+    ready = [v for v in second
+             if all(states.get(d) == sweep.COMPLETED for d in v.depends_on)]
+    for v in second:
+      if v not in ready:
+        logging.error("variant %s not run: %s did not complete", v.name,
+                      ", ".join(v.depends_on))
+        states[v.name] = sweep.cell_state(os.path.join(FLAGS.study_dir,
+                                                       v.name))
+    if ready:
+      states.update(sweep.run(FLAGS.study_dir, all_cells, ready, configs,
+                              **run))
+  trained = time.time() - started
+
+  try:
+    runs, unfinished = maxibatch.load_runs(FLAGS.study_dir, all_cells)
+    report = maxibatch.summarize(runs, unfinished)
+    interpolations, missing = {}, []
+    for a, b in maxibatch.interpolation_pairs(report):
+      path = maxibatch.interpolation_path(FLAGS.study_dir, a, b)
+      if not os.path.exists(path):
+        if FLAGS.report_only:
+          missing.append(os.path.basename(path))
+          continue
+        logging.info("interpolating %s -> %s", a.name, b.name)
+        with cli.quiet_native_stderr():
+          interpolate(os.path.join(FLAGS.study_dir, a.name),
+                      os.path.join(FLAGS.study_dir, b.name), path)
+      interpolations[path] = maxibatch.read_interpolation(path)
+    pngs = maxibatch.figures(report, interpolations)
+    out_dir = FLAGS.output_dir or os.path.join(FLAGS.study_dir, "report")
+    os.makedirs(out_dir, exist_ok=True)
+  except UserError as e:
+    fail(str(e))
+  table = maxibatch.markdown(report)
+  rundir.atomic_write(os.path.join(out_dir, "maxibatch.md"), table)
+  sweep.write_csv(os.path.join(out_dir, "maxibatch.csv"),
+                  maxibatch.table_rows(report))
+  summary = maxibatch.summary_json(report, interpolations)
+  summary["interpolations_missing"] = missing
+  summary["seconds_this_invocation"] = time.time() - started
+  summary["training_seconds_this_invocation"] = (
+      0.0 if FLAGS.report_only else trained)
+  rundir.write_json(os.path.join(out_dir, "maxibatch.json"), summary)
+  for name, data in pngs.items():
+    rundir.atomic_write(os.path.join(out_dir, name), data)
+  if FLAGS.tensorboard:
+    with cli.quiet_native_stderr():
+      maxibatch.write_tensorboard_images(pngs, out_dir)
+  print(table)
+  print(f"{len(runs)} runs finished, {len(unfinished)} unfinished, "
+        f"{len(interpolations)} interpolations"
+        + (f" ({len(missing)} not computed: --report_only)" if missing
+           else "") + f"; {time.time() - started:.0f} s. Written to {out_dir}")
+  not_done = [n for n, s in states.items() if s not in sweep.FINISHED]
+  if not_done:
+    print(f"{PROG}: {len(not_done)} of {len(states)} runs did not finish "
+          f"({', '.join(not_done)}); rerun the same command to retry them",
+          file=sys.stderr)
+    sys.exit(1)
+
+
+def base_flagfile_arg(argv):
+  """--flagfile names the runs' base flagfile, not one of this tool's."""
+  renamed = []
+  args = iter(argv)
+  for arg in args:
+    if arg in ("--flagfile", "-flagfile"):
+      arg = "--base_flagfile=" + next(args, "")
+    elif arg.startswith(("--flagfile=", "-flagfile=")):
+      arg = "--base_flagfile=" + arg.split("=", 1)[1]
+    renamed.append(arg)
+  return renamed
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=cli.flags_parser(PROG,
+                                              rewrite=base_flagfile_arg))
