@@ -307,13 +307,22 @@ def summarize(runs: Sequence[Run], unfinished: Sequence[str] = ()) -> Report:
 
 def interpolation_pairs(report: Report) -> list[tuple[Run, Run]]:
   """Fig. 2's pairs: the smallest m's best run to every finished run of the
-  largest m (one per learning rate; the paper's top and bottom panels)."""
+  largest m that differs from the grid's runs there only in its learning
+  rate (grid runs and such variants: the paper's top and bottom panels)."""
   ms = [m for m in report.batch_sizes if report.best[m] is not None]
   if len(ms) < 2:
     return []
   start, last = report.best[ms[0]], ms[-1]
-  return [(start, run) for (m, _), run in sorted(report.grid.items())
-          if m == last and run.state == sweep.COMPLETED]
+  ends = [run for (m, _), run in sorted(report.grid.items()) if m == last]
+  reference = ends[0]
+  ends += [v for v in report.variants if v.batch_size == last and set(
+      _changes(v, reference)) <= {"learning_rate"}]
+  return [(start, run) for run in ends if run.state == sweep.COMPLETED]
+
+
+def _changes(run: Run, base: Run) -> list[str]:
+  return [k for k in sorted(set(run.flags) | set(base.flags))
+          if k != "model_dir" and run.flags.get(k) != base.flags.get(k)]
 
 
 def interpolation_path(study_dir: str, a: Run, b: Run) -> str:
