@@ -12,7 +12,6 @@ import os
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
 from tfcapacity import config
 from tfcapacity import data as data_lib

@@ -77,10 +77,16 @@ def assign_weights(model, values) -> None:
     variable.assign(np.asarray(value, variable.dtype))
 
 
+def _layers(model) -> list:
+  """All layers, nested ones included (a functional model: in topological
+  order, which `recompute_batch_norm` relies on)."""
+  return list(model._flatten_layers(include_self=False))  # pylint: disable=protected-access
+
+
 def structure(model) -> list[tuple[str, str, tuple]]:
   """(layer class, variable name, shape) of each of `model.weights`."""
   owner = {}
-  for layer in model._flatten_layers(include_self=False):  # pylint: disable=protected-access
+  for layer in _layers(model):
     for variable in layer.weights:
       owner.setdefault(id(variable), type(layer).__name__)
   return [(owner.get(id(v), "?"), v.name, tuple(v.shape))
@@ -108,7 +114,7 @@ def check_compatible(model_a, model_b, name_a: str = "A",
 
 def batch_norm_layers(model) -> list:
   """The layers with moving statistics, in the model's (topological) order."""
-  return [layer for layer in model._flatten_layers(include_self=False)  # pylint: disable=protected-access
+  return [layer for layer in _layers(model)
           if hasattr(layer, "moving_mean") and hasattr(
               layer, "moving_variance")]
 
