@@ -185,3 +185,17 @@ def test_cli_divergence_exit_status(tmp_path):
   assert "diverged" in out.stderr.strip().splitlines()[-1]
   with open(tmp_path / "run" / "results.json") as f:
     assert json.load(f)["status"] == "diverged"
+
+
+@pytest.mark.parametrize("module, flag", [("train", "--batch_size"),
+                                          ("confusion", "--num_examples"),
+                                          ("interpolate", "--alpha_range")])
+def test_console_script_help_lists_the_flags(module, flag):
+  # As a console script, sys.argv[0] is the script, not the module that
+  # defines the flags; --help must list them all the same.
+  code = (f"import sys; sys.argv[0] = '/usr/bin/tfcapacity-{module}'; "
+          f"from tfcapacity import {module}; {module}.run()")
+  proc = subprocess.run([sys.executable, "-c", code, "--help"],
+                        capture_output=True, text=True, env=ENV, timeout=120)
+  # (absl's --help exits with status 1.)
+  assert f"  {flag}" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]

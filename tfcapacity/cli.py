@@ -27,8 +27,18 @@ def fail(prog: str, message: str, status: int = 2) -> NoReturn:
 
 def flags_parser(prog: str, fv: flags.FlagValues = flags.FLAGS,
                  rewrite: Callable[[list[str]], list[str]] | None = None):
-  """absl's parser for `app.run`, but a bad flag is one line and status 2."""
+  """absl's parser for `app.run`, but a bad flag is one line and status 2.
+
+  It also makes --help list tfcapacity's flags when the program is a console
+  script: absl lists the flags of the module named by sys.argv[0], which for
+  `tfcapacity-confusion` is the script, not the modules defining them.
+  """
   def parse(argv):
+    main = argv[0] if argv else sys.argv[0]
+    for module, module_flags in fv.flags_by_module_dict().items():
+      if module.startswith("tfcapacity.") and module != main:
+        for flag in module_flags:
+          fv.register_key_flag_for_module(main, flag)
     try:
       return fv(rewrite(argv) if rewrite else argv)
     except flags.Error as e:
