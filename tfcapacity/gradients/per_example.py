@@ -60,6 +60,8 @@ from tfcapacity.training import loop
 _PROJECTION_BLOCK_ENTRIES = 1 << 22
 # Bytes of gradient chunks `gradient_inner_products` keeps for reuse.
 _RESIDENT_BYTES = 1 << 30
+# Marks a bias whose columns come with its kernel's (`_rows`).
+_MERGED = object()
 
 
 @dataclasses.dataclass
@@ -378,12 +380,23 @@ class PerExampleGradients:
       for probe, (a, d) in zip(self._probes, self._factors(x, y)):
         units = probe.layer.units
         d3 = tf.reshape(d, [-1, c, units])
-        if probe.kernel is not None:  # [rows, C, inputs, units], flattened.
-          pieces[probe.kernel] = tf.reshape(
-              tf.einsum("ni,ncj->ncij", a, d3), [-1, self.sizes[probe.kernel]])
-        if probe.bias is not None:
+        if probe.kernel is None:
           pieces[probe.bias] = d
-    return tf.concat(pieces, axis=1)
+          continue
+        size = self.sizes[probe.kernel]
+        if c == 1 and probe.bias == probe.kernel + 1:
+          # [a_i, 1] d_i^T flattened is the kernel's row, then the bias's.
+          a = tf.concat([a, tf.ones_like(a[:, :1])], axis=1)
+          size += self.sizes[probe.bias]
+          pieces[probe.bias] = _MERGED
+        elif probe.bias is not None:
+          pieces[probe.bias] = d
+        # [rows, C, inputs, units], flattened; a broadcast product is twice
+        # as fast as the einsum here.
+        pieces[probe.kernel] = tf.reshape(
+            a[:, None, :, None] * d3[:, :, None, :], [-1, size])
+    pieces = [p for p in pieces if p is not _MERGED]
+    return pieces[0] if len(pieces) == 1 else tf.concat(pieces, axis=1)
 
   def _project(self, m, seed):
     """m R for R [P, d] of N(0, 1/d) entries, generated block by block."""
@@ -501,12 +514,19 @@ class PerExampleGradients:
     """Rows [index * chunk_size, ...) of the gradient matrix, float32."""
     xs, ys, rows = self._padded(x, y, index)
     out = self._chunk(xs, ys, tf.constant(int(seed), tf.int64))
-    return out.numpy()[:rows]
+    # np.asarray shares the tensor's buffer; .numpy() would copy it.
+    return np.asarray(out)[:rows]
 
   def __call__(self, x, y, seed: int = 0) -> PerExample:
     x, y = self._prepare(x, y)
-    matrix = np.concatenate([self.chunk(x, y, i, seed)
-                             for i in range(self.num_chunks(len(y)))])
+    k = self.num_chunks(len(y))
+    if k == 1:
+      matrix = self.chunk(x, y, 0, seed)
+    else:
+      matrix = np.empty((len(y), self.dim), np.float32)
+      for i in range(k):
+        rows = self.chunk(x, y, i, seed)
+        matrix[i * self.chunk_size:i * self.chunk_size + len(rows)] = rows
     return PerExample(matrix=matrix, layer_slices=self.layer_slices,
                       projected=self.projection_dim is not None,
                       dim=self.dim)
@@ -555,7 +575,7 @@ class PerExampleGradients:
       fi, ri = get(i)
       for j in range(i, k):
         fj, rj = (fi, ri) if j == i else get(j)
-        block = pair(fi, ri, fj, rj).numpy().astype(np.float64)
+        block = np.asarray(pair(fi, ri, fj, rj), np.float64)
         si, sj = slice(i * c, (i + 1) * c), slice(j * c, (j + 1) * c)
         if per_layer:
           layers[:, si, sj] = block
