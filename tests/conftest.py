@@ -21,6 +21,19 @@ def tiny_cfg():
                      eval_batch_size=256, progress_bar=False, export=False)
 
 
+def synthetic_cfg(tmp_path, name="run", **overrides):
+  """A tiny synthetic-data run in tmp_path/name (training-loop tests)."""
+  from tfcapacity import config
+  base = dict(dataset="synthetic", synthetic_examples=96,
+              synthetic_test_examples=32, synthetic_dim=6,
+              synthetic_classes=3, width=8, depth=1, batch_size="16",
+              epochs=2, eval_batch_size=64, learning_rate=0.1,
+              progress_bar=False, export=False, steps_per_loop=4,
+              model_dir=str(tmp_path / name))
+  base.update(overrides)
+  return config.make(**base)
+
+
 _MIRRORED = []
 
 

@@ -21,14 +21,8 @@ def one_device():
 
 
 def cfg_for(tmp_path, name="run", **overrides):
-  base = dict(dataset="synthetic", synthetic_examples=96,
-              synthetic_test_examples=32, synthetic_dim=6,
-              synthetic_classes=3, width=8, depth=1, batch_size="16",
-              epochs=2, eval_batch_size=64, learning_rate=0.1,
-              progress_bar=False, export=False, steps_per_loop=4,
-              deterministic=True, model_dir=str(tmp_path / name))
-  base.update(overrides)
-  return config.make(**base)
+  return conftest.synthetic_cfg(tmp_path, name,
+                                **{"deterministic": True, **overrides})
 
 
 def final_weights(trainer):
