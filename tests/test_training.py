@@ -103,12 +103,14 @@ def test_one_and_two_replicas_agree(tmp_path):
 
 
 @pytest.mark.parametrize("replicas", [1, 2])
-def test_full_batch_gd_equals_hand_step(tmp_path, replicas):
+@pytest.mark.parametrize("chunk", [16, 64])  # Accumulated; one batch.
+def test_full_batch_gd_equals_hand_step(tmp_path, replicas, chunk):
   cfg = synthetic_cfg(tmp_path, synthetic_examples=50, batch_size="full",
-                      full_batch_chunk=16, steps=1, weight_decay=0.01,
+                      full_batch_chunk=chunk, steps=1, weight_decay=0.01,
                       learning_rate=0.3, momentum=0.0)
   trainer = training.Trainer(cfg, one_device() if replicas == 1
                              else mirrored())
+  assert trainer.accumulate == (chunk < 50)
   x, y = trainer.train_data.examples(np.arange(50))
   model = trainer.model
   before = [v.numpy() for v in model.trainable_variables]
