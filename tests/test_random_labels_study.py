@@ -170,6 +170,11 @@ def test_csv_rows(tmp_path):
   assert second["ntk_min_eigenvalue_init"] == "nan"
   table = random_labels.markdown(random_labels.best_runs(runs))
   assert "120 steps" in table and "not reached" in table
+  assert "/ 1.5 -> 3 (lr 1)" in table
+  # A least eigenvalue at or below zero is float noise: shown as ~0.
+  singular = make_run(1.0, 2.0, None, ntk=((0, -1e-3), (100, 2.0)))
+  assert "/ ~0 -> 2 (lr 1)" in random_labels.markdown({("mlp", 2, 16):
+                                                        singular})
 
 
 def test_figures_are_pngs():

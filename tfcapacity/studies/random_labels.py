@@ -323,6 +323,12 @@ def _fmt(value: float, spec: str = ".3g") -> str:
   return format(value, spec)
 
 
+def _fmt_eig(value: float) -> str:
+  """A least eigenvalue; at or below SINGULAR (float32 noise can make it
+  slightly negative) it is a numerical zero, shown as ~0."""
+  return "~0" if value <= SINGULAR else _fmt(value)
+
+
 def markdown(best: dict, threshold: float = THRESHOLD,
              unfinished: Sequence[str] = ()) -> str:
   """One table per model: rows depth, columns width, best learning rate."""
@@ -332,7 +338,8 @@ def markdown(best: dict, threshold: float = THRESHOLD,
       {k[0] for k in best} - set(MODELS)):
     depths = sorted({d for m, d, _ in best if m == model})
     lines.append(f"**{model}** — final training loss / steps to loss < "
-                 f"{threshold:g} / least NTK eigenvalue at init -> end "
+                 f"{threshold:g} / least NTK eigenvalue at init -> end (~0: "
+                 f"numerically singular) "
                  f"(best learning rate)")
     lines.append("")
     lines.append("| depth | " + " | ".join(f"width {w}" for w in widths)
@@ -349,8 +356,9 @@ def markdown(best: dict, threshold: float = THRESHOLD,
                    if run.steps_to_threshold is not None else "not reached")
         cells.append(
             f"{_fmt(run.final_loss)} / {reached} / "
-            f"{_fmt(run.gram_at('ntk', 'init'))} -> "
-            f"{_fmt(run.gram_at('ntk', 'end'))} (lr {run.learning_rate:g})")
+            f"{_fmt_eig(run.gram_at('ntk', 'init'))} -> "
+            f"{_fmt_eig(run.gram_at('ntk', 'end'))} "
+            f"(lr {run.learning_rate:g})")
       lines.append(f"| {depth} | " + " | ".join(cells) + " |")
     lines.append("")
   if unfinished:
