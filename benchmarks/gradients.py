@@ -8,23 +8,26 @@ average is printed with each timing).
 1. Statistics time / gradient time, n = 256 random examples (N(0, 1) inputs,
    uniform labels), MLP 40-1000-10 and ResNet-20 (32x32x3, batch norm in
    inference mode), at init. The statistics are the whole measurement:
-   `get_computation(model, shape, chunk_size=c).inner_products(x, y)` (the
-   per-example gradients in chunks of c = 64, 128, 256 by
-   `tf.vectorized_map`, G = M M^T block by block in float64) followed by
-   `statistics.summarize(G)`. The baseline is ONE batch gradient over the
-   same 256 examples: the mean cross-entropy, `training=False`, in a
-   `tf.function` returning the flat gradient, inputs held as constants. For
-   reference: the traced `vectorized_map` of one chunk of 256 alone (the
-   computation's chunk function on constants: per-example gradients, no
-   copy to numpy, no G, no statistics), and G + summarize alone on a stored
-   M (numpy, no TensorFlow).
+   `get_computation(model, shape, chunk_size=c).inner_products(x, y)` for
+   c = 64, 128, 256, followed by `statistics.summarize(G)`. G comes from
+   two parts: the Dense fast path (every Dense layer's kernel and bias:
+   (A A^T) * (D D^T) and D D^T from one batched forward/backward; the whole
+   MLP, the ResNet's classifier) and `tf.vectorized_map` rows of the other
+   variables; blocks are float32 products in the graph, returned as
+   float64. The baseline is ONE batch gradient over the same 256 examples:
+   the mean cross-entropy, `training=False`, in a `tf.function` returning
+   the flat gradient, inputs held as constants. For reference: the traced
+   row function on one chunk of 256 (the per-example gradients M in the
+   graph, no copy to numpy, no G), `summarize(G)` alone (numpy), and the
+   former way, G = M M^T in numpy float64 + summarize on a stored M. The
+   checks compare M with the loop of part 2, and G with M M^T in float64.
    Goal: statistics <= 4x one gradient, on both models.
 2. The same per-example gradients by a Python loop of single-example tapes:
    a `tf.function` with a [1, ...] input signature (traced once) returning
    one example's flat gradient, called 256 times, rows stacked in numpy.
-   Compared with `PerExampleGradients.__call__` (M in numpy, best chunk
-   size of part 1), like for like; the loop + G + summarize against the
-   whole statistics is printed too. The eager loop (the same step without
+   Compared with `PerExampleGradients.__call__` (M in numpy), like for
+   like, at each chunk size; the loop + G + summarize against the whole
+   statistics is printed too. The eager loop (the same step without
    `tf.function`) is timed once: over all 256 examples on the MLP, over 16
    on ResNet-20, scaled to 256.
    Goals: vectorised >= 20x faster than the loop (MLP), >= 2.5x (ResNet-20).
@@ -43,7 +46,6 @@ Printed, never asserted:
 """
 
 import json
-import logging as std_logging
 import os
 import resource
 import subprocess
@@ -90,14 +92,6 @@ MODELS = {
 }
 
 
-
-
-
-
-
-
-
-
 def _fmt(ratio):
   med, (lo, hi) = ratio
   return f"{med:.2f} ({lo:.2f}-{hi:.2f})"
@@ -134,32 +128,11 @@ def _loop(step, xs, ys):
   return np.stack([step(a, b).numpy() for a, b in zip(xs, ys)])
 
 
-class _WhileLoopLog(std_logging.Filter):
-  """Records (and hides) pfor's "uses a while_loop" warnings."""
-
-  def __init__(self):
-    super().__init__()
-    self.messages = []
-
-  def filter(self, record):
-    message = record.getMessage()
-    if "while_loop" in message:
-      self.messages.append(message)
-    return False
-
-
 def _trace_with_log(fn):
-  """Calls fn (tracing it) and returns pfor's while_loop fallbacks."""
-  logger = tf.get_logger()
-  level, capture = logger.level, _WhileLoopLog()
-  logger.setLevel(std_logging.WARNING)
-  logger.addFilter(capture)
-  try:
-    common.sync(fn())
-  finally:
-    logger.removeFilter(capture)
-    logger.setLevel(level)
-  return sorted(set(capture.messages))
+  """Calls fn (tracing it); returns the while_loop fallbacks reported."""
+  before = set(per_example._REPORTED_FALLBACKS)
+  common.sync(fn())
+  return sorted(set(per_example._REPORTED_FALLBACKS) - before)
 
 
 def _statistics(computation, x, y):
@@ -192,7 +165,7 @@ def part_time(quick, with_loop):
     for c, comp in comps.items():
       contenders[f"stats_{c}"] = (
           lambda comp=comp: _statistics(comp, x, y))
-    contenders["vmap_256"] = lambda: comps[256]._chunk(xt, yt, seed)
+    contenders["rows_256"] = lambda: comps[256]._chunk(xt, yt, seed)
     trace_start = time.perf_counter()
     fallbacks = {}
     for key, fn in contenders.items():
@@ -211,13 +184,18 @@ def part_time(quick, with_loop):
     gram_m = lambda: statistics.summarize(statistics.gram_from_gradients(  # noqa: E731
         m_ref))
     contenders["gram_summarize"] = gram_m
+    g64 = statistics.gram_from_gradients(m_ref)
+    g_fast = {c: comp.inner_products(x, y) for c, comp in comps.items()}
+    gram_diff = max(float(np.max(np.abs(g - g64)) / np.max(np.abs(g64)))
+                    for g in g_fast.values())
+    contenders["summarize"] = lambda: statistics.summarize(g_fast[64])
     if with_loop:
       contenders["loop"] = lambda: _loop(step, xs, ys)
       for c, comp in comps.items():
         contenders[f"pe_{c}"] = lambda comp=comp: comp(x, y).matrix
     calls = {k: 1 for k in contenders}
     calls["gradient"] = 50 if mlp else 2
-    calls["vmap_256"] = 5 if mlp else 1
+    calls["rows_256"] = 5 if mlp else 1
     load = _load()
     times = common.rounds(contenders, rounds, calls)
     load_after = _load()
@@ -225,12 +203,19 @@ def part_time(quick, with_loop):
     print(f"{name}: P = {comps[64].size} parameters; one batch gradient "
           f"{grad_ms:.2f} ms ({rounds} rounds; load average {load:.1f} -> "
           f"{load_after:.1f}); tracing every contender {trace_s:.0f} s")
-    print(f"  checks: max |M_loop - M_vmap| / max |M_vmap| = {diff:.1e}; "
-          f"max |batch gradient - mean row of M| / max = {g_diff:.1e}")
-    # TF logs each fallback once per process: the union over contenders.
+    fast = comps[64].dense_paths
+    fast_size = sum(int(np.prod(p.shape)) for p in model.trainable_variables
+                    if p.path in fast)
+    print(f"  Dense fast path: {len(fast)} variables, {fast_size} of "
+          f"{comps[64].size} parameters; vectorized_map: the other "
+          f"{comps[64].size - fast_size}")
+    print(f"  checks: max |M_loop - M| / max |M| = {diff:.1e}; "
+          f"max |batch gradient - mean row of M| / max = {g_diff:.1e}; "
+          f"max |G - M M^T (numpy float64)| / max = {gram_diff:.1e} "
+          f"(worst chunk size)")
     logged = sorted(set(m for v in fallbacks.values() for m in v))
-    print("  pfor while_loop fallbacks logged while tracing: "
-          + ("; ".join(logged) if logged else "none"))
+    print("  pfor while_loop fallbacks reported while tracing: "
+          + (", ".join(logged) if logged else "none"))
     stats = {c: common.ratio_quartiles(times[f"stats_{c}"],
                                        times["gradient"])
              for c in CHUNKS}
@@ -239,18 +224,22 @@ def part_time(quick, with_loop):
       print(f"  statistics, chunk {c:3d}: "
             f"{1e3 * np.median(times[f'stats_{c}']):.1f} ms = "
             f"{_fmt(stats[c])}x gradient")
-    vmap = common.ratio_quartiles(times["vmap_256"], times["gradient"])
+    vmap = common.ratio_quartiles(times["rows_256"], times["gradient"])
+    summ = common.ratio_quartiles(times["summarize"], times["gradient"])
     gram = common.ratio_quartiles(times["gram_summarize"], times["gradient"])
     share = common.ratio_quartiles(times["gram_summarize"],
                                    times[f"stats_{best}"])
-    print(f"  vectorized_map alone (one chunk of 256, in the graph): "
-          f"{1e3 * np.median(times['vmap_256']):.1f} ms = {_fmt(vmap)}x")
-    print(f"  G = M M^T (float64) + summarize alone, numpy: "
+    print(f"  per-example rows alone (one chunk of 256, in the graph): "
+          f"{1e3 * np.median(times['rows_256']):.1f} ms = {_fmt(vmap)}x")
+    print(f"  summarize(G) alone (numpy): "
+          f"{1e3 * np.median(times['summarize']):.1f} ms = {_fmt(summ)}x")
+    print(f"  former way, G = M M^T (numpy float64) + summarize: "
           f"{1e3 * np.median(times['gram_summarize']):.1f} ms = "
-          f"{_fmt(gram)}x gradient = {_fmt(share)} of the statistics "
+          f"{_fmt(gram)}x gradient = {_fmt(share)}x the statistics "
           f"(chunk {best})")
     row = dict(model=name, grad_ms=grad_ms, best=best, stats=stats[best],
-               vmap=vmap, gram=gram, share=share)
+               stats64=stats[64], vmap=vmap, gram=gram, summ=summ,
+               gram_diff=gram_diff)
     if with_loop:
       pe = {c: common.ratio_quartiles(times["loop"], times[f"pe_{c}"])
             for c in CHUNKS}
@@ -278,16 +267,17 @@ def part_time(quick, with_loop):
     rows.append(row)
     print()
 
-  print(f"| model | gradient ms | best chunk | statistics / gradient "
-        f"(quartiles) | goal | met | vectorized_map 256 / gradient | "
-        f"G + summarize / gradient | G + summarize share |")
-  print("|---|---|---|---|---|---|---|---|---|")
+  print("| model | gradient ms | best chunk | statistics / gradient "
+        "(quartiles) | chunk 64 | goal | met | rows 256 / gradient | "
+        "summarize / gradient | former numpy G + summarize / gradient | "
+        "G error |")
+  print("|---|---|---|---|---|---|---|---|---|---|---|")
   for r in rows:
     print(f"| {r['model']} | {r['grad_ms']:.2f} | {r['best']} | "
-          f"{_fmt(r['stats'])} | <= {STATS_GOAL:g} | "
+          f"{_fmt(r['stats'])} | {r['stats64'][0]:.2f} | <= {STATS_GOAL:g} | "
           f"{'yes' if r['stats'][0] <= STATS_GOAL else 'NO'} | "
-          f"{_fmt(r['vmap'])} | {_fmt(r['gram'])} | "
-          f"{100 * r['share'][0]:.0f}% |")
+          f"{_fmt(r['vmap'])} | {_fmt(r['summ'])} | {_fmt(r['gram'])} | "
+          f"{r['gram_diff']:.0e} |")
   print()
   if with_loop:
     print(f"## 2. Python loop of single-example tf.function tapes / "

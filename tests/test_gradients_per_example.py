@@ -262,7 +262,8 @@ def gram_reference(model, x, y, output):
 @pytest.mark.parametrize("name,output", [
     ("mlp", "loss"), ("fc_resnet", "loss"), ("fc_resnet", "logits"),
     ("mixed", "loss"), ("mixed", "logits"), ("mlp_bn", "loss")])
-def test_dense_fast_path_matches_single_example_tapes(name, output):
+def test_dense_fast_path_matches_single_example_tapes(name, output,
+                                                     monkeypatch):
   if name == "mixed":
     model, shape = mixed_model()
   elif name == "mlp_bn":  # Dense without bias, then batch norm.
@@ -297,6 +298,14 @@ def test_dense_fast_path_matches_single_example_tapes(name, output):
         model, x, y, chunk_size=16, output=output), expected)
     assert_close(computation.inner_products(x, y, resident_bytes=0),
                  expected)
+    # Chunk by chunk instead of joined; kept or recomputed.
+    monkeypatch.setattr(per_example, "_JOIN_BYTES", 0)
+    for resident in (0, 1 << 30):
+      gram, layers = computation.inner_products(
+          x, y, per_layer=True, resident_bytes=resident)
+      assert_close(gram, expected)
+      for path, g in layers.items():
+        assert_close(g, expected_layers[path])
   # The rows themselves (outer products of the same factors).
   if output == "loss":
     rows = per_example.per_example_gradients(model, x, y, chunk_size=4)

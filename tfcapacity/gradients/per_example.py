@@ -60,6 +60,8 @@ from tfcapacity.training import loop
 _PROJECTION_BLOCK_ENTRIES = 1 << 22
 # Bytes of gradient chunks `gradient_inner_products` keeps for reuse.
 _RESIDENT_BYTES = 1 << 30
+# `inner_products` joins all chunks into one product up to this many bytes.
+_JOIN_BYTES = 1 << 26
 # Marks a bias whose columns come with its kernel's (`_rows`).
 _MERGED = object()
 
@@ -477,10 +479,11 @@ class PerExampleGradients:
 
     self._chunk = chunk
     self._gram_chunk = gram_chunk
+    # Chunk-by-chunk blocks, or all chunks joined: two shapes at most.
     self._pair = {
         per_layer: tf.function(
             lambda fi, ri, fj, rj, per_layer=per_layer: self._blocks(
-                fi, ri, fj, rj, per_layer))
+                fi, ri, fj, rj, per_layer), reduce_retracing=True)
         for per_layer in (False, True)}
 
   # -- the interface ----------------------------------------------------------
@@ -567,6 +570,16 @@ class PerExampleGradients:
         used += size
       return parts
 
+    if k > 1 and k * c * self._bytes_per_example() <= _JOIN_BYTES:
+      # Small chunks (the Dense fast path's factors): join them and take G
+      # in one product instead of k (k + 1) / 2.
+      chunks = [self._gram_parts(x, y, j, seed) for j in range(k)]
+      factors = [tuple(tf.concat(t, axis=0) for t in zip(*layer))
+                 for layer in zip(*[f for f, _ in chunks])]
+      joined = (factors, tf.concat([r for _, r in chunks], axis=0))
+      get = lambda j: joined  # noqa: E731
+      k, c = 1, k * c
+
     pair = self._pair[per_layer]
     total = k * c
     gram = np.zeros((total, total))
@@ -588,6 +601,14 @@ class PerExampleGradients:
       return gram
     return gram, {path: layers[l, :n, :n].copy()
                   for l, path in enumerate(self.paths)}
+
+  def _bytes_per_example(self) -> int:
+    """Bytes per example of what `_gram_parts` returns (float32)."""
+    if self.projection_dim:
+      return 4 * self.projection_dim
+    factors = sum(p.layer.kernel.shape[0] + self.num_outputs * p.layer.units
+                  for p in self._probes)
+    return 4 * (factors + sum(self.sizes[i] for i in self._rest))
 
   @property
   def traces(self) -> int:
