@@ -54,6 +54,9 @@ def test_matches_single_example_tapes(name):
   before = [v.numpy().copy() for v in model.variables]
   expected = reference(model, x, y)
   result = per_example.per_example_gradients(model, x, y)
+  # Dense, Conv2D and batch norm: one batched pass, no vectorized_map.
+  assert per_example.get_computation(model, shape).batched_paths == [
+      v.path for v in model.trainable_variables]
   assert result.matrix.shape == expected.shape
   assert not result.projected and result.dim == expected.shape[1]
   assert_close(result.matrix, expected)
@@ -279,6 +282,9 @@ def test_dense_fast_path_matches_single_example_tapes(name, output,
   if name == "mixed":
     assert computation.dense_paths == [
         "fused/kernel", "fused/bias", "classifier/kernel", "classifier/bias"]
+    assert computation.batched_paths == [
+        "conv/kernel", "conv/bias", "bn/gamma", "bn/beta",
+        *computation.dense_paths]
   else:
     assert computation.dense_paths == [
         v.path for v in model.trainable_variables if "norm" not in v.path]
@@ -345,13 +351,18 @@ def test_dense_fast_path_two_replicas():
 
 def test_while_loop_fallback_reported_once(monkeypatch, caplog):
   monkeypatch.setattr(per_example, "_REPORTED_FALLBACKS", set())
-  model, shape = mixed_model()
-  x, y = make_data(4, shape)
-  params = [model.get_layer("conv").kernel]
+  # A Conv1D is not on the batched path: vectorized_map meets TF's
+  # Conv2DBackpropFilter (Conv1D runs as a 2-D convolution).
+  keras.utils.set_random_seed(0)
+  inputs = keras.Input((8, 2))
+  h = keras.layers.Flatten()(keras.layers.Conv1D(3, 3)(inputs))
+  model = keras.Model(inputs, keras.layers.Dense(3)(h))
+  x, y = make_data(4, (8, 2))
   caplog.set_level("WARNING")
   for chunk_size in (2, 4):  # Two traces; one line.
-    per_example.PerExampleGradients(model, shape, params=params,
-                                    chunk_size=chunk_size)(x, y)
+    computation = per_example.PerExampleGradients(model, (8, 2),
+                                                  chunk_size=chunk_size)
+    assert_close(computation(x, y).matrix, reference(model, x, y))
   lines = [r.getMessage() for r in caplog.records
            if "while_loop" in r.getMessage()]
   assert len(lines) == 1, lines

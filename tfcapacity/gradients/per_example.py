@@ -54,6 +54,7 @@ import tensorflow as tf
 
 from tfcapacity.curvature import hvp
 from tfcapacity.errors import UserError, choices_error
+from tfcapacity.models import layers as layers_lib
 from tfcapacity.training import loop
 
 # Entries of one generated block of the projection (16 MB of float32).
@@ -106,36 +107,93 @@ def _check_bn_mode(bn_mode):
 OUTPUTS = ("loss", "logits")
 
 
+_BN_TYPES = (keras.layers.BatchNormalization,
+             layers_lib.GhostBatchNormalization)
+
+
 @dataclasses.dataclass
-class _DenseProbe:
-  """A Dense layer on the fast path: positions of its kernel and bias in
-  `params` (None when that variable is not among them)."""
-  layer: keras.layers.Dense
-  kernel: int | None
-  bias: int | None
+class _Probe:
+  """A layer whose chosen variables get their per-example gradients from one
+  batched forward/backward pass instead of vectorized_map.
+
+  kind: "dense" (kernel, bias), "conv" (kernel, bias) or "norm" (gamma,
+  beta); slots: role -> position of that variable in `params`.
+  """
+  kind: str
+  layer: keras.layers.Layer
+  slots: dict
+
+  def index(self, role):
+    return self.slots.get(role)
+
+
+def _probe_kind(layer) -> str | None:
+  """The probe kind of a layer, or None when it keeps the vmap path."""
+  if getattr(layer, "lora_enabled", False) or getattr(
+      layer, "quantization_mode", None) is not None or not layer.built:
+    return None
+  if type(layer).call is keras.layers.Dense.call:
+    return "dense"
+  if (isinstance(layer, keras.layers.Conv2D)
+      and type(layer).call is keras.layers.Conv2D.call
+      and type(layer).convolution_op is keras.layers.Conv2D.convolution_op
+      and layer.data_format == "channels_last" and layer.groups == 1):
+    return "conv"
+  if isinstance(layer, keras.layers.BatchNormalization):
+    if (type(layer).call is keras.layers.BatchNormalization.call
+        and layer.axis in (-1, [-1]) and not getattr(layer, "renorm", False)):
+      return "norm"
+    return None
+  if (isinstance(layer, layers_lib.GhostBatchNormalization)
+      and type(layer).call is layers_lib.GhostBatchNormalization.call):
+    return "norm"
+  return None
+
+
+_ROLES = {"dense": ("kernel", "bias"), "conv": ("kernel", "bias"),
+          "norm": ("gamma", "beta")}
+# Input rank each kind is exact for (norm: any rank, channels last).
+_RANKS = {"dense": (2,), "conv": (4,), "norm": (2, 3, 4, 5)}
 
 
 @contextlib.contextmanager
-def _probing(probes: Sequence[_DenseProbe], hook):
+def _probing(probes: Sequence[_Probe], hook):
   """Replaces each probed layer's `call` while a function is traced.
 
-  The replacement computes z = a W + b as `keras.layers.Dense.call` does,
-  then `hook(k, a, z)` (k the probe's position) returns the tensor that goes
-  on, and the layer's activation is applied to that: the hook sees the
-  pre-activation output also when the activation is fused.
+  Dense and Conv2D layers compute z = conv(a, W) + b as Keras does, then
+  `hook(k, a, z)` (k the probe's position) returns the tensor that goes on,
+  and the layer's activation is applied to that: the hook sees the
+  pre-activation output also when the activation is fused. Batch norm runs
+  its own `call` (it must be in inference mode) and the hook gets its input
+  and output.
   """
   patched = []
   try:
     for k, probe in enumerate(probes):
       layer = probe.layer
+      if probe.kind == "norm":
+        original = type(layer).call.__get__(layer)
 
-      def call(inputs, training=None, k=k, layer=layer):
-        del training
-        z = keras.ops.matmul(inputs, layer.kernel)
-        if layer.bias is not None:
-          z = keras.ops.add(z, layer.bias)
-        z = hook(k, inputs, z)
-        return z if layer.activation is None else layer.activation(z)
+        def call(inputs, training=None, k=k, original=original, **kwargs):
+          if training:
+            raise ValueError("probed batch norm in training mode")
+          return hook(k, inputs, original(inputs, training=training,
+                                          **kwargs))
+      else:
+
+        def call(inputs, training=None, k=k, layer=layer):
+          del training
+          if isinstance(layer, keras.layers.Dense):
+            z = keras.ops.matmul(inputs, layer.kernel)
+            if layer.bias is not None:
+              z = keras.ops.add(z, layer.bias)
+          else:
+            z = layer.convolution_op(inputs, layer.kernel)
+            if layer.use_bias:
+              z = keras.ops.add(z, keras.ops.reshape(layer.bias,
+                                                     (1, 1, 1, -1)))
+          z = hook(k, inputs, z)
+          return z if layer.activation is None else layer.activation(z)
 
       layer.call = call
       patched.append(layer)
@@ -145,42 +203,95 @@ def _probing(probes: Sequence[_DenseProbe], hook):
       del layer.call  # Back to the class's method.
 
 
-def _dense_probes(model, function, params, input_shape
-                  ) -> list[_DenseProbe]:
-  """The Dense layers whose chosen variables can take the fast path.
+def _find_probes(model, function, params, input_shape) -> list[_Probe]:
+  """The layers whose chosen variables can take the batched path.
 
-  A candidate is a plain `keras.layers.Dense` (not a subclass with its own
-  `call`, no LoRA, not quantized) holding a chosen kernel or bias. It stays
-  one if, in a forward pass on two zero examples, it runs exactly once on a
-  rank-2 float input; a layer shared between several places, or applied to
-  sequences, keeps the vectorized_map path.
+  A candidate is a plain Keras Dense, Conv2D (channels last, no groups) or
+  batch norm (Keras' on the last axis, or tfcapacity's) layer, with no LoRA
+  or quantization, holding a chosen variable. It stays one if, in a forward
+  pass on two zero examples, it runs exactly once on a float input of the
+  rank its formula is exact for: a layer shared between several places, or
+  a Dense layer applied to sequences, keeps the vectorized_map path.
   """
   if not isinstance(model, keras.Model):
     return []
   index = {id(p): i for i, p in enumerate(params)}
   candidates = []
   for layer in hvp._all_layers(model):
-    if (type(layer).call is not keras.layers.Dense.call
-        or getattr(layer, "lora_enabled", False)
-        or getattr(layer, "quantization_mode", None) is not None
-        or not layer.built):
+    kind = _probe_kind(layer)
+    if kind is None:
       continue
-    kernel = index.get(id(layer.kernel))
-    bias = None if layer.bias is None else index.get(id(layer.bias))
-    if kernel is not None or bias is not None:
-      candidates.append(_DenseProbe(layer, kernel, bias))
+    slots = {}
+    for role in _ROLES[kind]:
+      var = getattr(layer, role, None)
+      if var is not None and id(var) in index:
+        slots[role] = index[id(var)]
+    if slots:
+      candidates.append(_Probe(kind, layer, slots))
   if not candidates:
     return []
   seen = [[] for _ in candidates]
 
   def hook(k, a, z):
-    seen[k].append((a.shape.rank, a.dtype.is_floating))
+    seen[k].append(a.shape.rank in _RANKS[candidates[k].kind]
+                   and a.dtype.is_floating)
     return z
 
   with _probing(candidates, hook):
     function.logits(function.values(), tf.zeros([2, *input_shape]))
-  return [probe for probe, calls in zip(candidates, seen)
-          if calls == [(2, True)]]
+  return [probe for probe, calls in zip(candidates, seen) if calls == [True]]
+
+
+def _norm_xhat(layer, x):
+  """Batch norm's normalised input in inference mode, float32."""
+  mean = tf.cast(tf.convert_to_tensor(layer.moving_mean.value), tf.float32)
+  var = tf.cast(tf.convert_to_tensor(layer.moving_variance.value),
+                tf.float32)
+  return (tf.cast(x, tf.float32) - mean) * tf.math.rsqrt(var + layer.epsilon)
+
+
+def _probe_pieces(probe, a, delta, dense_rows=True):
+  """{param position: [rows, C * size]} of one probed layer.
+
+  a: the layer's input; delta: [rows, C, *output shape], the gradient at its
+  (pre-activation) output. Dense kernels: a_i d_i^T (only if `dense_rows`);
+  Conv2D kernels: the patches of a_i (`tf.image.extract_patches`, in the
+  kernel's (height, width, channel) order) times d_i summed over positions,
+  one batched matmul; biases and beta: d_i summed over positions; gamma:
+  d_i * xhat_i summed over positions.
+  """
+  rows, c = tf.shape(delta)[0], delta.shape[1]
+  out = {}
+  spatial = list(range(2, delta.shape.rank - 1))
+  bias_role = "beta" if probe.kind == "norm" else "bias"
+  if probe.index(bias_role) is not None:
+    out[probe.index(bias_role)] = tf.reshape(
+        tf.reduce_sum(delta, axis=spatial) if spatial else delta, [rows, -1])
+  kernel = probe.index("kernel")
+  if probe.kind == "norm" and probe.index("gamma") is not None:
+    xhat = _norm_xhat(probe.layer, a)[:, None]
+    prod = delta * xhat
+    out[probe.index("gamma")] = tf.reshape(
+        tf.reduce_sum(prod, axis=spatial) if spatial else prod, [rows, -1])
+  elif probe.kind == "conv" and kernel is not None:
+    layer = probe.layer
+    kh, kw = layer.kernel_size
+    patches = tf.image.extract_patches(
+        tf.cast(a, tf.float32), sizes=[1, kh, kw, 1],
+        strides=[1, *layer.strides, 1], rates=[1, *layer.dilation_rate, 1],
+        padding=layer.padding.upper())
+    depth = patches.shape[-1]
+    patches = tf.reshape(patches, [rows, 1, -1, depth])
+    d = tf.reshape(delta, [rows, c, -1, delta.shape[-1]])
+    out[kernel] = tf.reshape(tf.matmul(patches, d, transpose_a=True),
+                             [rows, -1])
+  elif probe.kind == "dense" and kernel is not None and dense_rows:
+    # [rows, C, inputs, units]; a broadcast product is twice as fast as the
+    # einsum here.
+    a = tf.cast(a, tf.float32)
+    out[kernel] = tf.reshape(a[:, None, :, None] * delta[:, :, None, :],
+                             [rows, -1])
+  return out
 
 
 class _FallbackReport(std_logging.Filter):
@@ -290,18 +401,22 @@ class PerExampleGradients:
                          else _layer_slices(self.params, self.num_outputs))
     self.paths = [path for path, _, _ in _layer_slices(self.params)]
     with self.strategy.scope():
-      self._probes = _dense_probes(model, self.function, self.params,
-                                   self.input_shape)
-    fast = {i for p in self._probes for i in (p.kernel, p.bias)
-            if i is not None}
-    self.dense_paths = [self.paths[i] for i in sorted(fast)]
-    # The other variables go through vectorized_map; their columns in the
-    # rows it returns.
-    self._rest = [i for i in range(len(self.params)) if i not in fast]
+      self._probes = _find_probes(model, self.function, self.params,
+                                  self.input_shape)
+    self._dense = [p for p in self._probes if p.kind == "dense"]
+    batched = {i for p in self._probes for i in p.slots.values()}
+    dense = {i for p in self._dense for i in p.slots.values()}
+    self.dense_paths = [self.paths[i] for i in sorted(dense)]
+    self.batched_paths = [self.paths[i] for i in sorted(batched)]
+    # The other variables go through vectorized_map.
+    self._vmapped = [i for i in range(len(self.params)) if i not in batched]
+    # Columns of `inner_products`' rows: every variable not on the Dense
+    # fast path, in the variables' order.
     self._rest_slices, start = [], 0
-    for i in self._rest:
-      self._rest_slices.append((i, start, start + self.sizes[i]))
-      start += self.sizes[i]
+    for i in range(len(self.params)):
+      if i not in dense:
+        self._rest_slices.append((i, start, start + self.sizes[i]))
+        start += self.sizes[i]
     self._build()
 
   # -- inside the graph -------------------------------------------------------
@@ -333,16 +448,15 @@ class PerExampleGradients:
 
     return _vectorized_map(one, (x, y))
 
-  def _factors(self, x, y):
-    """(A, D) of every probed Dense layer, from one batched pass.
+  def _probe_pass(self, x, y):
+    """[(a, delta)] of every probed layer, from one batched pass.
 
-    A [rows, inputs] is the layer's input, D [rows, C * units] the gradient
-    of example i's loss (or of each of its C logits, class-major) at the
-    layer's pre-activation output. In inference mode example i's loss
-    depends on example i alone, so the gradient of the SUM of the losses
-    with respect to a zero tensor added to that output has row i equal to
-    d f_i / d z_i. Example i's kernel gradient is a_i d_i^T, its bias
-    gradient d_i.
+    a is the layer's input, delta [rows, C, *output shape] the gradient of
+    example i's loss (C = 1) or of each of its C logits at the layer's
+    (pre-activation) output. In inference mode example i's loss depends on
+    example i alone, so the gradient of the SUM of the losses with respect
+    to a zero tensor added to that output has row i equal to
+    d f_i / d z_i.
     """
     values = self.function.values()
     inputs, probes = {}, {}
@@ -363,41 +477,51 @@ class PerExampleGradients:
     order = range(len(self._probes))
     watched = [probes[k] for k in order]
     if self.output == "loss":
-      deltas = tape.gradient(target, watched)
-    else:  # [C, rows, units] -> [rows, C * units], class-major.
-      deltas = [tf.reshape(tf.transpose(d, [1, 0, 2]), [tf.shape(d)[1], -1])
+      deltas = [d[:, None] for d in tape.gradient(target, watched)]
+    else:  # [C, rows, ...] -> [rows, C, ...]
+      deltas = [tf.experimental.numpy.swapaxes(d, 0, 1)
                 for d in tape.jacobian(target, watched)]
-    return [(tf.cast(inputs[k], tf.float32), tf.cast(d, tf.float32))
-            for k, d in zip(order, deltas)]
+    return [(inputs[k], tf.cast(d, tf.float32)) for k, d in zip(order, deltas)]
+
+  def _pieces(self, x, y, dense_rows):
+    """({param position: [rows, C * size]}, Dense factors [(A, D)]).
+
+    With `dense_rows`, the Dense layers' columns are among the pieces;
+    otherwise their factors A [rows, inputs] and D [rows, C * units] come
+    back instead (example i's kernel gradient is a_i d_i^T, its bias d_i).
+    """
+    pieces, factors = {}, []
+    c = self.num_outputs
+    if self._probes:
+      for probe, (a, delta) in zip(self._probes, self._probe_pass(x, y)):
+        kernel, bias = probe.index("kernel"), probe.index("bias")
+        if probe.kind == "dense" and not dense_rows:
+          factors.append((tf.cast(a, tf.float32),
+                          tf.reshape(delta, [tf.shape(delta)[0], -1])))
+        elif (probe.kind == "dense" and c == 1 and kernel is not None
+              and bias == kernel + 1):
+          # [a_i, 1] d_i^T flattened is the kernel's row, then the bias's.
+          a = tf.cast(a, tf.float32)
+          a = tf.concat([a, tf.ones_like(a[:, :1])], axis=1)
+          pieces[kernel] = tf.reshape(
+              a[:, None, :, None] * delta[:, :, None, :],
+              [-1, self.sizes[kernel] + self.sizes[bias]])
+          pieces[bias] = _MERGED
+        else:
+          pieces.update(_probe_pieces(probe, a, delta))
+    if self._vmapped:
+      rest = self._gradients(x, y, self._vmapped)
+      start = 0
+      for i in self._vmapped:
+        pieces[i] = rest[:, start:start + self.sizes[i]]
+        start += self.sizes[i]
+    return pieces, factors
 
   def _rows(self, x, y):
     """[rows, size]: every variable's columns, in the variables' order."""
-    pieces = [None] * len(self.params)
-    if self._rest:
-      rest = self._gradients(x, y, self._rest)
-      for i, start, end in self._rest_slices:
-        pieces[i] = rest[:, start:end]
-    if self._probes:
-      c = self.num_outputs
-      for probe, (a, d) in zip(self._probes, self._factors(x, y)):
-        units = probe.layer.units
-        d3 = tf.reshape(d, [-1, c, units])
-        if probe.kernel is None:
-          pieces[probe.bias] = d
-          continue
-        size = self.sizes[probe.kernel]
-        if c == 1 and probe.bias == probe.kernel + 1:
-          # [a_i, 1] d_i^T flattened is the kernel's row, then the bias's.
-          a = tf.concat([a, tf.ones_like(a[:, :1])], axis=1)
-          size += self.sizes[probe.bias]
-          pieces[probe.bias] = _MERGED
-        elif probe.bias is not None:
-          pieces[probe.bias] = d
-        # [rows, C, inputs, units], flattened; a broadcast product is twice
-        # as fast as the einsum here.
-        pieces[probe.kernel] = tf.reshape(
-            a[:, None, :, None] * d3[:, :, None, :], [-1, size])
-    pieces = [p for p in pieces if p is not _MERGED]
+    pieces, _ = self._pieces(x, y, dense_rows=True)
+    pieces = [pieces[i] for i in range(len(self.params))
+              if pieces[i] is not _MERGED]
     return pieces[0] if len(pieces) == 1 else tf.concat(pieces, axis=1)
 
   def _project(self, m, seed):
@@ -427,13 +551,15 @@ class PerExampleGradients:
     return m
 
   def _gram_replica(self, x, y):
-    """The factors of the fast path and the vectorized_map rows of the rest."""
+    """The Dense factors and the rows of every other variable."""
     x, y = self._slice(x, y)
+    pieces, factors = self._pieces(x, y, dense_rows=False)
     parts = {}  # No empty tensors: gathering them across replicas crashes.
-    if self._probes:
-      parts["factors"] = self._factors(x, y)
-    if self._rest:
-      parts["rest"] = self._gradients(x, y, self._rest)
+    if factors:
+      parts["factors"] = factors
+    if self._rest_slices:
+      rows = [pieces[i] for i, _, _ in self._rest_slices]
+      parts["rest"] = rows[0] if len(rows) == 1 else tf.concat(rows, axis=1)
     return parts
 
   def _run(self, fn, *args):
@@ -447,12 +573,12 @@ class PerExampleGradients:
     """G between two chunks: [L, ci, cj] per variable, or [ci, cj]."""
     out = [None] * len(self.params)
     total = None
-    for probe, (ai, di), (aj, dj) in zip(self._probes, fi, fj):
+    for probe, (ai, di), (aj, dj) in zip(self._dense, fi, fj):
       dd = tf.matmul(di, dj, transpose_b=True)
-      if probe.bias is not None:
-        out[probe.bias] = dd
-      if probe.kernel is not None:
-        out[probe.kernel] = tf.matmul(ai, aj, transpose_b=True) * dd
+      if probe.index("bias") is not None:
+        out[probe.index("bias")] = dd
+      if probe.index("kernel") is not None:
+        out[probe.index("kernel")] = tf.matmul(ai, aj, transpose_b=True) * dd
     if per_layer:
       for i, start, end in self._rest_slices:
         out[i] = tf.matmul(ri[:, start:end], rj[:, start:end],
@@ -607,8 +733,8 @@ class PerExampleGradients:
     if self.projection_dim:
       return 4 * self.projection_dim
     factors = sum(p.layer.kernel.shape[0] + self.num_outputs * p.layer.units
-                  for p in self._probes)
-    return 4 * (factors + sum(self.sizes[i] for i in self._rest))
+                  for p in self._dense)
+    return 4 * (factors + sum(e - s for _, s, e in self._rest_slices))
 
   @property
   def traces(self) -> int:
