@@ -17,10 +17,11 @@ TOOL = os.path.join(ROOT, "tools", "maxibatch_study.py")
 FLAGFILES = [os.path.join(ROOT, "flags", name) for name in (
     "maxibatch_resnet_digits_cpu.flags", "maxibatch_resnet32_cifar10.flags")]
 GRID = [("batch_size", ["50", "1400"]), ("learning_rate", ["0.1", "0.3"])]
-VARIANT_LINES = """\
-# maxibatch.variant: big_noise batch_size=1400 learning_rate=0.1 grad_noise=empirical grad_noise_reference=@batch_size=50,learning_rate=0.1
-# maxibatch.variant: big_lr1 batch_size=1400 learning_rate=1.0
-"""
+VARIANT_LINES = (
+    "# maxibatch.variant: big_noise batch_size=1400 learning_rate=0.1 "
+    "grad_noise=empirical grad_noise_reference=@batch_size=50,"
+    "learning_rate=0.1\n"
+    "# maxibatch.variant: big_lr1 batch_size=1400 learning_rate=1.0\n")
 
 
 def history(train, test, lam, lam_test, dist, epochs=3):
@@ -88,7 +89,7 @@ def interpolation(n=5):
           "test_top1_error": [0.3, 0.05, 0.8, 0.2, 0.6][:n]}
 
 
-# --- Variants ------------------------------------------------------------------
+# --- Variants ----------------------------------------------------------------
 
 
 def test_variants_resolve_references_and_run_after_them():
@@ -154,7 +155,7 @@ def test_paper_flagfile_keeps_the_paper_setting():
   assert cfg.weight_decay > 0 and cfg.curvature_examples == 500
 
 
-# --- Report ----------------------------------------------------------------------
+# --- Report ------------------------------------------------------------------
 
 
 def test_summary_picks_best_rate_by_training_error(study):
@@ -172,6 +173,14 @@ def test_summary_picks_best_rate_by_training_error(study):
   assert claims["lambda_max_larger_at_large_m"]
   assert not claims["distance_larger_at_large_m"]
   assert claims["train_error_large_m"] == pytest.approx(0.30)
+  # Equal training errors: the lower training loss wins.
+  tied = [maxibatch.Run("a", {"batch_size": 8, "learning_rate": 0.1},
+                        "completed", [{"epoch": 1, "train_top1_error": 0.0,
+                                       "train_loss": 0.02}]),
+          maxibatch.Run("b", {"batch_size": 8, "learning_rate": 0.3},
+                        "completed", [{"epoch": 1, "train_top1_error": 0.0,
+                                       "train_loss": 0.01}])]
+  assert maxibatch.summarize(tied).best[8].name == "b"
   table = maxibatch.markdown(report)
   assert "| 1400 | 0.1 | 30.00 | 32.00 | 2.00 | 80.0 | 90.0 | 5.0 |" in table
   assert "diverged" in table
@@ -254,7 +263,7 @@ def test_bad_results_are_one_line_errors(tmp_path):
     maxibatch.summarize([], ["a"])
 
 
-# --- The tool --------------------------------------------------------------------
+# --- The tool ----------------------------------------------------------------
 
 
 def run_tool(*args):

@@ -31,8 +31,9 @@ names the small-batch run whose gradient variances it adds
 (`grad_noise_reference=@batch_size=50,learning_rate=0.1`).
 
 Deviation from the paper: the best learning rate of a batch size is chosen
-by final training error (the paper reports its best model by test accuracy
-without saying how rates were picked).
+by final training error, ties broken by final training loss (the paper
+reports its best model by test accuracy without saying how rates were
+picked).
 """
 
 from __future__ import annotations
@@ -269,10 +270,13 @@ class Report:
 
 
 def _rank(run: Run) -> tuple:
+  """Best first: lower final training error, then (ties are common once
+  training error reaches 0) lower final training loss; diverged last."""
   if run.state == sweep.DIVERGED:
-    return (1, math.inf, run.learning_rate)
-  error = run.final("train_top1_error")
-  return (0, error if math.isfinite(error) else math.inf, run.learning_rate)
+    return (1, math.inf, math.inf, run.learning_rate)
+  error, loss = run.final("train_top1_error"), run.final("train_loss")
+  return (0, error if math.isfinite(error) else math.inf,
+          loss if math.isfinite(loss) else math.inf, run.learning_rate)
 
 
 def summarize(runs: Sequence[Run], unfinished: Sequence[str] = ()) -> Report:
