@@ -9,11 +9,13 @@ average is printed with each timing).
    uniform labels), MLP 40-1000-10 and ResNet-20 (32x32x3, batch norm in
    inference mode), at init. The statistics are the whole measurement:
    `get_computation(model, shape, chunk_size=c).inner_products(x, y)` for
-   c = 64, 128, 256, followed by `statistics.summarize(G)`. G comes from
-   two parts: the Dense fast path (every Dense layer's kernel and bias:
-   (A A^T) * (D D^T) and D D^T from one batched forward/backward; the whole
-   MLP, the ResNet's classifier) and `tf.vectorized_map` rows of the other
-   variables; blocks are float32 products in the graph, returned as
+   c = 64, 128, 256, followed by `statistics.summarize(G)`. Both models
+   take the batched path for every variable (one forward/backward pass with
+   probes at the Dense, Conv2D and batch-norm outputs; see
+   `per_example`'s docstring): the Dense fast path gives (A A^T) * (D D^T)
+   and D D^T without forming rows (the whole MLP, the ResNet's classifier),
+   Conv2D and batch-norm rows are formed; `tf.vectorized_map` is left with
+   nothing here. Blocks are float32 products in the graph, returned as
    float64. The baseline is ONE batch gradient over the same 256 examples:
    the mean cross-entropy, `training=False`, in a `tf.function` returning
    the flat gradient, inputs held as constants. For reference: the traced
@@ -203,12 +205,15 @@ def part_time(quick, with_loop):
     print(f"{name}: P = {comps[64].size} parameters; one batch gradient "
           f"{grad_ms:.2f} ms ({rounds} rounds; load average {load:.1f} -> "
           f"{load_after:.1f}); tracing every contender {trace_s:.0f} s")
-    fast = comps[64].dense_paths
-    fast_size = sum(int(np.prod(p.shape)) for p in model.trainable_variables
-                    if p.path in fast)
-    print(f"  Dense fast path: {len(fast)} variables, {fast_size} of "
-          f"{comps[64].size} parameters; vectorized_map: the other "
-          f"{comps[64].size - fast_size}")
+    def count(paths):
+      return sum(int(np.prod(p.shape)) for p in model.trainable_variables
+                 if p.path in paths)
+
+    dense, batched = comps[64].dense_paths, comps[64].batched_paths
+    print(f"  batched path: {len(batched)} variables, {count(batched)} of "
+          f"{comps[64].size} parameters (Dense fast path for G: "
+          f"{len(dense)} variables, {count(dense)} parameters); "
+          f"vectorized_map: the other {comps[64].size - count(batched)}")
     print(f"  checks: max |M_loop - M| / max |M| = {diff:.1e}; "
           f"max |batch gradient - mean row of M| / max = {g_diff:.1e}; "
           f"max |G - M M^T (numpy float64)| / max = {gram_diff:.1e} "
