@@ -129,6 +129,7 @@ def make_run(lr, final_loss, reached, model="mlp", depth=2, width=16,
       final_loss=final_loss, final_top1_error=0.0,
       steps_to_threshold=reached, gram={"ntk": list(ntk), "features": [],
                                         "gram": []},
+      condition={"ntk": [(s, 10.0 * (s + 1)) for s, _ in ntk]},
       wall_seconds=1.0, num_parameters=10)
 
 
@@ -164,6 +165,9 @@ def test_csv_rows(tmp_path):
   assert float(first["ntk_min_eigenvalue_init"]) == 1.5
   assert float(first["ntk_min_eigenvalue_end"]) == 3.0
   assert float(first["ntk_min_eigenvalue_min"]) == 1.5
+  assert float(first["ntk_condition_number_init"]) == 10.0
+  assert float(first["ntk_condition_number_end"]) == 2010.0
+  assert first["features_condition_number_init"] == "nan"
   assert second["steps_to_threshold"] == ""
   assert second["reached_threshold"] == "False"
   assert float(second["residual_scale"]) == 0.25
@@ -222,6 +226,8 @@ def test_tiny_run_lowers_the_loss_and_is_read_back(tmp_path):
   assert run.curve_losses[10] == pytest.approx(loss10[0], rel=1e-4)
   assert [s for s, _ in run.gram["ntk"]] == [0, 15, 30]
   assert all(v > 0 for _, v in run.gram["ntk"])
+  assert [s for s, _ in run.condition["ntk"]] == [0, 15, 30]
+  assert all(c >= 1 for _, c in run.condition["ntk"])
   assert run.steps_to_threshold == random_labels.steps_to_threshold(
       run.curve_steps, run.curve_losses, 1e-3)
   # Loose enough to be reached: the first step below it.

@@ -54,6 +54,11 @@ GRAM_KEYS = {
     "features": "gradients/features_min_eigenvalue",
     "gram": "gradients/gram_min_eigenvalue",
 }
+# Their condition numbers (largest / least eigenvalue): a least eigenvalue
+# within a few float32 round-offs of the largest (condition number near 1e7)
+# is numerically zero, whatever its printed value.
+CONDITION_KEYS = {short: key.replace("_min_eigenvalue", "_condition_number")
+                  for short, key in GRAM_KEYS.items()}
 GRAM_LABELS = {
     "ntk": "neural-tangent Gram of the logits",
     "features": "penultimate features' Gram F F^T/width",
@@ -202,12 +207,15 @@ class Run:
   final_top1_error: float
   steps_to_threshold: int | None
   gram: dict  # short key -> [(step, least eigenvalue)]
+  condition: dict  # short key -> [(step, condition number)]
   wall_seconds: float
   num_parameters: int
 
-  def gram_at(self, key: str, which: str) -> float:
-    """Least eigenvalue `key` at "init", at the "end", or its "min"."""
-    series = self.gram.get(key) or []
+  def gram_at(self, key: str, which: str, condition: bool = False
+              ) -> float:
+    """Least eigenvalue `key` (or its condition number) at "init", at the
+    "end", or its "min" over training."""
+    series = (self.condition if condition else self.gram).get(key) or []
     if not series:
       return math.nan
     if which == "init":
@@ -243,6 +251,8 @@ def load_run(cell_dir: str, threshold: float = THRESHOLD) -> Run | None:
       steps_to_threshold=steps_to_threshold(steps, losses, threshold),
       gram={short: measurement_series(results, key)
             for short, key in GRAM_KEYS.items()},
+      condition={short: measurement_series(results, key)
+                 for short, key in CONDITION_KEYS.items()},
       wall_seconds=float(final.get("wall_seconds", math.nan)),
       num_parameters=int(results.get("num_parameters", 0)))
 
@@ -305,6 +315,9 @@ def run_row(run: Run, threshold: float = THRESHOLD) -> dict:
   for short in GRAM_KEYS:
     for which in ("init", "end", "min"):
       row[f"{short}_min_eigenvalue_{which}"] = run.gram_at(short, which)
+    for which in ("init", "end"):
+      row[f"{short}_condition_number_{which}"] = run.gram_at(
+          short, which, condition=True)
   row.update({"num_parameters": run.num_parameters,
               "wall_seconds": run.wall_seconds, "run": run.name})
   return row
