@@ -208,7 +208,10 @@ def test_flagfile_is_full_batch_gradient_descent_on_random_labels():
 
 
 def test_tiny_run_lowers_the_loss_and_is_read_back(tmp_path):
-  cell_dir = str(tmp_path / "cell")
+  # The directory of the one cell of the grid written below, so that the
+  # tool's --report_only finds it.
+  study_dir = tmp_path / "study"
+  cell_dir = str(study_dir / "model=fc_resnet,residual_scale=0.5")
   cfg = config.parse_flagfile(flagfile_text()).replace(
       model="fc_resnet", depth=2, width=16, residual_scale=0.5,
       learning_rate=1.0, train_subset=32, batch_size="32",
@@ -236,6 +239,23 @@ def test_tiny_run_lowers_the_loss_and_is_read_back(tmp_path):
                                            loose * 1.0001)
   assert first is not None and first <= 20
   assert run.curve_losses[first] < loose * 1.0001
+
+  # The tool's report of that study directory (no training).
+  flagfile = tmp_path / "tiny.flags"
+  flagfile.write_text(config.to_flagfile(cfg.replace(model_dir=None))
+                      + "# sweep.grid: model=fc_resnet\n")
+  out_dir = tmp_path / "report"
+  out = subprocess.run(
+      [sys.executable, TOOL, f"--flagfile={flagfile}",
+       f"--study_dir={study_dir}", "--report_only", "--notensorboard",
+       f"--output_dir={out_dir}", f"--threshold={loose * 1.0001!r}"],
+      capture_output=True, text=True, timeout=120,
+      env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+  assert out.returncode == 0, out.stderr
+  rows = sweep.read_csv(str(out_dir / "random_labels.csv"))
+  assert len(rows) == 1 and rows[0]["steps_to_threshold"] == str(first)
+  assert (out_dir / "random_labels_steps_to_threshold.png").exists()
+  assert f"{first} steps" in (out_dir / "random_labels.md").read_text()
 
 
 # --- The CLI -----------------------------------------------------------------
