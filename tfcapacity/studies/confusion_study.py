@@ -597,10 +597,54 @@ def figures(parts: Sequence[Part], at_init: Sequence[dict],
             ax.set_ylabel({"train_loss": "training loss (all train ex.)"}
                           .get(y_key, _STAT_LABELS.get(y_key, y_key)),
                           fontsize=8)
-      axes[0][-1].legend(fontsize=7)
+      axes[0][0].legend(fontsize=7)
       fig.suptitle(f"{part.name}: during training", fontsize=10)
       out[f"confusion_{part.name}.png"] = _png(fig)
+  summary = _training_summary(parts, runs)
+  if summary:
+    out["confusion_training_summary.png"] = summary
   return out
+
+
+def _training_summary(parts: Sequence[Part], runs: Sequence[dict]
+                      ) -> bytes | None:
+  """Per training part: min cosine averaged over each run's measurements
+  (solid) and at step 0 (dotted) against width or depth."""
+  plt = _plt()
+  parts = [p for p in parts if not p.at_init
+           and any(r["part"] == p.name for r in runs)]
+  if not parts:
+    return None
+  fig, axes = plt.subplots(1, len(parts), figsize=(4.2 * len(parts), 3.6),
+                           squeeze=False)
+  for ax, part in zip(axes[0], parts):
+    numeric = [k for k in _varying(part) if k in ("width", "depth")]
+    x_key = numeric[0] if numeric else _numeric_key(part)
+    other = [k for k in _varying(part) if k != x_key]
+    lines = {}
+    for r in runs:
+      if r["part"] == part.name:
+        lines.setdefault(_line_key(r, other), []).append(r)
+    for i, (key, group) in enumerate(sorted(lines.items(),
+                                            key=lambda kv: str(kv[0]))):
+      group.sort(key=lambda r: float(r[x_key]))
+      color = f"C{i}"
+      xs = [float(r[x_key]) for r in group]
+      ax.plot(xs, [r["min_cosine_mean"] for r in group], marker="o",
+              color=color, label=_label(other, key) or part.name)
+      ax.plot(xs, [r["min_cosine_step0"] for r in group], ":", marker=".",
+              color=color)
+    ticks = sorted({float(r[x_key]) for r in runs if r["part"] == part.name})
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+    ax.minorticks_off()
+    ax.set_xlabel(x_key)
+    ax.set_title(part.name, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+  axes[0][0].set_ylabel("min pairwise cosine: mean over training (solid),\n"
+                        "step 0 (dotted)", fontsize=8)
+  return _png(fig)
 
 
 def _numeric_key(part: Part) -> str:
