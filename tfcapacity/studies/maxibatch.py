@@ -654,8 +654,13 @@ def _png(fig) -> bytes:
 
 
 def write_tensorboard_images(pngs: dict[str, bytes], logdir: str) -> None:
-  """The figures as TensorBoard images (tag `maxibatch/<name>`)."""
+  """The figures as TensorBoard images (tag `maxibatch/<name>`), replacing
+  the event files of an earlier report in `logdir`."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  if os.path.isdir(logdir):
+    for entry in os.listdir(logdir):
+      if entry.startswith("events.out.tfevents."):
+        os.unlink(os.path.join(logdir, entry))
   writer = tf.summary.create_file_writer(logdir)
   with writer.as_default(step=0):
     for name, data in pngs.items():
