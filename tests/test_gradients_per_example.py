@@ -340,12 +340,14 @@ def test_dense_fast_path_selected_params():
   assert_close(gram, sum(expected[p.path] for p in params))
 
 
-def test_dense_fast_path_two_replicas():
+@pytest.mark.parametrize("name,outputs", [
+    ("fc_resnet", per_example.OUTPUTS), ("resnet", ("loss",))])
+def test_batched_path_two_replicas(name, outputs):
   strategy = conftest.two_replicas()
   with strategy.scope():
-    model, shape = make_model("fc_resnet")
+    model, shape = make_model(name)
   x, y = make_data(9, shape)
-  for output in per_example.OUTPUTS:
+  for output in outputs:
     expected, expected_layers = gram_reference(model, x, y, output)
     gram, layers = per_example.gradient_inner_products(
         model, x, y, chunk_size=4, strategy=strategy, per_layer=True,
@@ -374,3 +376,30 @@ def test_while_loop_fallback_reported_once(monkeypatch, caplog):
   assert len(lines) == 1, lines
   assert "Conv2DBackpropFilter" in lines[0] and "slower" in lines[0]
   assert caplog.records[0].name == "absl"
+
+
+class _Tied(keras.layers.Layer):
+  """x W^T with the kernel W of another Dense layer (weight tying)."""
+
+  def __init__(self, dense, **kwargs):
+    super().__init__(**kwargs)
+    self.dense = dense
+
+  def call(self, x):
+    return keras.ops.matmul(x, keras.ops.transpose(self.dense.kernel))
+
+
+def test_tied_kernel_keeps_the_vmap_path():
+  keras.utils.set_random_seed(0)
+  inputs = keras.Input((4,))
+  encoder = keras.layers.Dense(3, activation="tanh", name="encoder")
+  h = _Tied(encoder, name="tied")(encoder(inputs))
+  model = keras.Model(inputs, keras.layers.Dense(3, name="classifier")(h))
+  x, y = make_data(6, (4,))
+  computation = per_example.get_computation(model, (4,))
+  # The encoder's kernel has two uses: a probe at its output would see one.
+  # (The tying layer holds the whole encoder, so its bias stays there too.)
+  assert computation.batched_paths == ["classifier/kernel", "classifier/bias"]
+  expected = reference(model, x, y)
+  assert_close(computation(x, y).matrix, expected)
+  assert_close(computation.inner_products(x, y), expected @ expected.T)

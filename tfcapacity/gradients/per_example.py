@@ -240,7 +240,8 @@ def _find_probes(model, function, params, input_shape) -> list[_Probe]:
 
   A candidate is a plain Keras Dense, Conv2D (channels last, no groups) or
   batch norm (Keras' on the last axis, or tfcapacity's) layer, with no LoRA
-  or quantization, holding a chosen variable. It stays one if, in a forward
+  or quantization, holding a chosen variable that no other layer holds
+  (weight tying). It stays one if, in a forward
   pass on two zero examples, it runs exactly once on a float input of the
   rank its formula is exact for: a layer shared between several places, or
   a Dense layer applied to sequences, keeps the vectorized_map path.
@@ -248,6 +249,13 @@ def _find_probes(model, function, params, input_shape) -> list[_Probe]:
   if not isinstance(model, keras.Model):
     return []
   index = {id(p): i for i, p in enumerate(params)}
+  # Layers holding each variable (a nested model's own list left out): a
+  # probe sees one use of a variable, so a tied one keeps the vmap path.
+  owners = {}
+  for layer in hvp._all_layers(model):
+    if not isinstance(layer, keras.Model):
+      for var in layer.weights:
+        owners[id(var)] = owners.get(id(var), 0) + 1
   candidates = []
   for layer in hvp._all_layers(model):
     kind = _probe_kind(layer)
@@ -256,7 +264,8 @@ def _find_probes(model, function, params, input_shape) -> list[_Probe]:
     slots = {}
     for role in _ROLES[kind]:
       var = getattr(layer, role, None)
-      if var is not None and id(var) in index:
+      if (var is not None and id(var) in index
+          and owners.get(id(var), 0) == 1):
         slots[role] = index[id(var)]
     if slots:
       candidates.append(_Probe(kind, layer, slots))
