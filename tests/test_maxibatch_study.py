@@ -108,12 +108,39 @@ def test_variants_resolve_references_and_run_after_them():
   assert second == [noise]
 
 
+def test_variants_that_name_variants_run_in_rounds():
+  lines = ("# maxibatch.variant: ref batch_size=50 record_grad_variance=true\n"
+           "# maxibatch.variant: noisy grad_noise_reference=@ref\n"
+           "# maxibatch.variant: noisier grad_noise_reference=@noisy\n"
+           "# maxibatch.variant: orphan grad_noise_reference=@"
+           "batch_size=1400,learning_rate=0.3\n")
+  grid_cells = sweep.cells(GRID)
+  variants = maxibatch.parse_variants(lines, grid_cells, "S")
+  first, second = maxibatch.run_order(grid_cells, variants)
+  # Cells that others wait for lead, in grid order, then the rest.
+  assert [c.name for c in first[:2]] == ["batch_size=1400,learning_rate=0.3",
+                                         "ref"]
+  assert [v.name for v in second] == ["noisy", "noisier", "orphan"]
+  states = {c.name: sweep.COMPLETED for c in first}
+  states["batch_size=1400,learning_rate=0.3"] = sweep.DIVERGED
+  rounds = []
+
+  def run(cells):
+    rounds.append([c.name for c in cells])
+    return {c.name: sweep.COMPLETED for c in cells}
+
+  left = maxibatch.run_in_rounds(second, states, run)
+  assert rounds == [["noisy"], ["noisier"]]
+  assert [v.name for v in left] == ["orphan"]
+
+
 @pytest.mark.parametrize("line, match", [
     ("# maxibatch.variant: lonely", "write '# maxibatch.variant: NAME"),
     ("# maxibatch.variant: a=b batch_size=5", "may hold only"),
     ("# maxibatch.variant: x batch_size", "bad token"),
     ("# maxibatch.variant: x model_dir=/tmp", "may not set --model_dir"),
     ("# maxibatch.variant: x grad_noise_reference=@nope", "names no cell"),
+    ("# maxibatch.variant: x grad_noise_reference=@x", "names itself"),
     ("# maxibatch.variant: x batch_size=5\n# maxibatch.variant: x "
      "batch_size=6", "used twice"),
 ])

@@ -138,17 +138,14 @@ def main(argv):
     run = dict(parallel=FLAGS.parallel, threads_per_cell=threads,
                progress=FLAGS.progress)
     states = sweep.run(FLAGS.study_dir, all_cells, first, configs, **run)
-    ready = [v for v in second
-             if all(states.get(d) == sweep.COMPLETED for d in v.depends_on)]
-    for v in second:
-      if v not in ready:
-        logging.error("variant %s not run: %s did not complete", v.name,
-                      ", ".join(v.depends_on))
-        states[v.name] = sweep.cell_state(os.path.join(FLAGS.study_dir,
-                                                       v.name))
-    if ready:
-      states.update(sweep.run(FLAGS.study_dir, all_cells, ready, configs,
-                              **run))
+    pending = maxibatch.run_in_rounds(
+        second, states, lambda ready: sweep.run(
+            FLAGS.study_dir, all_cells, ready, configs, **run))
+    for v in pending:
+      logging.error("variant %s not run: %s did not complete", v.name,
+                    ", ".join(v.depends_on))
+      states[v.name] = sweep.cell_state(os.path.join(FLAGS.study_dir,
+                                                     v.name))
   trained = time.time() - started
 
   try:

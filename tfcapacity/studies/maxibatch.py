@@ -44,7 +44,7 @@ import json
 import math
 import os
 import re
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -119,6 +119,9 @@ def parse_variants(text: str, grid_cells: Sequence[sweep.Cell],
                         f"it")
       if value.startswith("@"):
         target = value[1:]
+        if target == name:
+          raise UserError(f"variant {name} names itself in {key}={value}; "
+                          f"name the run it should wait for")
         if target not in known and target not in names:
           raise UserError(f"variant {name}: {value} names no cell of this "
                           f"study; use a grid cell name such as "
@@ -140,6 +143,29 @@ def run_order(grid_cells: Sequence[sweep.Cell],
   first = ([c for c in [*grid_cells, *independent] if c.name in needed]
            + [c for c in [*grid_cells, *independent] if c.name not in needed])
   return first, [v for v in variants if v.depends_on]
+
+
+def run_in_rounds(variants: Sequence[Variant], states: dict,
+                  run: Callable[[list], dict]) -> list[Variant]:
+  """Runs `variants` in rounds, each once every cell it names has completed.
+
+  Args:
+    variants: the variants with references (`run_order`'s second phase).
+    states: every cell's state so far, by name; updated in place.
+    run: trains a list of cells and returns their states by name.
+
+  Returns:
+    The variants never started because a reference did not complete.
+  """
+  pending = list(variants)
+  while pending:
+    ready = [v for v in pending if all(
+        states.get(d) == sweep.COMPLETED for d in v.depends_on)]
+    if not ready:
+      break
+    states.update(run(ready))
+    pending = [v for v in pending if v not in ready]
+  return pending
 
 
 # --- Runs --------------------------------------------------------------------
