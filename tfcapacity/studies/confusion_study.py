@@ -609,7 +609,8 @@ def figures(parts: Sequence[Part], at_init: Sequence[dict],
 def _training_summary(parts: Sequence[Part], runs: Sequence[dict]
                       ) -> bytes | None:
   """Per training part: min cosine averaged over each run's measurements
-  (solid) and at step 0 (dotted) against width or depth."""
+  (solid; diverged runs left out) and at step 0 (dotted) against width or
+  depth."""
   plt = _plt()
   parts = [p for p in parts if not p.at_init
            and any(r["part"] == p.name for r in runs)]
@@ -630,7 +631,9 @@ def _training_summary(parts: Sequence[Part], runs: Sequence[dict]
       group.sort(key=lambda r: float(r[x_key]))
       color = f"C{i}"
       xs = [float(r[x_key]) for r in group]
-      ax.plot(xs, [r["min_cosine_mean"] for r in group], marker="o",
+      done = [r for r in group if r["state"] != sweep.DIVERGED]
+      ax.plot([float(r[x_key]) for r in done],
+              [r["min_cosine_mean"] for r in done], marker="o",
               color=color, label=_label(other, key) or part.name)
       ax.plot(xs, [r["min_cosine_step0"] for r in group], ":", marker=".",
               color=color)
