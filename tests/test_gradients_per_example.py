@@ -403,3 +403,15 @@ def test_tied_kernel_keeps_the_vmap_path():
   expected = reference(model, x, y)
   assert_close(computation(x, y).matrix, expected)
   assert_close(computation.inner_products(x, y), expected @ expected.T)
+
+
+def test_long_products_summed_by_column_blocks(monkeypatch):
+  monkeypatch.setattr(per_example, "_SUM_COLUMNS", 7)
+  model, shape = mixed_model()
+  x, y = make_data(6, shape)
+  expected, expected_layers = gram_reference(model, x, y, "loss")
+  computation = per_example.PerExampleGradients(model, shape, chunk_size=4)
+  gram, layers = computation.inner_products(x, y, per_layer=True)
+  assert_close(gram, expected)
+  for path, g in layers.items():
+    assert_close(g, expected_layers[path])

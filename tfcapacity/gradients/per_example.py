@@ -95,6 +95,8 @@ _PROJECTION_BLOCK_ENTRIES = 1 << 22
 _RESIDENT_BYTES = 1 << 30
 # `inner_products` joins all chunks into one product up to this many bytes.
 _JOIN_BYTES = 1 << 26
+# Columns of one float32 product in G; longer ones are summed in float64.
+_SUM_COLUMNS = 1 << 14
 # Marks a bias whose columns come with its kernel's (`_rows`).
 _MERGED = object()
 
@@ -411,6 +413,19 @@ def _vectorized_map(fn, elems):
   return out
 
 
+def _gram_block(a, b):
+  """a b^T in float64 from float32 products over blocks of columns."""
+  columns = a.shape[1]
+  if columns <= _SUM_COLUMNS:
+    return tf.cast(tf.matmul(a, b, transpose_b=True), tf.float64)
+  total = 0.0
+  for start in range(0, columns, _SUM_COLUMNS):
+    end = min(columns, start + _SUM_COLUMNS)
+    total += tf.cast(tf.matmul(a[:, start:end], b[:, start:end],
+                               transpose_b=True), tf.float64)
+  return total
+
+
 class PerExampleGradients:
   """Per-example gradients of one model, traced once per input shape.
 
@@ -634,21 +649,25 @@ class PerExampleGradients:
         lambda v: self.strategy.gather(v, axis=0), per_replica)
 
   def _blocks(self, fi, ri, fj, rj, per_layer):
-    """G between two chunks: [L, ci, cj] per variable, or [ci, cj]."""
+    """G between two chunks, float64: [L, ci, cj] per variable, or [ci, cj].
+
+    Products are float32; long ones are summed in float64 over column
+    blocks of `_SUM_COLUMNS` (float32 sums of P terms lose about sqrt(P)
+    ulps: 1e-6 of the largest entry for ResNet-20's 270k in one product).
+    """
     out = [None] * len(self.params)
-    total = None
     for probe, (ai, di), (aj, dj) in zip(self._dense, fi, fj):
       dd = tf.matmul(di, dj, transpose_b=True)
       if probe.index("bias") is not None:
-        out[probe.index("bias")] = dd
+        out[probe.index("bias")] = tf.cast(dd, tf.float64)
       if probe.index("kernel") is not None:
-        out[probe.index("kernel")] = tf.matmul(ai, aj, transpose_b=True) * dd
+        out[probe.index("kernel")] = tf.cast(
+            tf.matmul(ai, aj, transpose_b=True) * dd, tf.float64)
     if per_layer:
       for i, start, end in self._rest_slices:
-        out[i] = tf.matmul(ri[:, start:end], rj[:, start:end],
-                           transpose_b=True)
+        out[i] = _gram_block(ri[:, start:end], rj[:, start:end])
       return tf.stack(out)
-    total = tf.matmul(ri, rj, transpose_b=True)
+    total = _gram_block(ri, rj)
     for block in out:
       if block is not None:
         total += block
@@ -778,7 +797,7 @@ class PerExampleGradients:
       fi, ri = get(i)
       for j in range(i, k):
         fj, rj = (fi, ri) if j == i else get(j)
-        block = np.asarray(pair(fi, ri, fj, rj), np.float64)
+        block = np.asarray(pair(fi, ri, fj, rj))
         si, sj = slice(i * c, (i + 1) * c), slice(j * c, (j + 1) * c)
         if per_layer:
           layers[:, si, sj] = block
