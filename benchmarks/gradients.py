@@ -168,6 +168,7 @@ def part_time(quick, with_loop):
       contenders[f"stats_{c}"] = (
           lambda comp=comp: _statistics(comp, x, y))
     contenders["rows_256"] = lambda: comps[256]._chunk(xt, yt, seed)
+    contenders["gram_256"] = lambda: comps[256].inner_products(x, y)
     trace_start = time.perf_counter()
     fallbacks = {}
     for key, fn in contenders.items():
@@ -198,6 +199,7 @@ def part_time(quick, with_loop):
     calls = {k: 1 for k in contenders}
     calls["gradient"] = 50 if mlp else 2
     calls["rows_256"] = 5 if mlp else 1
+    calls["gram_256"] = 5 if mlp else 1
     load = _load()
     times = common.rounds(contenders, rounds, calls)
     load_after = _load()
@@ -231,11 +233,14 @@ def part_time(quick, with_loop):
             f"{_fmt(stats[c])}x gradient")
     vmap = common.ratio_quartiles(times["rows_256"], times["gradient"])
     summ = common.ratio_quartiles(times["summarize"], times["gradient"])
+    gram_only = common.ratio_quartiles(times["gram_256"], times["gradient"])
     gram = common.ratio_quartiles(times["gram_summarize"], times["gradient"])
     share = common.ratio_quartiles(times["gram_summarize"],
                                    times[f"stats_{best}"])
     print(f"  per-example rows alone (one chunk of 256, in the graph): "
           f"{1e3 * np.median(times['rows_256']):.1f} ms = {_fmt(vmap)}x")
+    print(f"  G alone (inner_products, chunk 256): "
+          f"{1e3 * np.median(times['gram_256']):.1f} ms = {_fmt(gram_only)}x")
     print(f"  summarize(G) alone (numpy): "
           f"{1e3 * np.median(times['summarize']):.1f} ms = {_fmt(summ)}x")
     print(f"  former way, G = M M^T (numpy float64) + summarize: "
@@ -244,6 +249,7 @@ def part_time(quick, with_loop):
           f"(chunk {best})")
     row = dict(model=name, grad_ms=grad_ms, best=best, stats=stats[best],
                stats64=stats[64], vmap=vmap, gram=gram, summ=summ,
+               gram_only=gram_only,
                gram_diff=gram_diff)
     if with_loop:
       pe = {c: common.ratio_quartiles(times["loop"], times[f"pe_{c}"])
@@ -273,15 +279,16 @@ def part_time(quick, with_loop):
     print()
 
   print("| model | gradient ms | best chunk | statistics / gradient "
-        "(quartiles) | chunk 64 | goal | met | rows 256 / gradient | "
-        "summarize / gradient | former numpy G + summarize / gradient | "
-        "G error |")
-  print("|---|---|---|---|---|---|---|---|---|---|---|")
+        "(quartiles) | chunk 64 | goal | met | G alone (chunk 256) | "
+        "summarize alone | rows 256 / gradient | "
+        "former numpy G + summarize / gradient | G error |")
+  print("|---|---|---|---|---|---|---|---|---|---|---|---|")
   for r in rows:
     print(f"| {r['model']} | {r['grad_ms']:.2f} | {r['best']} | "
           f"{_fmt(r['stats'])} | {r['stats64'][0]:.2f} | <= {STATS_GOAL:g} | "
           f"{'yes' if r['stats'][0] <= STATS_GOAL else 'NO'} | "
-          f"{_fmt(r['vmap'])} | {_fmt(r['summ'])} | {_fmt(r['gram'])} | "
+          f"{_fmt(r['gram_only'])} | {_fmt(r['summ'])} | "
+          f"{_fmt(r['vmap'])} | {_fmt(r['gram'])} | "
           f"{r['gram_diff']:.0e} |")
   print()
   if with_loop:
