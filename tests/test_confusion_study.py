@@ -45,7 +45,24 @@ def test_parse_parts_joins_lines_and_keeps_order():
     study.select(parts, ["init_c"])
 
 
+def test_lr_x_depth_divides_the_learning_rate_by_depth():
+  (part,) = study.parse_parts(
+      "# confusion.train_s: kernel_init=orthogonal; depth=1,8; "
+      "lr_x_depth=0.08,0.2\n")
+  got = [dict(c.overrides) for c in part.cells()]
+  assert [(c["depth"], c["learning_rate"]) for c in got] == [
+      ("1", "0.08"), ("1", "0.2"), ("8", "0.01"), ("8", "0.025")]
+  assert all("lr_x_depth" not in c for c in got)
+  assert part.cells()[2].name == (
+      "kernel_init=orthogonal,depth=8,learning_rate=0.01")
+
+
 @pytest.mark.parametrize("text, message", [
+    ("# confusion.init_a: depth=1; lr_x_depth=0.1; learning_rate=0.1\n",
+     "keep one"),
+    ("# confusion.init_a: lr_x_depth=0.1\n", "add depth="),
+    ("# confusion.init_a: depth=1; lr_x_depth=-1\n", "must be positive"),
+    ("# confusion.init_a: depth=x; lr_x_depth=1\n", "must be positive"),
     ("--width=2\n", "no '# confusion"),
     ("# confusion.other: width=1,2\n", "must start with"),
     ("# confusion.init_a: width\n", "confusion.init_a: bad --grid"),
@@ -63,17 +80,18 @@ def test_the_cpu_flagfile_covers_the_three_questions():
     assert set(parts[name]["kernel_init"]) == {"glorot_normal", "he_normal"}
   assert len(parts["init_width"]["width"]) >= 3
   assert len(parts["init_depth"]["depth"]) >= 3
-  for name in ("init_linear", "train_linear"):
+  for name in ("init_linear", "train_linear", "train_linear_scaled"):
     assert parts[name]["activation"] == ("linear",)
     assert set(parts[name]["kernel_init"]) == {"orthogonal", "glorot_normal"}
   for name in ("init_norm_skip", "train_norm_skip"):
     assert set(parts[name]["model"]) == {"mlp", "fc_resnet"}
     assert set(parts[name]["normalization"]) == {"none", "batch"}
   # Every cell is a valid training run.
-  for name, grid in parts.items():
-    cells = sweep.cells(list(grid.items()))
-    assert len(sweep.validate([f"--flagfile={FLAGFILE}"], cells)) == len(
-        cells)
+  with open(FLAGFILE) as f:
+    for part in study.parse_parts(f.read()):
+      cells = part.cells()
+      assert len(sweep.validate([f"--flagfile={FLAGFILE}"], cells)) == len(
+          cells)
 
 
 # --- Measurement at initialisation -------------------------------------------

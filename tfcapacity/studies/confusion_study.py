@@ -19,6 +19,10 @@ are plain overrides of the base flags):
   # confusion.init_width: kernel_init=glorot_normal,he_normal; width=16,64
   # confusion.train_linear: activation=linear; depth=1,4,16
 
+One key is the study's own, not a flag: `lr_x_depth=c` gives each cell
+`--learning_rate=c/depth`, so that the total step over a linear net's layers
+stays the same as depth grows (for the depth-independence claim 2).
+
 A part whose name starts with `init_` is measured at initialisation, in
 process: each cell's model is built as the training loop builds it (same
 seed, `keras.utils.set_random_seed(seed)` then `models.from_config`), and
@@ -61,6 +65,8 @@ from tfcapacity.training import rundir
 
 PART_COMMENT = re.compile(r"^\s*#\s*confusion\.([A-Za-z0-9_]+):\s*(.+?)\s*$")
 INIT, TRAIN = "init_", "train_"
+# A grid key of the study, not a flag: learning_rate = value / depth.
+LR_X_DEPTH = "lr_x_depth"
 AT_INIT_DIR = "at_init"
 # The statistics a row carries, in CSV order (from statistics.summarize,
 # plus the mean squared gradient norm and the Gram spectrum).
@@ -92,7 +98,17 @@ class Part:
     return self.name.startswith(INIT)
 
   def cells(self) -> list[sweep.Cell]:
-    return sweep.cells(self.grid)
+    """The grid's cells; `lr_x_depth=c` becomes --learning_rate=c/depth."""
+    out = []
+    for cell in sweep.cells(self.grid):
+      values = dict(cell.overrides)
+      if LR_X_DEPTH in values:
+        rate = float(values[LR_X_DEPTH]) / int(values["depth"])
+        cell = sweep.Cell(cell.index, tuple(
+            (k, v) for k, v in cell.overrides if k != LR_X_DEPTH) + (
+                ("learning_rate", format(rate, ".12g")),))
+      out.append(cell)
+    return out
 
 
 def parse_parts(text: str) -> list[Part]:
@@ -123,8 +139,28 @@ def parse_parts(text: str) -> list[Part]:
       grid = sweep.parse_grid(";".join(lines))
     except UserError as e:
       raise UserError(f"confusion.{name}: {e}") from None
+    _check_lr_x_depth(name, dict(grid))
     parts.append(Part(name, tuple((k, tuple(v)) for k, v in grid)))
   return parts
+
+
+def _check_lr_x_depth(name: str, grid: dict) -> None:
+  if LR_X_DEPTH not in grid:
+    return
+  if "learning_rate" in grid:
+    raise UserError(f"confusion.{name} sets both {LR_X_DEPTH} and "
+                    f"learning_rate; keep one")
+  if "depth" not in grid:
+    raise UserError(f"confusion.{name}: {LR_X_DEPTH} needs the part's own "
+                    f"depth values; add depth=... to its grid")
+  try:
+    ok = all(float(v) > 0 for v in grid[LR_X_DEPTH]) and all(
+        int(d) > 0 for d in grid["depth"])
+  except ValueError:
+    ok = False
+  if not ok:
+    raise UserError(f"confusion.{name}: {LR_X_DEPTH} must be positive "
+                    f"numbers and depth positive integers")
 
 
 def select(parts: Sequence[Part], names: Sequence[str] | None
