@@ -398,7 +398,7 @@ def part_memory(n, chunk):
           f"{r['before_mb']:.0f} | {r['peak_mb'] - r['before_mb']:.0f} | "
           f"{r['seconds']:.0f} |")
   print(f"\nFor scale: M for n = {n} is {n * p * 4 / 2**20:.0f} MB in float32 "
-        f"(P = {p}); one chunk in float64 {chunk * p * 8 / 2**20:.0f} MB, "
+        f"(P = {p}); one chunk of rows {chunk * p * 4 / 2**20:.0f} MB, "
         f"and inner_products keeps chunks up to 1 GiB for reuse.\n")
   return rows
 
