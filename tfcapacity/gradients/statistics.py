@@ -119,11 +119,42 @@ def _resolve(gram, gradients) -> np.ndarray:
   return validate_gram(gram)
 
 
+def _pairs(n: int) -> Tuple[np.ndarray, np.ndarray]:
+  return np.triu_indices(n, k=1)
+
+
+def _cosines(g: np.ndarray, i, j) -> Tuple[np.ndarray, int]:
+  norms_sq = np.diag(g)
+  if np.all(norms_sq > 0):  # The usual case: every pair is defined.
+    norms = np.sqrt(norms_sq)
+    cos = (g / norms[:, None] / norms[None, :])[i, j]
+    return np.clip(cos, -1.0, 1.0), 0
+  defined = (norms_sq[i] > 0) & (norms_sq[j] > 0)
+  i, j = i[defined], j[defined]
+  cos = g[i, j] / np.sqrt(norms_sq[i] * norms_sq[j])
+  return np.clip(cos, -1.0, 1.0), int(np.count_nonzero(~defined))
+
+
+def _diversity(g: np.ndarray) -> float:
+  trace, total = float(np.trace(g)), float(np.sum(g))
+  if total <= 0:
+    return float("inf") if trace > 0 else float("nan")
+  return trace / total
+
+
+def _noise_scale(g: np.ndarray) -> float:
+  n = g.shape[0]
+  mean_sq = float(np.sum(g)) / n**2
+  trace_sigma = max(0.0, (float(np.trace(g)) / n - mean_sq) * n / (n - 1))
+  if mean_sq <= 0:
+    return float("inf") if trace_sigma > 0 else float("nan")
+  return trace_sigma / mean_sq
+
+
 def pairwise_inner_products(gram=None, *, gradients=None) -> np.ndarray:
   """Returns the n(n-1)/2 inner products G_ij, i < j (row-major order)."""
   g = _resolve(gram, gradients)
-  i, j = np.triu_indices(g.shape[0], k=1)
-  return g[i, j]
+  return g[_pairs(g.shape[0])]
 
 
 def pairwise_cosines(gram=None, *,
@@ -134,12 +165,7 @@ def pairwise_cosines(gram=None, *,
   the cosine is undefined. Cosines are clipped to [-1, 1] against rounding.
   """
   g = _resolve(gram, gradients)
-  i, j = np.triu_indices(g.shape[0], k=1)
-  norms_sq = np.diag(g)
-  defined = (norms_sq[i] > 0) & (norms_sq[j] > 0)
-  i, j = i[defined], j[defined]
-  cos = g[i, j] / np.sqrt(norms_sq[i] * norms_sq[j])
-  return np.clip(cos, -1.0, 1.0), int(np.count_nonzero(~defined))
+  return _cosines(g, *_pairs(g.shape[0]))
 
 
 def gradient_confusion(gram=None, *, gradients=None) -> float:
@@ -150,11 +176,7 @@ def gradient_confusion(gram=None, *, gradients=None) -> float:
 
 def gradient_diversity(gram=None, *, gradients=None) -> float:
   """Yin et al.'s diversity: trace(G) / sum(G); inf if sum(G) <= 0 < trace."""
-  g = _resolve(gram, gradients)
-  trace, total = float(np.trace(g)), float(np.sum(g))
-  if total <= 0:
-    return float("inf") if trace > 0 else float("nan")
-  return trace / total
+  return _diversity(_resolve(gram, gradients))
 
 
 def noise_scale_simple(gram=None, *, gradients=None) -> float:
@@ -162,13 +184,7 @@ def noise_scale_simple(gram=None, *, gradients=None) -> float:
 
   Sigma is the unbiased sample covariance (see the module docstring).
   """
-  g = _resolve(gram, gradients)
-  n = g.shape[0]
-  mean_sq = float(np.sum(g)) / n**2
-  trace_sigma = max(0.0, (float(np.trace(g)) / n - mean_sq) * n / (n - 1))
-  if mean_sq <= 0:
-    return float("inf") if trace_sigma > 0 else float("nan")
-  return trace_sigma / mean_sq
+  return _noise_scale(_resolve(gram, gradients))
 
 
 def histogram(values, bins=50) -> Tuple[np.ndarray, np.ndarray]:
@@ -233,9 +249,10 @@ def summarize(gram=None, *, gradients=None,
     UserError: invalid input (see `validate_gram`) or quantile levels.
   """
   levels = _check_quantiles(quantiles)
-  g = _resolve(gram, gradients)
-  inner = pairwise_inner_products(g)
-  cos, excluded = pairwise_cosines(g)
+  g = _resolve(gram, gradients)  # Checked once; the rest reuse it.
+  i, j = _pairs(g.shape[0])
+  inner = g[i, j]
+  cos, excluded = _cosines(g, i, j)
   nan = float("nan")
   if cos.size:
     qs = np.quantile(cos, levels) if levels else []
@@ -249,8 +266,8 @@ def summarize(gram=None, *, gradients=None,
       "min_cosine": float(np.min(cos)) if cos.size else nan,
       "mean_cosine": float(np.mean(cos)) if cos.size else nan,
       "cosine_quantiles": cos_quantiles,
-      "gradient_diversity": gradient_diversity(g),
-      "noise_scale_simple": noise_scale_simple(g),
+      "gradient_diversity": _diversity(g),
+      "noise_scale_simple": _noise_scale(g),
       "num_examples": int(g.shape[0]),
       "excluded_pairs": excluded,
   }
