@@ -368,7 +368,7 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
       "gradients_projection_dim", 0,
       "Project each per-example gradient to this many dimensions "
       "(Johnson-Lindenstrauss; 0: exact).", flag_values=fv)
-  flags.DEFINE_integer("gradients_chunk_size", 64,
+  flags.DEFINE_integer("gradients_chunk_size", 128,
                        "Per-example gradients computed per traced call.",
                        flag_values=fv)
   flags.DEFINE_bool(

@@ -76,7 +76,7 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
       "Project each gradient to this many dimensions (Gaussian "
       "Johnson-Lindenstrauss, seeded by --seed); default exact.",
       flag_values=fv)
-  flags.DEFINE_integer("chunk_size", 64,
+  flags.DEFINE_integer("chunk_size", 128,
                        "Examples per traced gradient computation (bounds "
                        "memory).", flag_values=fv)
   flags.DEFINE_bool(
@@ -123,7 +123,7 @@ def check_flags(fv: flags.FlagValues = flags.FLAGS):
   return request
 
 
-def confusion_report(loaded: "analysis.Loaded", *, chunk_size: int = 64,
+def confusion_report(loaded: "analysis.Loaded", *, chunk_size: int = 128,
                      projection_dim: int | None = None, seed: int = 0,
                      per_layer: bool = False,
                      layers: list[str] | None = None,

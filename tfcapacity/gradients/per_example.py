@@ -94,6 +94,10 @@ from tfcapacity.training import loop
 _PROJECTION_BLOCK_ENTRIES = 1 << 22
 # Bytes of gradient chunks `gradient_inner_products` keeps for reuse.
 _RESIDENT_BYTES = 1 << 30
+# Examples per traced call: the best statistics/gradient ratio on ResNet-20
+# in benchmarks/gradients.py (256 is a little faster on an MLP but needs
+# about 1.5x the memory of 128 on ResNet-20 at n = 1024).
+DEFAULT_CHUNK_SIZE = 128
 # `inner_products` joins all chunks into one product up to this many bytes.
 _JOIN_BYTES = 1 << 26
 # Columns of one float32 product in G; longer ones are summed in float64.
@@ -448,7 +452,7 @@ class PerExampleGradients:
   """
 
   def __init__(self, model, input_shape: Sequence[int], *, params=None,
-               bn_mode: str = "inference", chunk_size: int = 64,
+               bn_mode: str = "inference", chunk_size: int = DEFAULT_CHUNK_SIZE,
                projection_dim: int | None = None,
                strategy: tf.distribute.Strategy | None = None,
                output: str = "loss"):
@@ -844,7 +848,8 @@ _CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def get_computation(model, input_shape, *, params=None,
-                    bn_mode: str = "inference", chunk_size: int = 64,
+                    bn_mode: str = "inference",
+                    chunk_size: int = DEFAULT_CHUNK_SIZE,
                     projection_dim: int | None = None,
                     strategy=None, output: str = "loss"
                     ) -> PerExampleGradients:
@@ -864,7 +869,8 @@ def get_computation(model, input_shape, *, params=None,
 
 
 def per_example_gradients(model, x, y, *, params=None,
-                          bn_mode: str = "inference", chunk_size: int = 64,
+                          bn_mode: str = "inference",
+                          chunk_size: int = DEFAULT_CHUNK_SIZE,
                           projection_dim: int | None = None, seed: int = 0,
                           strategy=None, output: str = "loss") -> PerExample:
   """The per-example gradients of each example's own cross-entropy.
@@ -898,7 +904,8 @@ def per_example_gradients(model, x, y, *, params=None,
 
 
 def gradient_inner_products(model, x, y, *, params=None,
-                            bn_mode: str = "inference", chunk_size: int = 64,
+                            bn_mode: str = "inference",
+                            chunk_size: int = DEFAULT_CHUNK_SIZE,
                             projection_dim: int | None = None, seed: int = 0,
                             strategy=None, per_layer: bool = False,
                             output: str = "loss"):
