@@ -18,6 +18,7 @@ confusion_at_init.csv (one row per cell and seed), confusion_at_init_mean.csv
 (mean and std over seeds), confusion_training.csv (one row per run and
 measured or evaluated step), confusion_runs.csv (one row per run),
 confusion.md (the tables), confusion.json, the figures confusion_<part>.png
+and confusion_training_summary.png
 and the same as TensorBoard images. `--report_only` measures and trains
 nothing and reports what is there.
 
