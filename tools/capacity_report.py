@@ -25,6 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(
 from tfcapacity import cli  # noqa: E402
 from tfcapacity.errors import UserError  # noqa: E402
 from tfcapacity.studies import capacity  # noqa: E402
+from tfcapacity.studies import common  # noqa: E402
 from tfcapacity.training import rundir  # noqa: E402
 
 flags.DEFINE_string("sweep_dir", None, "The sweep's directory.")
@@ -68,11 +69,7 @@ def main(argv):
       "roi_falls": falls, "counts": dict(capacity.counts(report)),
       "unfinished": report.unfinished})
   pngs = capacity.figures(report)
-  for name, data in pngs.items():
-    rundir.atomic_write(os.path.join(out_dir, name), data)
-  if FLAGS.tensorboard:
-    with cli.quiet_native_stderr():
-      capacity.write_tensorboard_images(pngs, out_dir)
+  common.write_figures(out_dir, pngs, "capacity", FLAGS.tensorboard)
   print(table)
   print(f"ROI: {falls['first']:.4g} points/unit at the first step, "
         f"{falls['last']:.4g} at the last; it fell at {falls['falling_steps']}"

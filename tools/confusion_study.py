@@ -27,7 +27,6 @@ covers the finished ones), 2 bad input.
 """
 
 import os
-import signal
 import sys
 import time
 
@@ -40,33 +39,18 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(
 
 from tfcapacity import cli  # noqa: E402
 from tfcapacity.errors import UserError  # noqa: E402
+from tfcapacity.studies import common  # noqa: E402
 from tfcapacity.studies import confusion_study as study  # noqa: E402
 from tfcapacity.studies import sweep  # noqa: E402
 from tfcapacity.training import rundir  # noqa: E402
 
-flags.DEFINE_string("base_flagfile", None,
-                    "The training runs' base flagfile (also --flagfile).")
-flags.DEFINE_string("study_dir", None, "Directory of the study.")
+common.define_study_flags()
 flags.DEFINE_list("parts", [],
                   "Parts of the flagfile to run and report (default: all).")
-flags.DEFINE_integer("parallel", 2, "Training processes at once.",
-                     lower_bound=1)
-flags.DEFINE_integer("threads_per_cell", None,
-                     "TensorFlow threads per training process (default: the "
-                     "CPU count divided by --parallel).", lower_bound=1)
 flags.DEFINE_bool("calibrate_bn", True,
                   "At init, set batch norm's moving statistics to the "
                   "training set's batch statistics before measuring "
                   "(otherwise batch norm in inference mode is the identity).")
-flags.DEFINE_string("output_dir", None,
-                    "Where the report goes (default: STUDY_DIR/report).")
-flags.DEFINE_bool("report_only", False,
-                  "Measure and train nothing; report what is there.")
-flags.DEFINE_bool("tensorboard", True,
-                  "Also write the figures as TensorBoard images.")
-flags.DEFINE_bool("progress", None,
-                  "Progress bar over training cells (default: on a "
-                  "terminal).")
 FLAGS = flags.FLAGS
 PROG = "confusion_study"
 
@@ -74,10 +58,6 @@ PROG = "confusion_study"
 def fail(message: str):
   cli.fail(PROG, message)
 
-
-def _terminate(signum, frame):
-  del frame
-  raise SystemExit(128 + signum)
 
 
 def _setup():
@@ -115,7 +95,7 @@ def main(argv):
   cli.no_arguments(PROG, argv)
   parts, configs, base = _setup()
   started = time.time()
-  signal.signal(signal.SIGTERM, _terminate)
+  common.exit_on_sigterm()
 
   # Sweep dirs are prepared first, so that a study dir holding runs of
   # other base flags fails before anything is measured.
@@ -145,8 +125,7 @@ def main(argv):
 
   states = {}
   if not FLAGS.report_only:
-    threads = FLAGS.threads_per_cell or max(
-        1, (os.cpu_count() or 1) // FLAGS.parallel)
+    threads = common.threads_per_cell(FLAGS.threads_per_cell, FLAGS.parallel)
     for part in train_parts:
       part_dir = os.path.join(FLAGS.study_dir, part.name)
       cells = part.cells()
@@ -187,11 +166,7 @@ def main(argv):
   study.write_csv(os.path.join(out_dir, "confusion_training.csv"),
                   steps_rows)
   study.write_csv(os.path.join(out_dir, "confusion_runs.csv"), runs)
-  for name, data in pngs.items():
-    rundir.atomic_write(os.path.join(out_dir, name), data)
-  if FLAGS.tensorboard and pngs:
-    with cli.quiet_native_stderr():
-      study.write_tensorboard_images(pngs, out_dir)
+  common.write_figures(out_dir, pngs, "confusion", FLAGS.tensorboard)
   summary = {"parts": [p.name for p in parts],
              "at_init_cells": len(at_init), "runs_finished": len(runs),
              "unfinished": unfinished, "figures": sorted(pngs),
@@ -205,26 +180,9 @@ def main(argv):
   print(f"{len(at_init)} at-init cells, {len(runs)} training runs finished, "
         f"{len(unfinished)} unfinished; {time.time() - started:.0f} s. "
         f"Written to {out_dir}")
-  not_done = [n for n, s in states.items() if s not in sweep.FINISHED]
-  if not_done:
-    print(f"{PROG}: {len(not_done)} training runs did not finish; rerun the "
-          f"same command to retry them", file=sys.stderr)
-    sys.exit(1)
-
-
-def base_flagfile_arg(argv):
-  """--flagfile names the runs' base flagfile, not one of this tool's."""
-  renamed = []
-  args = iter(argv)
-  for arg in args:
-    if arg in ("--flagfile", "-flagfile"):
-      arg = "--base_flagfile=" + next(args, "")
-    elif arg.startswith(("--flagfile=", "-flagfile=")):
-      arg = "--base_flagfile=" + arg.split("=", 1)[1]
-    renamed.append(arg)
-  return renamed
+  common.exit_if_unfinished(PROG, states, "training runs")
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=cli.flags_parser(PROG,
-                                              rewrite=base_flagfile_arg))
+  app.run(main, flags_parser=cli.flags_parser(
+      PROG, rewrite=common.base_flagfile_arg))

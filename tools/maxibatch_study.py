@@ -26,7 +26,6 @@ the finished ones), 2 bad input.
 """
 
 import os
-import signal
 import sys
 import time
 
@@ -39,33 +38,18 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(
 
 from tfcapacity import cli  # noqa: E402
 from tfcapacity.errors import UserError  # noqa: E402
+from tfcapacity.studies import common  # noqa: E402
 from tfcapacity.studies import maxibatch  # noqa: E402
 from tfcapacity.studies import sweep  # noqa: E402
 from tfcapacity.training import rundir  # noqa: E402
 
-flags.DEFINE_string("base_flagfile", None,
-                    "The training runs' base flagfile (also --flagfile).")
-flags.DEFINE_string("study_dir", None, "Directory of the study's runs.")
-flags.DEFINE_integer("parallel", 2, "Training processes at once.",
-                     lower_bound=1)
-flags.DEFINE_integer("threads_per_cell", None,
-                     "TensorFlow threads per training process (default: the "
-                     "CPU count divided by --parallel).", lower_bound=1)
+common.define_study_flags()
 flags.DEFINE_integer("interpolation_points", 25,
                      "Points on each interpolation line (Fig. 2).",
                      lower_bound=2)
 flags.DEFINE_integer("interpolation_examples", -1,
                      "Examples per split for the interpolation (-1: all).",
                      lower_bound=-1)
-flags.DEFINE_string("output_dir", None,
-                    "Where the report goes (default: STUDY_DIR/report).")
-flags.DEFINE_bool("report_only", False,
-                  "Train nothing and compute no new interpolation; report "
-                  "what has finished.")
-flags.DEFINE_bool("tensorboard", True,
-                  "Also write the figures as TensorBoard images.")
-flags.DEFINE_bool("progress", None,
-                  "Progress bar over runs (default: on a terminal).")
 FLAGS = flags.FLAGS
 PROG = "maxibatch_study"
 ALPHA_RANGE = "-0.5,1.5"
@@ -74,10 +58,6 @@ ALPHA_RANGE = "-0.5,1.5"
 def fail(message: str):
   cli.fail(PROG, message)
 
-
-def _terminate(signum, frame):
-  del frame
-  raise SystemExit(128 + signum)
 
 
 def interpolate(a_dir: str, b_dir: str, path: str) -> dict:
@@ -129,12 +109,11 @@ def main(argv):
 
   states = {}
   if not FLAGS.report_only:
-    threads = FLAGS.threads_per_cell or max(
-        1, (os.cpu_count() or 1) // FLAGS.parallel)
+    threads = common.threads_per_cell(FLAGS.threads_per_cell, FLAGS.parallel)
     first, second = maxibatch.run_order(grid_cells, variants)
     logging.info("maxi-batch study: %d grid runs and %d variants in %s",
                  len(grid_cells), len(variants), FLAGS.study_dir)
-    signal.signal(signal.SIGTERM, _terminate)
+    common.exit_on_sigterm()
     run = dict(parallel=FLAGS.parallel, threads_per_cell=threads,
                progress=FLAGS.progress)
     states = sweep.run(FLAGS.study_dir, all_cells, first, configs, **run)
@@ -178,37 +157,15 @@ def main(argv):
   summary["training_seconds_this_invocation"] = (
       0.0 if FLAGS.report_only else trained)
   rundir.write_json(os.path.join(out_dir, "maxibatch.json"), summary)
-  for name, data in pngs.items():
-    rundir.atomic_write(os.path.join(out_dir, name), data)
-  if FLAGS.tensorboard:
-    with cli.quiet_native_stderr():
-      maxibatch.write_tensorboard_images(pngs, out_dir)
+  common.write_figures(out_dir, pngs, "maxibatch", FLAGS.tensorboard)
   print(table)
   print(f"{len(runs)} runs finished, {len(unfinished)} unfinished, "
         f"{len(interpolations)} interpolations"
         + (f" ({len(missing)} not computed: --report_only)" if missing
            else "") + f"; {time.time() - started:.0f} s. Written to {out_dir}")
-  not_done = [n for n, s in states.items() if s not in sweep.FINISHED]
-  if not_done:
-    print(f"{PROG}: {len(not_done)} of {len(states)} runs did not finish "
-          f"({', '.join(not_done)}); rerun the same command to retry them",
-          file=sys.stderr)
-    sys.exit(1)
-
-
-def base_flagfile_arg(argv):
-  """--flagfile names the runs' base flagfile, not one of this tool's."""
-  renamed = []
-  args = iter(argv)
-  for arg in args:
-    if arg in ("--flagfile", "-flagfile"):
-      arg = "--base_flagfile=" + next(args, "")
-    elif arg.startswith(("--flagfile=", "-flagfile=")):
-      arg = "--base_flagfile=" + arg.split("=", 1)[1]
-    renamed.append(arg)
-  return renamed
+  common.exit_if_unfinished(PROG, states, "runs")
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=cli.flags_parser(PROG,
-                                              rewrite=base_flagfile_arg))
+  app.run(main, flags_parser=cli.flags_parser(
+      PROG, rewrite=common.base_flagfile_arg))

@@ -21,7 +21,6 @@ the finished ones), 2 bad input.
 """
 
 import os
-import signal
 import sys
 import time
 
@@ -34,31 +33,17 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(
 
 from tfcapacity import cli  # noqa: E402
 from tfcapacity.errors import UserError  # noqa: E402
+from tfcapacity.studies import common  # noqa: E402
 from tfcapacity.studies import random_labels  # noqa: E402
 from tfcapacity.studies import sweep  # noqa: E402
 from tfcapacity.training import rundir  # noqa: E402
 
-flags.DEFINE_string("base_flagfile", None,
-                    "The training runs' base flagfile (also --flagfile).")
-flags.DEFINE_string("study_dir", None, "Directory of the study's runs.")
-flags.DEFINE_integer("parallel", 2, "Training processes at once.",
-                     lower_bound=1)
-flags.DEFINE_integer("threads_per_cell", None,
-                     "TensorFlow threads per training process (default: the "
-                     "CPU count divided by --parallel).", lower_bound=1)
+common.define_study_flags()
 flags.DEFINE_float("residual_scale_c", 1.0,
                    "c_res: fc_resnet cells get --residual_scale=c_res/depth; "
                    "0 keeps the flagfile's --residual_scale.", lower_bound=0)
 flags.DEFINE_float("threshold", random_labels.THRESHOLD,
                    "Training loss that counts as fitted (steps to reach it).")
-flags.DEFINE_string("output_dir", None,
-                    "Where the report goes (default: STUDY_DIR/report).")
-flags.DEFINE_bool("report_only", False,
-                  "Do not train; report the cells that have finished.")
-flags.DEFINE_bool("tensorboard", True,
-                  "Also write the figures as TensorBoard images.")
-flags.DEFINE_bool("progress", None,
-                  "Progress bar over cells (default: on a terminal).")
 FLAGS = flags.FLAGS
 PROG = "random_labels_study"
 
@@ -66,10 +51,6 @@ PROG = "random_labels_study"
 def fail(message: str):
   cli.fail(PROG, message)
 
-
-def _terminate(signum, frame):
-  del frame
-  raise SystemExit(128 + signum)
 
 
 def main(argv):
@@ -105,11 +86,10 @@ def main(argv):
 
   states = {}
   if not FLAGS.report_only:
-    threads = FLAGS.threads_per_cell or max(
-        1, (os.cpu_count() or 1) // FLAGS.parallel)
+    threads = common.threads_per_cell(FLAGS.threads_per_cell, FLAGS.parallel)
     logging.info("random-labels study: %d cells in %s", len(cells),
                  FLAGS.study_dir)
-    signal.signal(signal.SIGTERM, _terminate)
+    common.exit_on_sigterm()
     states = sweep.run(FLAGS.study_dir, cells, cells, configs,
                        parallel=FLAGS.parallel, threads_per_cell=threads,
                        progress=FLAGS.progress)
@@ -137,36 +117,15 @@ def main(argv):
   summary["training_seconds_this_invocation"] = (
       0.0 if FLAGS.report_only else trained_seconds)
   rundir.write_json(os.path.join(out_dir, "random_labels.json"), summary)
-  for name, data in pngs.items():
-    rundir.atomic_write(os.path.join(out_dir, name), data)
-  if FLAGS.tensorboard:
-    with cli.quiet_native_stderr():
-      random_labels.write_tensorboard_images(pngs, out_dir)
+  common.write_figures(out_dir, pngs, "random_labels", FLAGS.tensorboard)
   print(table)
   print(f"{summary['reached']} of {summary['settings']} settings reached "
         f"training loss < {FLAGS.threshold:g}; {len(runs)} runs finished, "
         f"{len(unfinished)} unfinished; {time.time() - started:.0f} s. "
         f"Written to {out_dir}")
-  not_done = [n for n, s in states.items() if s not in sweep.FINISHED]
-  if not_done:
-    print(f"{PROG}: {len(not_done)} of {len(states)} cells did not finish; "
-          f"rerun the same command to retry them", file=sys.stderr)
-    sys.exit(1)
-
-
-def base_flagfile_arg(argv):
-  """--flagfile names the runs' base flagfile, not one of this tool's."""
-  renamed = []
-  args = iter(argv)
-  for arg in args:
-    if arg in ("--flagfile", "-flagfile"):
-      arg = "--base_flagfile=" + next(args, "")
-    elif arg.startswith(("--flagfile=", "-flagfile=")):
-      arg = "--base_flagfile=" + arg.split("=", 1)[1]
-    renamed.append(arg)
-  return renamed
+  common.exit_if_unfinished(PROG, states, "cells")
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=cli.flags_parser(PROG,
-                                              rewrite=base_flagfile_arg))
+  app.run(main, flags_parser=cli.flags_parser(
+      PROG, rewrite=common.base_flagfile_arg))

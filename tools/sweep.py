@@ -17,7 +17,6 @@ Exit status: 0 every cell of this shard finished (completed or diverged),
 """
 
 import os
-import signal
 import sys
 
 from absl import app
@@ -29,6 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(
 
 from tfcapacity import cli  # noqa: E402
 from tfcapacity.errors import UserError  # noqa: E402
+from tfcapacity.studies import common  # noqa: E402
 from tfcapacity.studies import sweep  # noqa: E402
 
 flags.DEFINE_string("base_flagfile", None,
@@ -60,10 +60,6 @@ PROG = "sweep"
 def fail(message: str):
   cli.fail(PROG, message)
 
-
-def _terminate(signum, frame):
-  del frame
-  raise SystemExit(128 + signum)
 
 
 def main(argv):
@@ -97,17 +93,15 @@ def main(argv):
     new_grid = sweep.prepare_sweep_dir(FLAGS.sweep_dir, base, grid)
   except UserError as e:
     fail(str(e))
-  threads = FLAGS.threads_per_cell
-  if threads is None and FLAGS.parallel > 1:
-    threads = max(1, (os.cpu_count() or 1) // FLAGS.parallel)
+  threads = common.threads_per_cell(FLAGS.threads_per_cell, FLAGS.parallel)
   logging.info("sweep of %d cells (%d in shard %d of %d) in %s",
                len(all_cells), len(mine), FLAGS.shard_index,
                FLAGS.num_shards, FLAGS.sweep_dir)
-  signal.signal(signal.SIGTERM, _terminate)
+  common.exit_on_sigterm()
   try:
     states = sweep.run(FLAGS.sweep_dir, all_cells, mine, configs,
                        parallel=FLAGS.parallel,
-                       threads_per_cell=threads or 0,
+                       threads_per_cell=threads,
                        progress=FLAGS.progress)
   finally:
     # After the cells: it imports TensorFlow, which the runner's forks avoid.
@@ -128,18 +122,6 @@ def main(argv):
     sys.exit(1)
 
 
-def base_flagfile_arg(argv):
-  """--flagfile names the runs' base flagfile, not one of this tool's."""
-  renamed = []
-  args = iter(argv)
-  for arg in args:
-    if arg in ("--flagfile", "-flagfile"):
-      arg = "--base_flagfile=" + next(args, "")
-    elif arg.startswith(("--flagfile=", "-flagfile=")):
-      arg = "--base_flagfile=" + arg.split("=", 1)[1]
-    renamed.append(arg)
-  return renamed
-
-
 if __name__ == "__main__":
-  app.run(main, flags_parser=cli.flags_parser(PROG, rewrite=base_flagfile_arg))
+  app.run(main, flags_parser=cli.flags_parser(
+      PROG, rewrite=common.base_flagfile_arg))

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import io
 import math
 import os
 from typing import Sequence
@@ -30,6 +29,7 @@ from typing import Sequence
 import numpy as np
 
 from tfcapacity.errors import UserError
+from tfcapacity.studies import common
 from tfcapacity.studies import sweep
 from tfcapacity.training import rundir
 
@@ -324,7 +324,7 @@ def figures(report: Report) -> dict[str, bytes]:
   ax.set_title("Training error vs capacity (Fig. 1)")
   ax.grid(alpha=0.3)
   ax.legend()
-  out["fig1_train_error_vs_width.png"] = _png(fig)
+  out["fig1_train_error_vs_width.png"] = common.png(fig)
 
   fig, ax = plt.subplots(figsize=(6, 4.2))
   if report.roi:
@@ -347,7 +347,7 @@ def figures(report: Report) -> dict[str, bytes]:
   ax.set_ylabel(f"{m} error removed per added unit (points)")
   ax.set_title("Return on investment (Fig. 2)")
   ax.grid(alpha=0.3)
-  out["fig2_return_on_investment.png"] = _png(fig)
+  out["fig2_return_on_investment.png"] = common.png(fig)
 
   fig, ax = plt.subplots(figsize=(6, 4.2))
   cmap = plt.get_cmap("viridis")
@@ -368,28 +368,11 @@ def figures(report: Report) -> dict[str, bytes]:
   ax.set_title("Learning curves per width, best lr (Fig. 3)")
   ax.grid(alpha=0.3)
   ax.legend(title=report.x_flag, fontsize=7)
-  out["fig3_learning_curves.png"] = _png(fig)
+  out["fig3_learning_curves.png"] = common.png(fig)
   return out
 
 
-def _png(fig) -> bytes:
-  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
-  buf = io.BytesIO()
-  fig.tight_layout()
-  fig.savefig(buf, format="png", dpi=120)
-  plt.close(fig)
-  return buf.getvalue()
 
-
-def write_tensorboard_images(pngs: dict[str, bytes], logdir: str) -> None:
-  """The figures as TensorBoard images (tag `capacity/<name>`)."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  writer = tf.summary.create_file_writer(logdir)
-  with writer.as_default(step=0):
-    for name, data in pngs.items():
-      image = tf.image.decode_png(data, channels=4)[tf.newaxis]
-      tf.summary.image(f"capacity/{os.path.splitext(name)[0]}", image)
-  writer.close()
 
 
 def roi_falls(report: Report) -> dict:

@@ -51,7 +51,6 @@ raw confusion beside them.
 from __future__ import annotations
 
 import dataclasses
-import io
 import math
 import os
 import re
@@ -60,6 +59,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from tfcapacity.errors import UserError
+from tfcapacity.studies import common
 from tfcapacity.studies import sweep
 from tfcapacity.training import rundir
 
@@ -501,13 +501,6 @@ def _plt():
   return plt
 
 
-def _png(fig) -> bytes:
-  buf = io.BytesIO()
-  fig.tight_layout()
-  fig.savefig(buf, format="png", dpi=100)
-  _plt().close(fig)
-  return buf.getvalue()
-
 
 _STAT_LABELS = {"min_cosine": "min pairwise cosine",
                 "mean_cosine": "mean pairwise cosine",
@@ -608,7 +601,7 @@ def figures(parts: Sequence[Part], at_init: Sequence[dict],
       axes[0].legend(fontsize=7)
       fig.suptitle(f"{part.name}: at initialisation ({_fixed_note(part, at_init)})",
                    fontsize=10)
-      out[f"confusion_{part.name}.png"] = _png(fig)
+      out[f"confusion_{part.name}.png"] = common.png(fig)
     else:
       if not any(r["part"] == part.name for r in steps_rows):
         continue
@@ -635,7 +628,7 @@ def figures(parts: Sequence[Part], at_init: Sequence[dict],
                           fontsize=8)
       axes[0][0].legend(fontsize=7)
       fig.suptitle(f"{part.name}: during training", fontsize=10)
-      out[f"confusion_{part.name}.png"] = _png(fig)
+      out[f"confusion_{part.name}.png"] = common.png(fig)
   summary = _training_summary(parts, runs)
   if summary:
     out["confusion_training_summary.png"] = summary
@@ -683,7 +676,7 @@ def _training_summary(parts: Sequence[Part], runs: Sequence[dict]
     ax.legend(fontsize=7)
   axes[0][0].set_ylabel("min pairwise cosine: mean over training (solid),\n"
                         "step 0 (dotted)", fontsize=8)
-  return _png(fig)
+  return common.png(fig)
 
 
 def _numeric_key(part: Part) -> str:
@@ -704,15 +697,6 @@ def _fixed_note(part: Part, rows: Sequence[dict]) -> str:
   return ", ".join(notes) + f"; {mine[0].get('num_examples', '?')} examples"
 
 
-def write_tensorboard_images(pngs: dict[str, bytes], logdir: str) -> None:
-  """The figures as TensorBoard images (tag `confusion/<name>`)."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  writer = tf.summary.create_file_writer(logdir)
-  with writer.as_default(step=0):
-    for name, data in pngs.items():
-      image = tf.image.decode_png(data, channels=4)[tf.newaxis]
-      tf.summary.image(f"confusion/{os.path.splitext(name)[0]}", image)
-  writer.close()
 
 
 def write_csv(path: str, rows: Iterable[dict]) -> None:

@@ -39,7 +39,6 @@ picked).
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import math
 import os
@@ -49,6 +48,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 
 from tfcapacity.errors import UserError
+from tfcapacity.studies import common
 from tfcapacity.studies import sweep
 from tfcapacity.training import rundir
 
@@ -567,7 +567,7 @@ def figures(report: Report, interpolations: dict | None = None
     ax.grid(alpha=0.3)
   axes[0].legend(fontsize=8)
   fig.suptitle("Fig. 1: same epochs for every m")
-  out["maxibatch_fig1_error_vs_batch_size.png"] = _png(fig)
+  out["maxibatch_fig1_error_vs_batch_size.png"] = common.png(fig)
 
   if interpolations:
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
@@ -591,7 +591,7 @@ def figures(report: Report, interpolations: dict | None = None
     axes[0].set_yscale("log")
     axes[0].legend(fontsize=6)
     fig.suptitle("Fig. 2: (1-alpha)·θ_small + alpha·θ_large")
-    out["maxibatch_fig2_interpolation.png"] = _png(fig)
+    out["maxibatch_fig2_interpolation.png"] = common.png(fig)
 
   largest = ms[-1] if ms else None
   for number, key, what in ((3, LAMBDA_TRAIN, "training examples"),
@@ -622,7 +622,7 @@ def figures(report: Report, interpolations: dict | None = None
     axes[0].set_ylabel("lambda_max")
     fig.suptitle(f"Fig. {number}: top Hessian eigenvalue on {what}")
     name = "train" if key == LAMBDA_TRAIN else "test"
-    out[f"maxibatch_fig{number}_lambda_max_{name}.png"] = _png(fig)
+    out[f"maxibatch_fig{number}_lambda_max_{name}.png"] = common.png(fig)
 
   fig, ax = plt.subplots(figsize=(6.5, 4.2))
   for m in ms:
@@ -639,7 +639,7 @@ def figures(report: Report, interpolations: dict | None = None
   ax.set_title("Fig. 5: distance from the initial parameters")
   ax.grid(alpha=0.3)
   ax.legend(fontsize=7)
-  out["maxibatch_fig5_distance.png"] = _png(fig)
+  out["maxibatch_fig5_distance.png"] = common.png(fig)
 
   base = report.baseline()
   shown = [r for r in report.variants if r.state == sweep.COMPLETED]
@@ -662,7 +662,7 @@ def figures(report: Report, interpolations: dict | None = None
     axes[0].legend(fontsize=7)
     fig.suptitle(f"Fig. 6: m={base.batch_size} with gradient noise "
                  f"(Sec. 2.4) and adaptive linearisation (Sec. 2.5)")
-    out["maxibatch_fig6_noise_linearization.png"] = _png(fig)
+    out["maxibatch_fig6_noise_linearization.png"] = common.png(fig)
   return out
 
 
@@ -670,26 +670,4 @@ def _scaled(curve):
   return curve[0], 100 * curve[1]
 
 
-def _png(fig) -> bytes:
-  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
-  buf = io.BytesIO()
-  fig.tight_layout()
-  fig.savefig(buf, format="png", dpi=110)
-  plt.close(fig)
-  return buf.getvalue()
 
-
-def write_tensorboard_images(pngs: dict[str, bytes], logdir: str) -> None:
-  """The figures as TensorBoard images (tag `maxibatch/<name>`), replacing
-  the event files of an earlier report in `logdir`."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  if os.path.isdir(logdir):
-    for entry in os.listdir(logdir):
-      if entry.startswith("events.out.tfevents."):
-        os.unlink(os.path.join(logdir, entry))
-  writer = tf.summary.create_file_writer(logdir)
-  with writer.as_default(step=0):
-    for name, data in pngs.items():
-      image = tf.image.decode_png(data, channels=4)[tf.newaxis]
-      tf.summary.image(f"maxibatch/{os.path.splitext(name)[0]}", image)
-  writer.close()

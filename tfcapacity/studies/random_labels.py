@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import dataclasses
 import glob
-import io
 import math
 import os
 from typing import Iterable, Sequence
@@ -43,6 +42,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from tfcapacity.errors import UserError
+from tfcapacity.studies import common
 from tfcapacity.studies import sweep
 from tfcapacity.training import rundir
 
@@ -401,14 +401,6 @@ def _plt():
   return plt
 
 
-def _png(fig) -> bytes:
-  plt = _plt()
-  buf = io.BytesIO()
-  fig.tight_layout()
-  fig.savefig(buf, format="png", dpi=110)
-  plt.close(fig)
-  return buf.getvalue()
-
 
 def _depth_axis(ax, depths, label="depth (hidden layers / residual blocks)"):
   ax.set_xscale("log", base=2)
@@ -460,7 +452,7 @@ def figures(best: dict, threshold: float = THRESHOLD) -> dict[str, bytes]:
     ax.grid(alpha=0.3)
   axes[0][0].set_ylabel("final training loss (random labels)")
   axes[0][-1].legend(fontsize=8)
-  out["random_labels_final_loss.png"] = _png(fig)
+  out["random_labels_final_loss.png"] = common.png(fig)
 
   # Steps to the threshold against depth; not reached drawn above the budget.
   fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 3.8),
@@ -487,7 +479,7 @@ def figures(best: dict, threshold: float = THRESHOLD) -> dict[str, bytes]:
     ax.grid(alpha=0.3)
   axes[0][0].set_ylabel(f"GD steps (budget {budget}, dotted)")
   axes[0][-1].legend(fontsize=8)
-  out["random_labels_steps_to_threshold.png"] = _png(fig)
+  out["random_labels_steps_to_threshold.png"] = common.png(fig)
 
   # Loss curves and Gram eigenvalues: one panel per (model, width).
   for name, draw, ylabel in (
@@ -529,7 +521,7 @@ def figures(best: dict, threshold: float = THRESHOLD) -> dict[str, bytes]:
           ax.set_ylabel(ylabel, fontsize=8)
     if any_data:
       axes[0][-1].legend(fontsize=7)
-      out[name] = _png(fig)
+      out[name] = common.png(fig)
     else:
       plt.close(fig)
 
@@ -555,16 +547,7 @@ def figures(best: dict, threshold: float = THRESHOLD) -> dict[str, bytes]:
     axes[0][0].set_ylabel(f"least eigenvalue (values <= {SINGULAR:g} left "
                           f"out)", fontsize=8)
     axes[0][-1].legend(fontsize=7, ncol=2)
-    out["random_labels_gram_at_init.png"] = _png(fig)
+    out["random_labels_gram_at_init.png"] = common.png(fig)
   return out
 
 
-def write_tensorboard_images(pngs: dict[str, bytes], logdir: str) -> None:
-  """The figures as TensorBoard images (tag `random_labels/<name>`)."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  writer = tf.summary.create_file_writer(logdir)
-  with writer.as_default(step=0):
-    for name, data in pngs.items():
-      image = tf.image.decode_png(data, channels=4)[tf.newaxis]
-      tf.summary.image(f"random_labels/{os.path.splitext(name)[0]}", image)
-  writer.close()

@@ -1,0 +1,138 @@
+"""What the study tools share: figures, TensorBoard images, tool scaffolding.
+
+The reports (capacity, confusion_study, random_labels, maxibatch) turn
+matplotlib figures into PNG bytes with `png`, write them atomically and as
+TensorBoard images with `write_figures`. The tools (tools/sweep.py and
+tools/*_study.py) take the training runs' base flagfile as `--flagfile`
+(`base_flagfile_arg`), exit cleanly on SIGTERM (`exit_on_sigterm`), split
+the CPU between parallel training processes (`threads_per_cell`), and end
+with status 1 when some run did not finish (`exit_if_unfinished`).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import sys
+from typing import Mapping
+
+from absl import flags
+
+from tfcapacity import cli
+from tfcapacity.training import rundir
+
+
+# --- Figures -----------------------------------------------------------------
+
+
+def png(fig, dpi: int = 120) -> bytes:
+  """The figure as PNG bytes (tight layout); the figure is closed."""
+  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+  buf = io.BytesIO()
+  fig.tight_layout()
+  fig.savefig(buf, format="png", dpi=dpi)
+  plt.close(fig)
+  return buf.getvalue()
+
+
+def write_tensorboard_images(pngs: Mapping[str, bytes], logdir: str,
+                             prefix: str) -> None:
+  """The figures as TensorBoard images (tag `<prefix>/<name>`).
+
+  Event files of an earlier report in `logdir` are replaced, so a rerun
+  does not show every figure twice.
+  """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  if os.path.isdir(logdir):
+    for entry in os.listdir(logdir):
+      if entry.startswith("events.out.tfevents."):
+        os.unlink(os.path.join(logdir, entry))
+  writer = tf.summary.create_file_writer(logdir)
+  with writer.as_default(step=0):
+    for name, data in pngs.items():
+      image = tf.image.decode_png(data, channels=4)[tf.newaxis]
+      tf.summary.image(f"{prefix}/{os.path.splitext(name)[0]}", image)
+  writer.close()
+
+
+def write_figures(out_dir: str, pngs: Mapping[str, bytes], prefix: str,
+                  tensorboard: bool = True) -> None:
+  """Each PNG to `out_dir`/name (atomically), and to TensorBoard if asked."""
+  for name, data in pngs.items():
+    rundir.atomic_write(os.path.join(out_dir, name), data)
+  if tensorboard and pngs:
+    with cli.quiet_native_stderr():  # TensorFlow's load-time lines.
+      write_tensorboard_images(pngs, out_dir, prefix)
+
+
+# --- Tool scaffolding --------------------------------------------------------
+
+
+def define_study_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
+  """The flags every tools/*_study.py has."""
+  flags.DEFINE_string("base_flagfile", None,
+                      "The training runs' base flagfile (also --flagfile).",
+                      flag_values=fv)
+  flags.DEFINE_string("study_dir", None, "Directory of the study's runs.",
+                      flag_values=fv)
+  flags.DEFINE_integer("parallel", 2, "Training processes at once.",
+                       lower_bound=1, flag_values=fv)
+  flags.DEFINE_integer(
+      "threads_per_cell", None,
+      "TensorFlow threads per training process (default: the CPU count "
+      "divided by --parallel when --parallel > 1, else TF's default).",
+      lower_bound=1, flag_values=fv)
+  flags.DEFINE_string("output_dir", None,
+                      "Where the report goes (default: STUDY_DIR/report).",
+                      flag_values=fv)
+  flags.DEFINE_bool("report_only", False,
+                    "Train nothing; report what has finished.",
+                    flag_values=fv)
+  flags.DEFINE_bool("tensorboard", True,
+                    "Also write the figures as TensorBoard images.",
+                    flag_values=fv)
+  flags.DEFINE_bool("progress", None,
+                    "Progress bar over training runs (default: on a "
+                    "terminal).", flag_values=fv)
+
+
+def base_flagfile_arg(argv: list[str]) -> list[str]:
+  """--flagfile names the runs' base flagfile, not one of the tool's own."""
+  renamed = []
+  args = iter(argv)
+  for arg in args:
+    if arg in ("--flagfile", "-flagfile"):
+      arg = "--base_flagfile=" + next(args, "")
+    elif arg.startswith(("--flagfile=", "-flagfile=")):
+      arg = "--base_flagfile=" + arg.split("=", 1)[1]
+    renamed.append(arg)
+  return renamed
+
+
+def _terminate(signum, frame):
+  del frame
+  raise SystemExit(128 + signum)
+
+
+def exit_on_sigterm() -> None:
+  """SIGTERM ends the tool through SystemExit, so `finally` blocks run."""
+  signal.signal(signal.SIGTERM, _terminate)
+
+
+def threads_per_cell(given: int | None, parallel: int) -> int:
+  """TensorFlow threads per training process; 0 leaves TF's default."""
+  if given is None and parallel > 1:
+    return max(1, (os.cpu_count() or 1) // parallel)
+  return given or 0
+
+
+def exit_if_unfinished(prog: str, states: Mapping[str, str],
+                       noun: str = "runs") -> None:
+  """Exit status 1, with one line on stderr, when some run did not finish."""
+  from tfcapacity.studies import sweep  # pylint: disable=g-import-not-at-top
+  not_done = [n for n, s in states.items() if s not in sweep.FINISHED]
+  if not_done:
+    print(f"{prog}: {len(not_done)} of {len(states)} {noun} did not finish; "
+          f"rerun the same command to retry them", file=sys.stderr)
+    sys.exit(1)
