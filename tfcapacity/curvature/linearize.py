@@ -91,6 +91,10 @@ class LinearizationCallback(callbacks_lib.Callback):
   def on_train_begin(self, ctx):
     cfg = self.cfg
     self.layers = layers_lib.slope_layers(ctx.model)
+    if not self.layers:
+      raise UserError(f"--linearize_every_steps: the {cfg.model} model has "
+                      f"no adaptive rectifiers to move; use "
+                      f"--activation=leaky_relu")
     index = fixed_indices(cfg.seed, ctx.train_data.info.num_examples,
                           cfg.linearize_examples)
     x, y = ctx.train_data.examples(index)
