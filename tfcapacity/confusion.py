@@ -53,10 +53,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import time  # noqa: E402
 
-from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 
-from tfcapacity import cli  # noqa: E402
 from tfcapacity.curvature import analysis  # noqa: E402
 from tfcapacity.errors import UserError  # noqa: E402
 
@@ -212,15 +210,9 @@ def _summary(result: dict) -> str:
           f"examples ({result['seconds']:.1f}s)")
 
 
-def main(argv):
-  cli.no_arguments(PROG, argv)
-  analysis.run_tool(PROG, FLAGS, compute, _summary, check=check_flags)
-
-
 def run():
   """Console-script entry point (tfcapacity-confusion)."""
-  define_flags()
-  app.run(main, flags_parser=cli.flags_parser(PROG))
+  analysis.tool_main(PROG, define_flags, compute, _summary, check=check_flags)
 
 
 if __name__ == "__main__":

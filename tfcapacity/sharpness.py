@@ -23,10 +23,8 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 
-from tfcapacity import cli  # noqa: E402
 from tfcapacity.curvature import analysis  # noqa: E402
 
 PROG = "tfcapacity.sharpness"
@@ -84,15 +82,9 @@ def _summary(result: dict) -> str:
           f"{result['max_loss']:.6g}; {result['seconds']:.1f}s)")
 
 
-def main(argv):
-  cli.no_arguments(PROG, argv)
-  analysis.run_tool(PROG, FLAGS, compute, _summary)
-
-
 def run():
   """Console-script entry point (tfcapacity-sharpness)."""
-  define_flags()
-  app.run(main, flags_parser=cli.flags_parser(PROG))
+  analysis.tool_main(PROG, define_flags, compute, _summary)
 
 
 if __name__ == "__main__":

@@ -324,6 +324,23 @@ def run_tool(prog: str, fv: flags.FlagValues, compute, summary, *,
   logging.info("%s; wrote %s", summary(result), fv.output)
 
 
+def tool_main(prog: str, define_flags, compute, summary, *, check=None,
+              fv: flags.FlagValues = flags.FLAGS) -> None:
+  """The whole program of an analysis tool (its console-script entry).
+
+  Defines the tool's flags with `define_flags(fv)`, parses them (bad flags:
+  one line, status 2), refuses positional arguments and runs `run_tool`.
+  """
+  from absl import app  # pylint: disable=g-import-not-at-top
+  define_flags(fv)
+
+  def program(argv):
+    cli.no_arguments(prog, argv)
+    run_tool(prog, fv, compute, summary, check=check)
+
+  app.run(program, flags_parser=cli.flags_parser(prog, fv))
+
+
 def checkpoint_steps(model_dir: str) -> list[int]:
   """The steps of the checkpoints in `model_dir`/checkpoints, increasing."""
   directory = os.path.join(model_dir, rundir.CHECKPOINT_DIR)
