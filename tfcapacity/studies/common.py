@@ -15,11 +15,12 @@ import io
 import os
 import signal
 import sys
-from typing import Mapping
+from typing import Callable, Iterable, Mapping
 
 from absl import flags
 
 from tfcapacity import cli
+from tfcapacity.errors import UserError
 from tfcapacity.training import rundir
 
 
@@ -64,6 +65,31 @@ def write_figures(out_dir: str, pngs: Mapping[str, bytes], prefix: str,
   if tensorboard and pngs:
     with cli.quiet_native_stderr():  # TensorFlow's load-time lines.
       write_tensorboard_images(pngs, out_dir, prefix)
+
+
+# --- Runs ------------------------------------------------------------------
+
+
+def load_runs(study_dir: str, cells: Iterable, load: Callable
+              ) -> tuple[list, list[str]]:
+  """`load(cell)` for every cell: (the finished runs, unfinished names).
+
+  `load` returns None for a cell whose run has not finished.
+
+  Raises:
+    UserError: `study_dir` is not a directory.
+  """
+  if not os.path.isdir(study_dir):
+    raise UserError(f"--study_dir={study_dir} is not a directory; run the "
+                    f"study first (without --report_only)")
+  runs, unfinished = [], []
+  for cell in cells:
+    run = load(cell)
+    if run is None:
+      unfinished.append(cell.name)
+    else:
+      runs.append(run)
+  return runs, unfinished
 
 
 # --- Tool scaffolding --------------------------------------------------------

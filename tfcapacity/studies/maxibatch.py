@@ -250,18 +250,8 @@ def load_runs(study_dir: str, cells: Iterable[sweep.Cell]
   Raises:
     UserError: `study_dir` is not a directory.
   """
-  if not os.path.isdir(study_dir):
-    raise UserError(f"--study_dir={study_dir} is not a directory; run the "
-                    f"study first (without --report_only)")
-  runs, unfinished = [], []
-  for cell in cells:
-    run = load_run(os.path.join(study_dir, cell.name),
-                   isinstance(cell, Variant))
-    if run is None:
-      unfinished.append(cell.name)
-    else:
-      runs.append(run)
-  return runs, unfinished
+  return common.load_runs(study_dir, cells, lambda cell: load_run(
+      os.path.join(study_dir, cell.name), isinstance(cell, Variant)))
 
 
 # --- Summary -----------------------------------------------------------------
