@@ -4,6 +4,7 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
@@ -19,6 +20,19 @@ def tiny_cfg():
   from tfcapacity import config
   return config.make(width=8, depth=1, epochs=1, batch_size="32",
                      eval_batch_size=256, progress_bar=False, export=False)
+
+
+def write_digits_probe(path, n, seed):
+  """An HDF5 file of n random digits-shaped examples (64 features, labels
+  0-9) for the analysis tools' --dataset=hdf5: contract; returns (x, y)."""
+  import h5py
+  rng = np.random.default_rng(seed)
+  x = rng.uniform(0.0, 3.0, size=(n, 64)).astype(np.float32)
+  y = rng.integers(0, 10, size=n)
+  with h5py.File(path, "w") as f:
+    f["features"] = x
+    f["labels"] = y
+  return x, y
 
 
 def synthetic_cfg(tmp_path, name="run", **overrides):

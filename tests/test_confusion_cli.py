@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 
-import h5py
 import keras
 import numpy as np
 import pytest
@@ -204,14 +203,9 @@ def test_saved_model_ntk_and_features(run_dir, run_examples):
 
 
 def test_hdf5_is_exactly_the_files_examples(run_dir, tmp_path):
-  rng = np.random.default_rng(3)
   n = 15
-  x = rng.uniform(0.0, 3.0, size=(n, 64)).astype(np.float32)
-  y = rng.integers(0, 10, size=n)
   path = tmp_path / "probe.h5"
-  with h5py.File(path, "w") as f:
-    f["features"] = x
-    f["labels"] = y
+  x, y = conftest.write_digits_probe(path, n, seed=3)
   result = compute(f"--keras_model={run_dir}/model.keras",
                    f"--dataset=hdf5:{path}", "--noshuffle",
                    f"--num_examples={n}", "--chunk_size=4")

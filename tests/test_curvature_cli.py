@@ -10,7 +10,6 @@ run's exported model.keras, over the same examples.
 import json
 import os
 
-import h5py
 import keras
 import numpy as np
 import pytest
@@ -130,14 +129,9 @@ def test_hdf5_override_is_the_loss_over_exactly_the_files_examples(
   The run's --standardize, --label_noise and --train_subset (all set) must
   not touch the override's data.
   """
-  rng = np.random.default_rng(5)
   n = 30
-  x = rng.uniform(0.0, 3.0, size=(n, 64)).astype(np.float32)
-  y = rng.integers(0, 10, size=n)
   path = tmp_path / "probe.h5"
-  with h5py.File(path, "w") as f:
-    f["features"] = x
-    f["labels"] = y
+  x, y = conftest.write_digits_probe(path, n, seed=5)
   loaded = analysis.load(analysis.Request(
       model_dir=run_dir, dataset=f"hdf5:{path}", num_examples=n,
       shuffle=False))
