@@ -62,16 +62,7 @@ def fail(message: str):
 
 def _setup():
   """Parts, each part's validated configs, and the base Config."""
-  if not FLAGS.study_dir:
-    fail("--study_dir is required: the directory that holds the study")
-  if not FLAGS.base_flagfile:
-    fail("--flagfile is required: the training runs' base flagfile, e.g. "
-         "flags/confusion_mnist1d_cpu.flags")
-  try:
-    with open(FLAGS.base_flagfile) as f:
-      text = f.read()
-  except OSError as e:
-    fail(f"cannot read --flagfile={FLAGS.base_flagfile}: {e.strerror}")
+  text = common.read_base_flagfile(PROG, "flags/confusion_mnist1d_cpu.flags")
   from tfcapacity import config as config_lib  # pylint: disable=g-import-not-at-top
   base_args = [f"--flagfile={FLAGS.base_flagfile}"]
   try:

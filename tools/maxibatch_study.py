@@ -78,16 +78,8 @@ def interpolate(a_dir: str, b_dir: str, path: str) -> dict:
 
 def main(argv):
   cli.no_arguments(PROG, argv)
-  if not FLAGS.study_dir:
-    fail("--study_dir is required: the directory that holds the runs")
-  if not FLAGS.base_flagfile:
-    fail("--flagfile is required: the training runs' base flagfile, e.g. "
-         "flags/maxibatch_resnet_digits_cpu.flags")
-  try:
-    with open(FLAGS.base_flagfile) as f:
-      text = f.read()
-  except OSError as e:
-    fail(f"cannot read --flagfile={FLAGS.base_flagfile}: {e.strerror}")
+  text = common.read_base_flagfile(
+      PROG, "flags/maxibatch_resnet_digits_cpu.flags")
   started = time.time()
   try:
     spec = sweep.grid_from_flagfile(text)

@@ -55,18 +55,10 @@ def fail(message: str):
 
 def main(argv):
   cli.no_arguments(PROG, argv)
-  if not FLAGS.study_dir:
-    fail("--study_dir is required: the directory that holds the runs")
-  if not FLAGS.base_flagfile:
-    fail("--flagfile is required: the training runs' base flagfile, e.g. "
-         "flags/random_labels_mnist1d_cpu.flags")
   if not FLAGS.threshold > 0:
     fail(f"--threshold must be positive; got {FLAGS.threshold}")
-  try:
-    with open(FLAGS.base_flagfile) as f:
-      spec = sweep.grid_from_flagfile(f.read())
-  except OSError as e:
-    fail(f"cannot read --flagfile={FLAGS.base_flagfile}: {e.strerror}")
+  spec = sweep.grid_from_flagfile(common.read_base_flagfile(
+      PROG, "flags/random_labels_mnist1d_cpu.flags"))
   started = time.time()
   try:
     if spec is None:

@@ -123,6 +123,27 @@ def define_study_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
                     "terminal).", flag_values=fv)
 
 
+def read_base_flagfile(prog: str, example: str,
+                       fv: flags.FlagValues = flags.FLAGS) -> str:
+  """The text of the study's base flagfile, after the required-flag checks.
+
+  --study_dir and --flagfile must be given and the file readable; anything
+  else ends the tool with one line (`cli.fail`). `example` names a
+  flagfile for the message.
+  """
+  if not fv.study_dir:
+    cli.fail(prog, "--study_dir is required: the directory that holds the "
+             "study's runs")
+  if not fv.base_flagfile:
+    cli.fail(prog, f"--flagfile is required: the training runs' base "
+             f"flagfile, e.g. {example}")
+  try:
+    with open(fv.base_flagfile) as f:
+      return f.read()
+  except OSError as e:
+    cli.fail(prog, f"cannot read --flagfile={fv.base_flagfile}: {e.strerror}")
+
+
 def base_flagfile_arg(argv: list[str]) -> list[str]:
   """--flagfile names the runs' base flagfile, not one of the tool's own."""
   renamed = []
