@@ -22,6 +22,20 @@ def tiny_cfg():
                      eval_batch_size=256, progress_bar=False, export=False)
 
 
+def assert_one_line_error(proc, *fragments, prog=None):
+  """A user error: exit status 2 and one line on stderr, no traceback; the
+  line starts with '<prog>: error: ' when `prog` is given and holds every
+  fragment."""
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1, proc.stderr[-2000:]
+  if prog:
+    assert lines[0].startswith(f"{prog}: error: "), lines[0]
+  for fragment in fragments:
+    assert fragment in lines[0], lines[0]
+
+
 def write_digits_probe(path, n, seed):
   """An HDF5 file of n random digits-shaped examples (64 features, labels
   0-9) for the analysis tools' --dataset=hdf5: contract; returns (x, y)."""

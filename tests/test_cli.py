@@ -13,6 +13,9 @@ import keras
 import numpy as np
 import pytest
 
+import conftest  # tests/ is on sys.path (pytest rootdir conftest)
+
+PROG = "tfcapacity.train"
 ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
 
 
@@ -137,29 +140,21 @@ def test_two_worker_run_matches_single_worker(tmp_path):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
-def assert_one_line_error(proc, needle):
-  assert proc.returncode == 2, proc.stderr[-2000:]
-  assert "Traceback" not in proc.stderr
-  lines = proc.stderr.strip().splitlines()
-  assert len(lines) == 1, proc.stderr[-2000:]
-  assert lines[0].startswith("tfcapacity.train: error:"), lines[0]
-  assert needle in lines[0]
-
-
 def test_cli_bad_inputs_one_line_and_nothing_damaged(tmp_path):
   model_dir = tmp_path / "run"
   model_dir.mkdir()
   (model_dir / "flags.txt").write_text("--width=99\n")
   sentinel = (model_dir / "flags.txt").read_text()
 
-  assert_one_line_error(run_train("--width=0", f"--model_dir={model_dir}"),
-                        "--width must be positive")
+  conftest.assert_one_line_error(
+      run_train("--width=0", f"--model_dir={model_dir}"),
+      "--width must be positive", prog=PROG)
   # In a plain environment too: TensorFlow's load-time lines stay hidden.
   plain_env = {k: v for k, v in os.environ.items()
                if k not in ("TF_CPP_MIN_LOG_LEVEL", "CUDA_VISIBLE_DEVICES")}
-  assert_one_line_error(
+  conftest.assert_one_line_error(
       run_train("--dataset=imagenet", f"--model_dir={model_dir}",
-                env=plain_env), "unknown dataset 'imagenet'")
+                env=plain_env), "unknown dataset 'imagenet'", prog=PROG)
 
   path = tmp_path / "bad.h5"
   with h5py.File(path, "w") as f:
@@ -167,12 +162,12 @@ def test_cli_bad_inputs_one_line_and_nothing_damaged(tmp_path):
     x[7, 1] = np.nan
     f["features"] = x
     f["labels"] = np.arange(20) % 2
-  assert_one_line_error(
+  conftest.assert_one_line_error(
       run_train(f"--dataset=hdf5:{path}", f"--model_dir={model_dir}",
-                "--batch_size=4"), "NaN")
-  assert_one_line_error(
+                "--batch_size=4"), "NaN", prog=PROG)
+  conftest.assert_one_line_error(
       run_train("--dataset=synthetic", "--epochs=1",
-                f"--model_dir={model_dir}"), "different flags")
+                f"--model_dir={model_dir}"), "different flags", prog=PROG)
   assert (model_dir / "flags.txt").read_text() == sentinel
   assert sorted(os.listdir(model_dir)) == ["flags.txt"]
 

@@ -230,9 +230,5 @@ def test_bad_inputs_one_line(run_dir, tmp_path):
   ]
   for args, needle in cases:
     proc = run_tool(*args)
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, proc.stderr[-2000:]
-    assert lines[0].startswith(f"{PROG}: error:"), lines[0]
-    assert needle in lines[0], lines[0]
+    conftest.assert_one_line_error(proc, needle, prog=PROG)
   assert not os.listdir(tmp_path)

@@ -21,6 +21,9 @@ from tfcapacity import config
 from tfcapacity import data as data_lib
 from tfcapacity.data import sbow
 from tfcapacity.errors import UserError
+import conftest  # tests/ is on sys.path (pytest rootdir conftest)
+
+PROG = "convert_sbow"
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
@@ -222,15 +225,6 @@ def run_cli(*args):
       capture_output=True, text=True, timeout=120)
 
 
-def assert_one_line_error(proc, *fragments):
-  assert proc.returncode == 2, proc.stderr
-  lines = proc.stderr.strip().splitlines()
-  assert len(lines) == 1, proc.stderr
-  assert lines[0].startswith("convert_sbow: error: ")
-  for fragment in fragments:
-    assert fragment in lines[0]
-
-
 def test_cli_converts_then_refuses_to_clobber(release, tmp_path):
   dirs, devkit, expected = release
   out = str(tmp_path / "val.h5")
@@ -240,9 +234,11 @@ def test_cli_converts_then_refuses_to_clobber(release, tmp_path):
   assert done.returncode == 0, done.stderr
   _, y, _, attrs = read(out)
   assert attrs["normalize"] == "l2" and len(y) == len(expected["val"])
-  assert_one_line_error(run_cli(*args), "already exists", "--overwrite")
-  assert_one_line_error(run_cli(*args[:-1], "--normalize=l3"), "normalize")
-  assert_one_line_error(run_cli(*args[1:]), "sbow_dir")
+  conftest.assert_one_line_error(run_cli(*args), "already exists",
+                                 "--overwrite", prog=PROG)
+  conftest.assert_one_line_error(run_cli(*args[:-1], "--normalize=l3"),
+                                 "normalize", prog=PROG)
+  conftest.assert_one_line_error(run_cli(*args[1:]), "sbow_dir", prog=PROG)
 
 
 def test_cli_malformed_file_keeps_the_finished_output(tmp_path):
@@ -254,7 +250,7 @@ def test_cli_malformed_file_keeps_the_finished_output(tmp_path):
              [("n02000000_1", [3, 1000])])
   proc = run_cli(f"--sbow_dir={dirs['train']}", f"--devkit_dir={devkit}",
                  "--split=train", f"--output={out}", "--overwrite")
-  assert_one_line_error(proc, "n02000000_1", "1000")
+  conftest.assert_one_line_error(proc, "n02000000_1", "1000", prog=PROG)
   assert out.read_bytes() == before
 
 
@@ -308,7 +304,8 @@ def test_missing_devkit_file(release, tmp_path):
     sbow.convert(dirs["val"], str(empty), "val", str(tmp_path / "o.h5"))
   proc = run_cli(f"--sbow_dir={dirs['val']}", f"--devkit_dir={tmp_path}",
                  "--split=val", f"--output={tmp_path / 'o.h5'}")
-  assert_one_line_error(proc, "meta.mat not found", "--devkit_dir")
+  conftest.assert_one_line_error(proc, "meta.mat not found", "--devkit_dir",
+                                 prog=PROG)
 
 
 @pytest.mark.parametrize("delta", [-1, 1])

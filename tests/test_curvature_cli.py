@@ -244,14 +244,6 @@ def test_loss_objective_matches_the_model(run_dir):
   assert loss == pytest.approx(expected, rel=1e-5)
 
 
-def assert_one_line_error(proc, prog, needle):
-  assert proc.returncode == 2, proc.stderr[-2000:]
-  lines = proc.stderr.strip().splitlines()
-  assert len(lines) == 1, proc.stderr[-2000:]
-  assert lines[0].startswith(f"{prog}: error:"), lines[0]
-  assert needle in lines[0], lines[0]
-
-
 def test_bad_inputs_one_line_and_output_untouched(run_dir, tmp_path):
   out = tmp_path / "existing.json"
   out.write_text('{"kept": true}\n')
@@ -269,15 +261,16 @@ def test_bad_inputs_one_line_and_output_untouched(run_dir, tmp_path):
       ("tfcapacity.hessian", [keep], "name a model"),
   ]
   for module, args, needle in cases:
-    assert_one_line_error(run_tool(module, *args), module, needle)
+    conftest.assert_one_line_error(run_tool(module, *args), needle,
+                                   prog=module)
   # This one loads TensorFlow and the data first; in a plain environment
   # too, TensorFlow's own stderr lines stay hidden.
   plain = {k: v for k, v in os.environ.items()
            if k not in ("TF_CPP_MIN_LOG_LEVEL", "CUDA_VISIBLE_DEVICES")}
-  assert_one_line_error(
+  conftest.assert_one_line_error(
       run_tool("tfcapacity.hessian", f"--model_dir={run_dir}",
                "--num_examples=5000", keep, env=plain),
-      "tfcapacity.hessian", "exceeds the 400 train examples")
+      "exceeds the 400 train examples", prog="tfcapacity.hessian")
   assert out.read_text() == '{"kept": true}\n'
   assert sorted(os.listdir(tmp_path)) == ["existing.json"]
 

@@ -246,11 +246,7 @@ def test_bad_inputs_one_line(runs, tmp_path):
   ]
   for args, needle in cases:
     proc = conftest.run_tool(PROG, *args)
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, proc.stderr[-2000:]
-    assert lines[0].startswith(f"{PROG}: error:"), lines[0]
-    assert needle in lines[0], lines[0]
+    conftest.assert_one_line_error(proc, needle, prog=PROG)
   # Found after loading both models (in-process: a TensorFlow start-up per
   # subprocess is slow); run_tool turns the UserError into the same line.
   with pytest.raises(UserError, match="different architectures: 4 and 12"):

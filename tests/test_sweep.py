@@ -12,6 +12,7 @@ import pytest
 
 from tfcapacity.errors import UserError
 from tfcapacity.studies import sweep
+import conftest  # tests/ is on sys.path (pytest rootdir conftest)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
@@ -47,15 +48,6 @@ def attempts(sweep_dir, name):
     return []
   with open(path) as f:
     return json.load(f)
-
-
-def assert_one_line_error(result, *fragments):
-  assert result.returncode == 2, result.stderr
-  lines = result.stderr.strip().splitlines()
-  assert len(lines) == 1, result.stderr
-  assert "Traceback" not in result.stderr
-  for fragment in fragments:
-    assert fragment in lines[0], lines[0]
 
 
 # --- Grid parsing and naming ---------------------------------------------------
@@ -148,13 +140,14 @@ def test_bad_grid_is_one_line_and_touches_nothing(tmp_path):
   sweep_dir = str(tmp_path / "sweep")
   result = run_sweep(f"--flagfile={base}", f"--sweep_dir={sweep_dir}",
                      "--grid=widthh=4,8")
-  assert_one_line_error(result, "widthh", "Did you mean: width")
+  conftest.assert_one_line_error(result, "widthh", "Did you mean: width",
+                                 prog="sweep")
   assert not os.path.exists(sweep_dir)
   result = run_sweep(f"--flagfile={base}", f"--sweep_dir={sweep_dir}")
-  assert_one_line_error(result, "no --grid")
+  conftest.assert_one_line_error(result, "no --grid", prog="sweep")
   result = run_sweep("--flagfile=/nonexistent.flags",
                      f"--sweep_dir={sweep_dir}", "--grid=width=4")
-  assert_one_line_error(result, "cannot read --flagfile")
+  conftest.assert_one_line_error(result, "cannot read --flagfile", prog="sweep")
 
 
 def test_sweep_runs_cells_reports_failures_and_skips_finished_ones(tmp_path):
@@ -188,7 +181,8 @@ def test_sweep_runs_cells_reports_failures_and_skips_finished_ones(tmp_path):
                         name="changed.flags")
   refused = run_sweep(f"--flagfile={changed}", f"--sweep_dir={sweep_dir}",
                       "--grid=width=4")
-  assert_one_line_error(refused, "different base flags", "--epochs=2")
+  conftest.assert_one_line_error(refused, "different base flags",
+                                 "--epochs=2", prog="sweep")
 
 
 def test_killed_sweep_reruns_only_unfinished_cells(tmp_path):
