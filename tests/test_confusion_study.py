@@ -20,6 +20,7 @@ from tfcapacity.gradients import statistics
 from tfcapacity.studies import confusion_study as study
 from tfcapacity.studies import sweep
 from tfcapacity.training import rundir
+import conftest  # tests/ is on sys.path (pytest rootdir conftest)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLAGFILE = os.path.join(ROOT, "flags", "confusion_mnist1d_cpu.flags")
@@ -289,11 +290,8 @@ def run_tool(*args):
      "parallel"),
 ])
 def test_tool_bad_input_is_one_line(args, message):
-  proc = run_tool(*args)
-  assert proc.returncode == 2
-  lines = proc.stderr.strip().splitlines()
-  assert len(lines) == 1 and message in lines[0], proc.stderr
-  assert lines[0].startswith("confusion_study: error:")
+  conftest.assert_one_line_error(run_tool(*args), message,
+                                 prog="confusion_study")
 
 
 def test_tool_runs_reports_and_rerun_skips_finished_work(tmp_path):

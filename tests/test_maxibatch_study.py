@@ -11,6 +11,7 @@ import pytest
 from tfcapacity.errors import UserError
 from tfcapacity.studies import maxibatch
 from tfcapacity.studies import sweep
+import conftest  # tests/ is on sys.path (pytest rootdir conftest)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOL = os.path.join(ROOT, "tools", "maxibatch_study.py")
@@ -330,10 +331,8 @@ def test_tool_reports_a_study_without_training(study, tmp_path):
      "cannot read --flagfile"),
 ])
 def test_tool_bad_input_is_one_line(args, match):
-  result = run_tool(*args)
-  assert result.returncode == 2
-  lines = result.stderr.strip().splitlines()
-  assert len(lines) == 1 and match in lines[0], result.stderr
+  conftest.assert_one_line_error(run_tool(*args), match,
+                                 prog="maxibatch_study")
 
 
 def test_tool_bad_variant_is_one_line(tmp_path):

@@ -14,6 +14,7 @@ from tfcapacity import training
 from tfcapacity.errors import UserError
 from tfcapacity.studies import random_labels
 from tfcapacity.studies import sweep
+import conftest  # tests/ is on sys.path (pytest rootdir conftest)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLAGFILE = os.path.join(ROOT, "flags", "random_labels_mnist1d_cpu.flags")
@@ -273,10 +274,7 @@ def test_cli_bad_input_is_one_line(args, message):
   out = subprocess.run([sys.executable, TOOL, *args], capture_output=True,
                        text=True, timeout=120,
                        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
-  assert out.returncode == 2
-  lines = out.stderr.strip().splitlines()
-  assert len(lines) == 1 and message in lines[0], out.stderr
-  assert lines[0].startswith("random_labels_study: error:")
+  conftest.assert_one_line_error(out, message, prog="random_labels_study")
 
 
 def test_cli_refuses_a_flagfile_without_grid(tmp_path):
