@@ -148,8 +148,7 @@ def confusion_report(loaded: "analysis.Loaded", *, chunk_size: int = 128,
     UserError: bad options.
   """
   from tfcapacity.curvature import hvp  # pylint: disable=g-import-not-at-top
-  from tfcapacity.gradients import features  # pylint: disable=g-import-not-at-top
-  from tfcapacity.gradients import per_example  # pylint: disable=g-import-not-at-top
+  from tfcapacity.gradients import measure  # pylint: disable=g-import-not-at-top
   from tfcapacity.gradients import statistics  # pylint: disable=g-import-not-at-top
   if len(loaded.y) < 2:
     raise UserError("--num_examples must be at least 2: the statistics are "
@@ -160,22 +159,11 @@ def confusion_report(loaded: "analysis.Loaded", *, chunk_size: int = 128,
     params = hvp.select_params(loaded.model, layers or None,
                                include_slopes=include_slopes)
   chosen = params if params is not None else loaded.model.trainable_variables
-  options = dict(params=params, chunk_size=chunk_size,
-                 projection_dim=projection_dim, seed=seed,
-                 strategy=loaded.strategy)
-  found = per_example.gradient_inner_products(
-      loaded.model, loaded.x, loaded.y, per_layer=per_layer, **options)
-  gram, layer_grams = found if per_layer else (found, None)
-  out = {**loaded.description, **statistics.summarize(gram),
-         **statistics.named_spectrum(gram, "gram")}
-  if ntk:
-    ntk_gram = per_example.gradient_inner_products(
-        loaded.model, loaded.x, loaded.y, output="logits", **options)
-    out.update(statistics.named_spectrum(ntk_gram, "ntk"))
-  if feature_layer:
-    found = features.layer_features(loaded.model, loaded.x, feature_layer)
-    out.update(statistics.named_spectrum(statistics.feature_gram(found),
-                                         "features"))
+  found = measure.measure(
+      loaded.model, loaded.x, loaded.y, params=params, chunk_size=chunk_size,
+      projection_dim=projection_dim, seed=seed, strategy=loaded.strategy,
+      per_layer=per_layer, ntk=ntk, feature_layer=feature_layer)
+  out = {**loaded.description, **found.values}
   out.update({
       "bn_mode": "inference",
       "num_parameters": int(sum(int(v.numpy().size) for v in chosen)),
@@ -184,7 +172,7 @@ def confusion_report(loaded: "analysis.Loaded", *, chunk_size: int = 128,
       "layers": list(layers) if layers else None,
       "feature_layer": feature_layer})
   if per_layer:
-    out["per_layer"] = statistics.per_layer(layer_grams)
+    out["per_layer"] = statistics.per_layer(found.layer_grams)
   out["seconds"] = time.time() - start
   return out
 

@@ -32,11 +32,12 @@ import functools
 import tensorflow as tf
 
 from tfcapacity.gradients import features
-from tfcapacity.gradients import per_example
+from tfcapacity.gradients import measure
 from tfcapacity.gradients import statistics
 from tfcapacity.training import callbacks as callbacks_lib
 
 _SALT = 0x6A7D
+_SPECTRUM_KEYS = ("_min_eigenvalue", "_max_eigenvalue", "_condition_number")
 _SCALARS = ("gradient_confusion", "min_inner_product", "mean_inner_product",
             "min_cosine", "mean_cosine", "gradient_diversity",
             "noise_scale_simple")
@@ -76,24 +77,16 @@ class GradientStatisticsCallback(callbacks_lib.Callback):
   def __call__(self, ctx):
     cfg = self.cfg
     per_layer = cfg.gradients_per_layer and not cfg.gradients_projection_dim
-    result = per_example.gradient_inner_products(
+    found = measure.measure(
         ctx.model, *self.examples, chunk_size=cfg.gradients_chunk_size,
         projection_dim=cfg.gradients_projection_dim or None, seed=cfg.seed,
-        strategy=ctx.strategy, per_layer=per_layer)
-    gram, layers = result if per_layer else (result, {})
-    out = scalars(statistics.summarize(gram), "gradients")
-    out.update(statistics.named_spectrum(gram, "gradients/gram"))
-    if cfg.gradients_ntk:
-      ntk = per_example.gradient_inner_products(
-          ctx.model, *self.examples, chunk_size=cfg.gradients_chunk_size,
-          projection_dim=cfg.gradients_projection_dim or None, seed=cfg.seed,
-          strategy=ctx.strategy, output="logits")
-      out.update(statistics.named_spectrum(ntk, "gradients/ntk"))
-    if cfg.gradients_feature_layer:
-      found = features.layer_features(ctx.model, self.examples[0],
-                                      cfg.gradients_feature_layer)
-      out.update(statistics.named_spectrum(statistics.feature_gram(found),
-                                  "gradients/features"))
+        strategy=ctx.strategy, per_layer=per_layer, ntk=cfg.gradients_ntk,
+        feature_layer=cfg.gradients_feature_layer or None)
+    gram, layers = found.gram, found.layer_grams
+    out = scalars(found.values, "gradients")
+    out.update({f"gradients/{key}": value
+                for key, value in found.values.items()
+                if key.endswith(_SPECTRUM_KEYS)})
     cosines, _ = statistics.pairwise_cosines(gram)
     if len(cosines) and tf.summary.experimental.get_step() is not None:
       tf.summary.histogram("gradients/cosines", cosines)
