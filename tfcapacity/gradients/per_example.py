@@ -340,7 +340,7 @@ def _probe_pieces(probe, a, delta, dense_rows=True):
   over positions; gamma:
   d_i * xhat_i summed over positions.
   """
-  rows, c = tf.shape(delta)[0], delta.shape[1]
+  rows = tf.shape(delta)[0]
   out = {}
   spatial = list(range(2, delta.shape.rank - 1))
   bias_role = "beta" if probe.kind == "norm" else "bias"
