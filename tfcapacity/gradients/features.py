@@ -15,6 +15,8 @@ changed.
 
 from __future__ import annotations
 
+import weakref
+
 import keras
 import numpy as np
 
@@ -22,9 +24,15 @@ from tfcapacity.errors import UserError
 
 PENULTIMATE = "penultimate"
 
+# Built once per (model, layer): a training callback reads the same layer at
+# every measurement.
+_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
 
 def feature_model(model, layer: str = PENULTIMATE) -> keras.Model:
   """A Keras model from the inputs of `model` to the named layer's output.
+
+  It shares the model's variables and is built once per (model, layer).
 
   Raises:
     UserError: not a functional Keras model, or no such layer (the message
@@ -34,6 +42,9 @@ def feature_model(model, layer: str = PENULTIMATE) -> keras.Model:
     raise UserError("layer features need a Keras model (a SavedModel does "
                     "not expose its layers); give --keras_model or "
                     "--model_dir")
+  built = _CACHE.setdefault(model, {})
+  if layer in built:
+    return built[layer]
   names = [lay.name for lay in model.layers]
   try:
     if layer == PENULTIMATE:
@@ -46,7 +57,8 @@ def feature_model(model, layer: str = PENULTIMATE) -> keras.Model:
         f"the model has no {wanted}; name one of its layers: "
         f"{', '.join(names)}") from None
   inputs = model.inputs[0] if len(model.inputs) == 1 else model.inputs
-  return keras.Model(inputs, output)
+  built[layer] = keras.Model(inputs, output)
+  return built[layer]
 
 
 def layer_features(model, x, layer: str = PENULTIMATE,
