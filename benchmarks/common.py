@@ -10,7 +10,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfcapacity.curvature import hvp
-from tfcapacity.training import loop
+from tfcapacity.objective import losses
 
 
 def sync(out):
@@ -63,7 +63,7 @@ def flat_gradient(model, x, y):
   @tf.function
   def gradient():
     with tf.GradientTape() as tape:
-      loss = tf.reduce_mean(loop.cross_entropy(y, model(x, training=False)))
+      loss = tf.reduce_mean(losses.cross_entropy(y, model(x, training=False)))
     return hvp.flatten(tape.gradient(loss, model.trainable_variables))
 
   return gradient

@@ -65,7 +65,7 @@ from tfcapacity import models  # noqa: E402
 from tfcapacity import training  # noqa: E402
 from tfcapacity.curvature import eigen  # noqa: E402
 from tfcapacity.curvature import hvp  # noqa: E402
-from tfcapacity.training import loop  # noqa: E402
+from tfcapacity.objective import losses  # noqa: E402
 
 _QUICK = flags.DEFINE_bool("quick", False, "Fewer rounds (a smoke run).")
 _PARTS = flags.DEFINE_list("parts", ["hvp", "lambda", "callback"],
@@ -152,7 +152,7 @@ def _bare_products(model, x, y):
     non_trainable = [v.value for v in model.non_trainable_variables]
     logits, _ = model.stateless_call(values, non_trainable, x,
                                      training=False)
-    return tf.reduce_mean(loop.cross_entropy(y, logits))
+    return tf.reduce_mean(losses.cross_entropy(y, logits))
 
   @tf.function(input_signature=[spec])
   def reverse(flat):

@@ -11,6 +11,7 @@ import tensorflow as tf
 
 from tfcapacity import config
 from tfcapacity import training
+from tfcapacity.objective import losses
 from tfcapacity.errors import UserError
 from tfcapacity.training import optim
 from tfcapacity.training import rundir
@@ -84,9 +85,9 @@ def test_topk_ties_count_as_wrong():
   logits = tf.zeros([4, 10])
   labels = tf.constant([0, 3, 4, 9])
   np.testing.assert_array_equal(
-      training.loop.topk_correct(labels, logits, 1).numpy(), [1, 0, 0, 0])
+      losses.topk_correct(labels, logits, 1).numpy(), [1, 0, 0, 0])
   np.testing.assert_array_equal(
-      training.loop.topk_correct(labels, logits, 5).numpy(), [1, 1, 1, 0])
+      losses.topk_correct(labels, logits, 5).numpy(), [1, 1, 1, 0])
 
 
 def test_one_and_two_replicas_agree(tmp_path):
@@ -116,7 +117,7 @@ def test_full_batch_gd_equals_hand_step(tmp_path, replicas, chunk):
   before = [v.numpy() for v in model.trainable_variables]
   with tf.GradientTape() as tape:
     logits = model(x, training=True)
-    loss = tf.reduce_mean(training.loop.cross_entropy(y, logits))
+    loss = tf.reduce_mean(losses.cross_entropy(y, logits))
     kernels = [v for v in model.trainable_variables
                if v.path.endswith("kernel")]
     loss += 0.005 * tf.add_n([tf.reduce_sum(k ** 2) for k in kernels])

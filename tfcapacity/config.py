@@ -17,6 +17,9 @@ from typing import Any
 
 from absl import flags
 
+from tfcapacity import curvature
+from tfcapacity import objective
+from tfcapacity import training
 from tfcapacity.errors import UserError
 
 # Flags that say how to run, not what is computed: a run directory may be
@@ -191,6 +194,12 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
       "leaky_relu.", flag_values=fv)
 
   # Optimisation.
+  flags.DEFINE_enum(
+      "loss", "cross_entropy", list(objective.LOSSES),
+      "The per-example loss that training minimises and measurements "
+      "differentiate: softmax cross-entropy, or squared = 1/2 ||logits - "
+      "one_hot(label)||^2 (Du et al.). Errors always come from the logits.",
+      flag_values=fv)
   flags.DEFINE_string("optimizer", "sgd", "sgd | adam.", flag_values=fv)
   flags.DEFINE_float("learning_rate", 0.1, "Base learning rate.",
                      flag_values=fv)
@@ -272,7 +281,7 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
       "Log the distance of the parameters from their initial values and the "
       "path length, per layer and in total, every epoch.", flag_values=fv)
   flags.DEFINE_enum(
-      "grad_noise", "none", ["none", "fixed", "annealed", "empirical"],
+      "grad_noise", "none", list(training.NOISE_KINDS),
       "Gaussian noise added to the gradients: fixed std, annealed variance "
       "eta/(1+t)^gamma, or per-variable variances recorded by a reference "
       "run.", flag_values=fv)
@@ -330,7 +339,8 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
       "curvature_top_k", 1,
       "Eigenvalues measured on the training examples (top-k).",
       flag_values=fv)
-  flags.DEFINE_enum("curvature_method", "power", ["power", "lanczos"],
+  flags.DEFINE_enum("curvature_method", "power",
+                    list(curvature.EIGEN_METHODS),
                     "Eigen-solver of the curvature measurements.",
                     flag_values=fv)
   flags.DEFINE_integer(
@@ -338,7 +348,7 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
       "Also estimate the Hessian's trace with N Hutchinson probes (0: off).",
       flag_values=fv)
   flags.DEFINE_enum(
-      "curvature_bn_mode", "inference", ["inference", "batch", "ghost"],
+      "curvature_bn_mode", "inference", list(objective.BN_MODES),
       "Batch-norm statistics inside the measured loss.", flag_values=fv)
   flags.DEFINE_float(
       "curvature_tol", 1e-3,

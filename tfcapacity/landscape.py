@@ -58,7 +58,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfcapacity.errors import UserError
-from tfcapacity.training import loop
+from tfcapacity.objective import losses
 from tfcapacity.training import rundir
 
 BN_STATS = ("recompute", "interpolate", "keep")
@@ -212,8 +212,8 @@ class Evaluator:
     @tf.function(input_signature=[x_spec, y_spec])
     def sums(x, y):
       logits = model(x, training=False)
-      return (tf.reduce_sum(loop.cross_entropy(y, logits)),
-              tf.reduce_sum(loop.topk_correct(y, logits, 1)))
+      return (tf.reduce_sum(losses.cross_entropy(y, logits)),
+              tf.reduce_sum(losses.topk_correct(y, logits, 1)))
 
     self._sums = sums
     self._bn = batch_norm_layers(model)

@@ -50,7 +50,7 @@ import tensorflow as tf
 
 from tfcapacity.errors import UserError, choices_error
 from tfcapacity.models import layers as layers_lib
-from tfcapacity.training import loop
+from tfcapacity.objective import losses
 
 BN_MODES = ("inference", "batch", "ghost")
 METHODS = ("reverse", "forward")
@@ -342,7 +342,7 @@ class HessianOperator:
     self._decay_mask = None
     if self.weight_decay:
       self._decay_mask = flatten([
-          tf.fill(p.shape, 1.0 if loop.is_decayed(p) else 0.0)
+          tf.fill(p.shape, 1.0 if losses.is_decayed(p) else 0.0)
           for p in self.params])
     self._data = self._resident_batches(x, y, batch_size)
     self._build()
@@ -399,7 +399,7 @@ class HessianOperator:
   def _batch_loss(self, values, x, y, w):
     """This replica's share of the mean loss: sum of w * loss / n."""
     logits = self.function.logits(values, x)
-    return tf.reduce_sum(w * loop.cross_entropy(y, logits)) / float(
+    return tf.reduce_sum(w * losses.cross_entropy(y, logits)) / float(
         self.num_examples)
 
   def _slice(self, data, i):

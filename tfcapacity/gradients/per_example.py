@@ -88,7 +88,7 @@ import tensorflow as tf
 from tfcapacity.curvature import hvp
 from tfcapacity.errors import UserError, choices_error
 from tfcapacity.models import layers as layers_lib
-from tfcapacity.training import loop
+from tfcapacity.objective import losses
 
 # Entries of one generated block of the projection (16 MB of float32).
 _PROJECTION_BLOCK_ENTRIES = 1 << 22
@@ -515,7 +515,7 @@ class PerExampleGradients:
       with tf.GradientTape() as tape:
         tape.watch(chosen)
         logits = self.function.logits(values, xi[None])
-        loss = loop.cross_entropy(yi[None], logits)[0]
+        loss = losses.cross_entropy(yi[None], logits)[0]
         target = loss if self.output == "loss" else logits[0]
       if self.output == "loss":
         grads = tape.gradient(target, chosen)
@@ -555,7 +555,7 @@ class PerExampleGradients:
       with _probing(self._probes, hook):
         logits = self.function.logits(values, x)
       if self.output == "loss":
-        target = tf.reduce_sum(loop.cross_entropy(y, logits))
+        target = tf.reduce_sum(losses.cross_entropy(y, logits))
       else:
         target = tf.reduce_sum(tf.cast(logits, tf.float32), axis=0)  # [C]
     order = range(len(self._probes))

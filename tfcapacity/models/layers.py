@@ -306,9 +306,42 @@ class PaddedShortcut(keras.layers.Layer):
             "filters": self.filters}
 
 
+# -- Walking a model's layers (the one walker every measurement uses) --------
+
+
+def all_layers(model: keras.Model) -> list[keras.layers.Layer]:
+  """Every layer of `model`, nested models' layers included, in order.
+
+  A functional model lists its layers in topological order (inputs first),
+  and a nested model's layers follow the model itself, so the result is in
+  the order a forward pass reaches them: recomputing batch-norm statistics
+  layer by layer relies on it.
+  """
+  out = []
+  for layer in model.layers:
+    out.append(layer)
+    if isinstance(layer, keras.Model):
+      out += all_layers(layer)
+  return out
+
+
+def batch_norm_layers(model: keras.Model) -> list[keras.layers.Layer]:
+  """The layers with moving statistics (Keras' and tfcapacity's batch norm),
+  in forward order."""
+  return [layer for layer in all_layers(model)
+          if isinstance(layer, (keras.layers.BatchNormalization,
+                                GhostBatchNormalization))]
+
+
+def weighted_layers(model: keras.Model) -> list[str]:
+  """Names of the layers that own trainable weights, in forward order."""
+  return [layer.name for layer in all_layers(model)
+          if layer.trainable_weights and not isinstance(layer, keras.Model)]
+
+
 def slope_layers(model: keras.Model) -> list[AdaptiveLeakyReLU]:
   """The model's adaptive rectifiers in layer order (for slope updates)."""
-  return [layer for layer in model.layers
+  return [layer for layer in all_layers(model)
           if isinstance(layer, AdaptiveLeakyReLU)]
 
 

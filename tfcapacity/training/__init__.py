@@ -6,6 +6,9 @@ tools (the sweep runner, reports) can use `training.rundir` without it.
 
 import importlib
 
+# Noise added to the gradients a step applies (`dynamics.GradientNoise`).
+NOISE_KINDS = ("none", "fixed", "annealed", "empirical")
+
 _LAZY = {"Callback": "callbacks", "Context": "callbacks", "Trainer": "loop",
          "train": "loop"}
 

@@ -45,11 +45,12 @@ import zlib
 import numpy as np
 import tensorflow as tf
 
+from tfcapacity import training
 from tfcapacity.errors import UserError
 from tfcapacity.training import callbacks as callbacks_lib
 from tfcapacity.training import rundir
 
-NOISE_KINDS = ("none", "fixed", "annealed", "empirical")
+NOISE_KINDS = training.NOISE_KINDS
 _NOISE_SALT = 0x6E01
 
 

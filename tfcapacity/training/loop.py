@@ -40,6 +40,7 @@ from tfcapacity import data as data_lib
 from tfcapacity import distribute
 from tfcapacity import models as models_lib
 from tfcapacity.errors import UserError
+from tfcapacity.objective import losses
 from tfcapacity.training import callbacks as callbacks_lib
 from tfcapacity.training import dynamics
 from tfcapacity.training import optim
@@ -47,36 +48,6 @@ from tfcapacity.training import rundir
 
 EVAL_KEYS = ("train_loss", "train_top1_error", "train_top5_error",
              "test_loss", "test_top1_error", "test_top5_error")
-
-
-def cross_entropy(labels, logits):
-  """Per-example softmax cross-entropy from logits, float32."""
-  return tf.nn.sparse_softmax_cross_entropy_with_logits(
-      labels=tf.cast(labels, tf.int32), logits=tf.cast(logits, tf.float32))
-
-
-def topk_correct(labels, logits, k):
-  """1.0 where the label is among the top `k` logits, ties broken by index."""
-  labels = tf.cast(labels, tf.int32)
-  true = tf.gather(logits, labels, batch_dims=1)[:, None]
-  index = tf.range(tf.shape(logits)[-1])[None, :]
-  ahead = (logits > true) | ((logits == true) & (index < labels[:, None]))
-  rank = tf.reduce_sum(tf.cast(ahead, tf.int32), axis=-1)
-  return tf.cast(rank < k, tf.float32)
-
-
-def is_decayed(variable) -> bool:
-  """Weight decay applies to kernels; biases and normalisation are exempt."""
-  return variable.path.endswith("kernel")
-
-
-def l2_penalty(model, weight_decay: float):
-  """weight_decay / 2 * sum of squared kernels (biases and norms exempt)."""
-  kernels = [v for v in model.trainable_variables if is_decayed(v)]
-  if not weight_decay or not kernels:
-    return tf.constant(0.0)
-  return 0.5 * weight_decay * tf.add_n(
-      [tf.reduce_sum(tf.square(k)) for k in kernels])
 
 
 def distribute_batches(strategy, dataset, global_batch_size, **batch_kwargs):
@@ -242,14 +213,15 @@ class Trainer:
     tvars = model.trainable_variables
     b = self.global_batch_size
     wd = self.cfg.weight_decay
+    loss_fn = losses.get(self.cfg.loss)
 
     def replica_step(x, y):
       with tf.GradientTape() as tape:
         logits = model(x, training=True)
-        data_loss = tf.nn.compute_average_loss(cross_entropy(y, logits),
+        data_loss = tf.nn.compute_average_loss(loss_fn(y, logits),
                                                global_batch_size=b)
         loss = data_loss + tf.nn.scale_regularization_loss(
-            l2_penalty(model, wd))
+            losses.l2_penalty(model, wd))
       grads = tape.gradient(loss, tvars)
       grads = adjust(grads)
       optimizer.apply_gradients(zip(grads, tvars))
@@ -302,12 +274,7 @@ class Trainer:
     k5 = min(5, self.train_data.info.num_classes)
 
     def replica_eval(x, y, w):
-      logits = tf.cast(model(x, training=False), tf.float32)
-      return tf.stack([
-          tf.reduce_sum(w * cross_entropy(y, logits)),
-          tf.reduce_sum(w * topk_correct(y, logits, 1)),
-          tf.reduce_sum(w * topk_correct(y, logits, k5)),
-          tf.reduce_sum(w)])
+      return losses.metric_sums(loss_fn, y, model(x, training=False), w, k5)
 
     @tf.function
     def eval_sums(dist_dataset):
@@ -327,7 +294,7 @@ class Trainer:
       def replica_accumulate(x, y, w):
         with tf.GradientTape() as tape:
           logits = model(x, training=True)
-          loss = tf.reduce_sum(w * cross_entropy(y, logits)) / n
+          loss = tf.reduce_sum(w * loss_fn(y, logits)) / n
         grads = tape.gradient(loss, tvars)
         for a, g in zip(accumulators, grads):
           a.assign_add(g)
@@ -337,7 +304,7 @@ class Trainer:
         # The gradient of the L2 term, split over the replicas whose
         # gradients the optimizer sums.
         decay = wd / strategy.num_replicas_in_sync
-        grads = [a.read_value() + decay * v if wd and is_decayed(v)
+        grads = [a.read_value() + decay * v if wd and losses.is_decayed(v)
                  else a.read_value() for a, v in zip(accumulators, tvars)]
         optimizer.apply_gradients(zip(adjust(grads), tvars))
         for a in accumulators:

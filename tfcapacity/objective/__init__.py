@@ -1,0 +1,37 @@
+"""The loss of a model over examples, written once.
+
+Every measurement in tfcapacity is a function of the weights: the mean loss
+of a model over some examples. This package owns that idea:
+
+  * `losses`: the per-example losses by name (`cross_entropy`, `squared`),
+    top-k correctness and the L2 penalty;
+  * `function`: the model as a pure function of its weights (a Keras
+    model's `stateless_call`, or a SavedModel's `serve`), the parameter
+    blocks, the batch-norm policy and the recomputation of its statistics;
+  * `examples`: fixed examples, validated, padded with zero-weight rows,
+    held on the device, sliced over replicas and chunked;
+  * `objective`: `Objective`, which gives the value, gradient, Hessian-vector
+    product and metrics of the mean loss at given weights.
+
+Curvature, per-example gradients, the loss landscape and the training loop's
+evaluation are written over it. The names below load no TensorFlow, so flag
+definitions can offer them as choices.
+"""
+
+import importlib
+
+# The per-example losses (`losses.LOSSES` maps each name to its function).
+LOSSES = ("cross_entropy", "squared")
+# Batch-norm statistics inside a measured loss: the moving statistics, those
+# of each batch, or those of fixed sub-batches ("ghost" batches).
+BN_MODES = ("inference", "batch", "ghost")
+
+_LAZY = {"Objective": "objective", "FixedExamples": "examples",
+         "ModelFunction": "function"}
+
+
+def __getattr__(name):
+  if name in _LAZY:
+    module = importlib.import_module(f"tfcapacity.objective.{_LAZY[name]}")
+    return getattr(module, name)
+  raise AttributeError(name)

@@ -1,0 +1,97 @@
+"""Per-example losses by name, top-k correctness and the L2 penalty.
+
+A loss maps integer labels [n] and logits [n, C] to per-example losses [n]
+in float32; a mean over examples is taken by whoever sums them (with
+zero-weight padding rows, `tf.nn.compute_average_loss`, ...):
+
+  * `cross_entropy`: softmax cross-entropy, the loss of every study but
+    Du et al.'s analysis;
+  * `squared`: 1/2 ||z - onehot(y)||^2, the squared loss of the logits
+    against the one-hot label (Du et al. 2018, "Gradient descent finds
+    global minima of deep neural networks", who study 1/2 sum_i (u_i -
+    y_i)^2; with C outputs the same per output, summed).
+
+Errors are always read off the logits (`topk_correct`), whatever the loss.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import tensorflow as tf
+
+from tfcapacity import objective as names
+from tfcapacity.errors import choices_error
+
+
+def cross_entropy(labels, logits):
+  """Per-example softmax cross-entropy from logits, float32."""
+  return tf.nn.sparse_softmax_cross_entropy_with_logits(
+      labels=tf.cast(labels, tf.int32), logits=tf.cast(logits, tf.float32))
+
+
+def squared(labels, logits):
+  """Per-example 1/2 ||logits - one_hot(labels)||^2, float32."""
+  logits = tf.cast(logits, tf.float32)
+  target = tf.one_hot(tf.cast(labels, tf.int32), tf.shape(logits)[-1],
+                      dtype=tf.float32)
+  return 0.5 * tf.reduce_sum(tf.square(logits - target), axis=-1)
+
+
+LOSSES: dict[str, Callable] = {"cross_entropy": cross_entropy,
+                               "squared": squared}
+assert tuple(LOSSES) == names.LOSSES
+
+
+def get(name: str) -> Callable:
+  """The per-example loss called `name`.
+
+  Raises:
+    UserError: an unknown name (the message lists the known ones).
+  """
+  if name not in LOSSES:
+    raise choices_error("loss", name, names.LOSSES)
+  return LOSSES[name]
+
+
+def topk_correct(labels, logits, k):
+  """1.0 where the label is among the top `k` logits, ties broken by index.
+
+  `tf.math.in_top_k` counts every tied class as a hit, which would score a
+  network with a zero-initialised classifier (all logits equal) as perfect.
+  """
+  labels = tf.cast(labels, tf.int32)
+  true = tf.gather(logits, labels, batch_dims=1)[:, None]
+  index = tf.range(tf.shape(logits)[-1])[None, :]
+  ahead = (logits > true) | ((logits == true) & (index < labels[:, None]))
+  rank = tf.reduce_sum(tf.cast(ahead, tf.int32), axis=-1)
+  return tf.cast(rank < k, tf.float32)
+
+
+def metric_sums(loss_fn, labels, logits, weights, k5: int):
+  """[sum w*loss, sum w*top1, sum w*top5, sum w] of a batch, float32.
+
+  The evaluation of every caller (the training loop, the landscape, an
+  `Objective`): padding rows carry weight 0, so sums over padded batches are
+  exact; errors come from the logits whatever the loss.
+  """
+  logits = tf.cast(logits, tf.float32)
+  return tf.stack([
+      tf.reduce_sum(weights * loss_fn(labels, logits)),
+      tf.reduce_sum(weights * topk_correct(labels, logits, 1)),
+      tf.reduce_sum(weights * topk_correct(labels, logits, k5)),
+      tf.reduce_sum(weights)])
+
+
+def is_decayed(variable) -> bool:
+  """Weight decay applies to kernels; biases and normalisation are exempt."""
+  return variable.path.endswith("kernel")
+
+
+def l2_penalty(model, weight_decay: float):
+  """weight_decay / 2 * sum of squared kernels (biases and norms exempt)."""
+  kernels = [v for v in model.trainable_variables if is_decayed(v)]
+  if not weight_decay or not kernels:
+    return tf.constant(0.0)
+  return 0.5 * weight_decay * tf.add_n(
+      [tf.reduce_sum(tf.square(k)) for k in kernels])
