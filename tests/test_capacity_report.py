@@ -13,7 +13,7 @@ import pytest
 from tfcapacity import config
 from tfcapacity.errors import UserError
 from tfcapacity.studies import capacity
-from tfcapacity.training import rundir
+from tfcapacity import rundir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -19,7 +19,7 @@ from tfcapacity.gradients import callback
 from tfcapacity.gradients import statistics
 from tfcapacity.studies import confusion_study as study
 from tfcapacity.studies import sweep
-from tfcapacity.training import rundir
+from tfcapacity import rundir
 import conftest  # tests/ is on sys.path (pytest rootdir conftest)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -12,7 +12,7 @@ from tfcapacity import data
 from tfcapacity import training
 from tfcapacity.curvature import callback as curvature
 from tfcapacity.curvature import hvp
-from tfcapacity.training import rundir
+from tfcapacity import rundir
 import conftest  # tests/ is on sys.path (pytest rootdir conftest)
 
 FLAGS = dict(dataset="digits", width=6, depth=1, activation="tanh",

@@ -14,7 +14,7 @@ from tfcapacity import training
 from tfcapacity.objective import losses
 from tfcapacity.errors import UserError
 from tfcapacity.training import optim
-from tfcapacity.training import rundir
+from tfcapacity import rundir
 import conftest  # tests/ is on sys.path (pytest rootdir conftest)
 
 

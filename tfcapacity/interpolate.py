@@ -62,7 +62,7 @@ import numpy as np  # noqa: E402
 
 from tfcapacity.curvature import analysis  # noqa: E402
 from tfcapacity.errors import UserError  # noqa: E402
-from tfcapacity.training import rundir  # noqa: E402
+from tfcapacity import rundir  # noqa: E402
 
 PROG = "tfcapacity.interpolate"
 FLAGS = flags.FLAGS

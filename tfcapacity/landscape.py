@@ -59,7 +59,7 @@ import tensorflow as tf
 
 from tfcapacity.errors import UserError
 from tfcapacity.objective import losses
-from tfcapacity.training import rundir
+from tfcapacity import rundir
 
 BN_STATS = ("recompute", "interpolate", "keep")
 

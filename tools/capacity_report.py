@@ -26,7 +26,7 @@ from tfcapacity import cli  # noqa: E402
 from tfcapacity.errors import UserError  # noqa: E402
 from tfcapacity.studies import capacity  # noqa: E402
 from tfcapacity.studies import common  # noqa: E402
-from tfcapacity.training import rundir  # noqa: E402
+from tfcapacity import rundir  # noqa: E402
 
 flags.DEFINE_string("sweep_dir", None, "The sweep's directory.")
 flags.DEFINE_enum("metric", "top5", capacity.METRICS,

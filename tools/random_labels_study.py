@@ -36,7 +36,7 @@ from tfcapacity.errors import UserError  # noqa: E402
 from tfcapacity.studies import common  # noqa: E402
 from tfcapacity.studies import random_labels  # noqa: E402
 from tfcapacity.studies import sweep  # noqa: E402
-from tfcapacity.training import rundir  # noqa: E402
+from tfcapacity import rundir  # noqa: E402
 
 common.define_study_flags()
 flags.DEFINE_float("residual_scale_c", 1.0,

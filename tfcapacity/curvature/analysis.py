@@ -64,7 +64,7 @@ import numpy as np
 from tfcapacity import cli
 from tfcapacity import config as config_lib
 from tfcapacity.errors import UserError
-from tfcapacity.training import rundir
+from tfcapacity import rundir
 
 # Modules that load TensorFlow are imported inside the functions that use
 # them (pylint: g-import-not-at-top), so that flags fail fast.

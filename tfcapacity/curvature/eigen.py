@@ -88,7 +88,7 @@ import scipy.special
 import tensorflow as tf
 
 from tfcapacity.errors import UserError, choices_error
-from tfcapacity.training import rundir
+from tfcapacity import rundir
 
 WHICH = ("LM", "LA")
 # progress(iteration, info): iteration counts matvecs so far in the call.

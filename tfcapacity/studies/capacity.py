@@ -31,7 +31,7 @@ import numpy as np
 from tfcapacity.errors import UserError
 from tfcapacity.studies import common
 from tfcapacity.studies import sweep
-from tfcapacity.training import rundir
+from tfcapacity import rundir
 
 METRICS = ("top1", "top5")
 # Flags that may differ between the runs of one report besides the x flag.

@@ -21,7 +21,7 @@ from absl import flags
 
 from tfcapacity import cli
 from tfcapacity.errors import UserError
-from tfcapacity.training import rundir
+from tfcapacity import rundir
 
 
 # --- Figures -----------------------------------------------------------------

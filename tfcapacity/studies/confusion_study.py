@@ -61,7 +61,7 @@ import numpy as np
 from tfcapacity.errors import UserError
 from tfcapacity.studies import common
 from tfcapacity.studies import sweep
-from tfcapacity.training import rundir
+from tfcapacity import rundir
 
 PART_COMMENT = re.compile(r"^\s*#\s*confusion\.([A-Za-z0-9_]+):\s*(.+?)\s*$")
 INIT, TRAIN = "init_", "train_"

@@ -50,7 +50,7 @@ import numpy as np
 from tfcapacity.errors import UserError
 from tfcapacity.studies import common
 from tfcapacity.studies import sweep
-from tfcapacity.training import rundir
+from tfcapacity import rundir
 
 VARIANT_COMMENT = re.compile(r"^\s*#\s*maxibatch\.variant:\s*(.*?)\s*$")
 _VARIANT_NAME = re.compile(r"^[A-Za-z0-9._+-]+$")

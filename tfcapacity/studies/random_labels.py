@@ -44,7 +44,7 @@ import numpy as np
 from tfcapacity.errors import UserError
 from tfcapacity.studies import common
 from tfcapacity.studies import sweep
-from tfcapacity.training import rundir
+from tfcapacity import rundir
 
 THRESHOLD = 1e-3
 LOSS_TAG = "train/batch_loss"

@@ -47,7 +47,7 @@ from absl import logging
 
 from tfcapacity import config as config_lib
 from tfcapacity.errors import UserError
-from tfcapacity.training import rundir
+from tfcapacity import rundir
 
 SWEEP_FILE = "sweep.json"
 BASE_FLAGS_FILE = "base.flags"

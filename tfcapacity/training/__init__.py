@@ -1,7 +1,7 @@
 """Training: the loop, optimisers and schedules, callbacks, run directory.
 
 The loop and callbacks import TensorFlow; they load on first use, so light
-tools (the sweep runner, reports) can use `training.rundir` without it.
+tools (the sweep runner, reports) can import it without TensorFlow.
 """
 
 import importlib

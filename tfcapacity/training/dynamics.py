@@ -48,7 +48,7 @@ import tensorflow as tf
 from tfcapacity import training
 from tfcapacity.errors import UserError
 from tfcapacity.training import callbacks as callbacks_lib
-from tfcapacity.training import rundir
+from tfcapacity import rundir
 
 NOISE_KINDS = training.NOISE_KINDS
 _NOISE_SALT = 0x6E01

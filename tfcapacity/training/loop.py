@@ -44,7 +44,7 @@ from tfcapacity.objective import losses
 from tfcapacity.training import callbacks as callbacks_lib
 from tfcapacity.training import dynamics
 from tfcapacity.training import optim
-from tfcapacity.training import rundir
+from tfcapacity import rundir
 
 EVAL_KEYS = ("train_loss", "train_top1_error", "train_top5_error",
              "test_loss", "test_top1_error", "test_top5_error")
