@@ -10,9 +10,11 @@ import tensorflow as tf
 
 from tfcapacity import config
 from tfcapacity import models
+from tfcapacity import rundir
 from tfcapacity import training
 from tfcapacity.errors import UserError
 from tfcapacity.training import dynamics
+from tfcapacity.training import hooks as hooks_lib
 import conftest  # tests/ is on sys.path (pytest rootdir conftest)
 
 
@@ -43,16 +45,17 @@ def test_distance_and_path_length_against_checkpoints(tmp_path):
                 track_distance=True, momentum=0.9)
   trainer = training.Trainer(cfg, one_device())
   results = trainer.run()
-  history = results["history"]
-  assert history[0]["distance/total"] == 0.0
-  assert history[0]["path_length/total"] == 0.0
+  rows = results["measurements"]
+  assert [row["step"] for row in rows] == [0, 1, 2, 3, 4]
+  assert not any("distance/total" in row for row in results["history"])
+  assert rows[0]["distance/total"] == 0.0
+  assert rows[0]["path_length/total"] == 0.0
   ckpt = os.path.join(cfg.model_dir, "checkpoints")
   thetas = [checkpoint_weights(trainer, os.path.join(ckpt, f"ckpt-{s}"))
             for s in range(5)]
   paths = [v.path for v in trainer.model.trainable_variables]
   for step in range(1, 5):
-    row = history[step]
-    assert row["step"] == step
+    row = rows[step]
     delta = [a - b for a, b in zip(thetas[step], thetas[0])]
     assert row["distance/total"] == pytest.approx(
         np.sqrt(sum(np.sum(d ** 2) for d in delta)), rel=1e-5)
@@ -65,7 +68,7 @@ def test_distance_and_path_length_against_checkpoints(tmp_path):
              for t in range(step)]
     assert row["path_length/total"] == pytest.approx(sum(steps), rel=1e-5)
   # With momentum the path is longer than the straight line.
-  assert history[-1]["path_length/total"] > history[-1]["distance/total"]
+  assert rows[-1]["path_length/total"] > rows[-1]["distance/total"]
 
 
 def test_distance_survives_a_resume(tmp_path):
@@ -86,8 +89,9 @@ def test_distance_survives_a_resume(tmp_path):
   with pytest.raises(RuntimeError, match="crash"):
     training.Trainer(part, one_device(), callbacks=[Crash()]).run()
   resumed = training.Trainer(part, one_device()).run()
-  assert resumed["history"][-1]["path_length/total"] == pytest.approx(
-      whole["history"][-1]["path_length/total"], rel=1e-6)
+  path = [rundir.series(r, "path_length/total") for r in (resumed, whole)]
+  assert [p[:2] for p in path[0]] == [p[:2] for p in path[1]]
+  assert path[0][-1][2] == pytest.approx(path[1][-1][2], rel=1e-6)
 
 
 def make_noise(kind, steps_per_epoch=10, replicas=1, **flags):
@@ -185,7 +189,7 @@ def test_empirical_noise_uses_the_reference_variances(tmp_path):
   ref = training.Trainer(cfg_for(tmp_path, "ref", epochs=3,
                                  record_grad_variance=True), one_device())
   ref_results = ref.run()
-  recorded = {row["epoch"]: row for row in ref_results["history"]
+  recorded = {row["epoch"]: row for row in ref_results["measurements"]
               if "grad_variance/hidden_0/kernel" in row}
   assert sorted(recorded) == [1, 2, 3]
   run = training.Trainer(
@@ -193,7 +197,8 @@ def test_empirical_noise_uses_the_reference_variances(tmp_path):
               grad_noise="empirical", grad_noise_reference=ref.model_dir),
       one_device())
   results = run.run()
-  for row in results["history"]:
+  assert [row["epoch"] for row in results["measurements"]] == [0, 1, 2, 3, 4]
+  for row in results["measurements"]:
     # The std logged at the end of epoch e is that of epoch e's next steps.
     source = recorded[min(row["epoch"] + 1, 3)]
     for v in run.model.trainable_variables:
@@ -216,3 +221,24 @@ def test_bad_noise_flags(tmp_path):
   assert not os.path.exists(tmp_path / "x")
   with open(os.path.join(plain.model_dir, "results.json")) as f:
     assert json.load(f)["status"] == "completed"
+
+
+def test_hooks_from_config_record_before_adding_noise():
+  variables = [keras.Variable(np.zeros((50,), np.float32), name="w")]
+  assert dynamics.hooks_from_config(config.make(), variables, 1, 1) == []
+  cfg = config.make(track_distance=True, record_grad_variance=True,
+                    grad_noise="fixed", grad_noise_std=0.5)
+  hooks = dynamics.hooks_from_config(cfg, variables, 1, 1)
+  assert [type(h) for h in hooks] == [dynamics.DistanceTracker,
+                                      dynamics.GradientVarianceRecorder,
+                                      dynamics.GradientNoise]
+  assert [h.name for h in hooks if h.trackables()] == ["distance",
+                                                      "grad_variance"]
+  grads = [tf.constant(np.arange(50, dtype=np.float32))]
+  step = tf.constant(3, tf.int64)
+  out = hooks_lib.adjust_gradients(hooks, grads, step)
+  noise = hooks[2].add([tf.zeros([50])], step)[0].numpy()
+  assert np.std(noise) > 0.1
+  np.testing.assert_array_equal(out[0].numpy(), grads[0].numpy() + noise)
+  # The recorder saw the gradient, not the noisy one.
+  np.testing.assert_array_equal(hooks[1].sums[0].numpy(), grads[0].numpy())

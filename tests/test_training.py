@@ -50,6 +50,8 @@ def test_loss_falls_and_results_schema(tmp_path):
   assert on_disk["num_parameters"] == 64 * 32 + 32 + 32 * 10 + 10
   assert on_disk["num_replicas"] == 1
   assert on_disk["flags"]["width"] == 32
+  assert on_disk["loss"] == "cross_entropy" == on_disk["flags"]["loss"]
+  assert on_disk["measurements"] == []  # No callback ran.
   assert [row["epoch"] for row in on_disk["history"]] == [0, 1, 2, 3]
   for row in on_disk["history"]:
     assert isinstance(row["epoch"], int) and isinstance(row["step"], int)
@@ -230,12 +232,47 @@ class CountingCallback(training.Callback):
 def test_callbacks_run_at_their_frequency_and_are_logged(tmp_path):
   by_step = CountingCallback(every_steps=4)
   by_epoch = CountingCallback(every_epochs=1)
-  cfg = synthetic_cfg(tmp_path, epochs=2, steps_per_loop=5)  # 6 steps/epoch
+  cfg = synthetic_cfg(tmp_path, epochs=2, steps_per_loop=5,  # 6 steps/epoch
+                      export=True)
   results = training.train(cfg, one_device(), callbacks=[by_step, by_epoch])
   assert by_step.steps == [0, 4, 8, 12]
   assert by_epoch.steps == [0, 6, 12]
-  assert all("probe/sum_of_kernel" in row for row in results["history"])
-  assert [m["step"] for m in results["measurements"]] == [4, 8]
+  # Every callback row is a measurement, at evaluation steps too; the
+  # history holds the evaluations only.
+  assert rundir.read_results(cfg.model_dir) == results
+  assert [row["step"] for row in results["history"]] == [0, 6, 12]
+  assert [(m["epoch"], m["step"]) for m in results["measurements"]] == [
+      (0, 0), (0, 4), (1, 6), (1, 8), (2, 12)]
+  for row in results["history"]:
+    assert not any(k.startswith(("probe/", "timing/")) for k in row)
+  for row in results["measurements"]:
+    assert row["timing/counting_seconds"] >= 0.0
+  # The last value is the trained model's.
+  model = keras.saving.load_model(os.path.join(cfg.model_dir, "model.keras"))
+  assert results["measurements"][-1]["probe/sum_of_kernel"] == pytest.approx(
+      float(np.sum(model.trainable_variables[0].numpy())), rel=1e-6)
+  assert rundir.series(results, "probe/sum_of_kernel")[-1] == (
+      12, 2, results["measurements"][-1]["probe/sum_of_kernel"])
+
+
+def test_squared_loss_trains_and_is_recorded(tmp_path):
+  cfg = synthetic_cfg(tmp_path, loss="squared", epochs=3, export=True,
+                      learning_rate=0.05)
+  trainer = training.Trainer(cfg, one_device())
+  results = trainer.run()
+  assert results["loss"] == "squared"
+  history = results["history"]
+  assert history[-1]["train_loss"] < history[0]["train_loss"]
+  model = keras.saving.load_model(os.path.join(cfg.model_dir, "model.keras"))
+  for split, ds in (("train", trainer.train_data), ("test", trainer.test_data)):
+    x, y = ds.examples(np.arange(ds.info.num_examples))
+    logits = model(x, training=False).numpy().astype(np.float64)
+    onehot = np.eye(logits.shape[1])[y]
+    want = np.mean(0.5 * np.sum((logits - onehot) ** 2, axis=1))
+    assert history[-1][f"{split}_loss"] == pytest.approx(want, rel=1e-5)
+    top1 = np.mean(np.argmax(logits, axis=1) != y)
+    assert history[-1][f"{split}_top1_error"] == pytest.approx(top1,
+                                                               abs=1e-9)
 
 
 def test_no_retracing_across_epochs(tmp_path):

@@ -2,7 +2,8 @@
 
 Layout of a model_dir:
   flags.txt        a flagfile that reproduces the run
-  results.json     status, flags, history, final metrics (written atomically)
+  results.json     status, flags, loss, history (evaluations), measurements
+                   (callback scalars), final metrics (written atomically)
   checkpoints/     tf.train.CheckpointManager checkpoints
   train/, eval/    TensorBoard event files
   model.keras      the final Keras model
@@ -64,6 +65,47 @@ def read_results(model_dir: str) -> dict | None:
     return None
   with open(path) as f:
     return json.load(f)
+
+
+# results.json holds evaluations in `history` (one row per evaluation:
+# losses, errors, learning rate, wall time) and every callback's scalars in
+# `measurements` (one row per step at which any callback ran, evaluation
+# steps included). Files written before that rule kept a callback's scalars
+# at an evaluation step in the evaluation's `history` row; `series` reads
+# both lists, so they read alike.
+
+
+def _number(value) -> float:
+  try:
+    return float(value)  # Also the "nan"/"inf" strings of `write_json`.
+  except (TypeError, ValueError):
+    return math.nan
+
+
+def _rows(results: dict) -> list[dict]:
+  return [*results.get("history", []), *results.get("measurements", [])]
+
+
+def series(results: dict, key: str) -> list[tuple[int, int, float]]:
+  """The (step, epoch, value) points of scalar `key` in step order.
+
+  `key` is an evaluation metric (`train_loss`, ...) or a callback scalar
+  (`curvature/lambda_max`, ...); read from `history` and `measurements` of
+  the contents of a results.json, of either layout. A value that is not a
+  number reads as NaN.
+  """
+  points = {}
+  for row in _rows(results):
+    if key in row:
+      step = int(row["step"])
+      points[step] = (step, int(row["epoch"]), _number(row[key]))
+  return [points[step] for step in sorted(points)]
+
+
+def keys_with_prefix(results: dict, prefix: str) -> list[str]:
+  """The sorted scalar keys of `results` that start with `prefix`."""
+  return sorted({key for row in _rows(results) for key in row
+                 if key.startswith(prefix)})
 
 
 def _differences(old: dict, new: dict) -> list[str]:

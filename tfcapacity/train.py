@@ -2,8 +2,9 @@
 
 A thin absl main: parses and validates flags, builds the strategy first (as
 MultiWorkerMirroredStrategy requires), and hands over to
-`tfcapacity.training.train`. Rerunning the same command in the same
---model_dir resumes from the latest checkpoint.
+`tfcapacity.measurements.train` (training with the measurements the flags
+ask for). Rerunning the same command in the same --model_dir resumes from
+the latest checkpoint.
 
 Exit status: 0 completed, 2 bad input (one line on stderr), 3 diverged.
 """
@@ -32,9 +33,10 @@ def main(argv):
   try:
     with cli.quiet_native_stderr():  # TF's load-time and device-probe lines.
       from tfcapacity import distribute  # pylint: disable=g-import-not-at-top
-      from tfcapacity import training  # pylint: disable=g-import-not-at-top
       strategy = distribute.make_strategy(cfg.strategy, cfg.cpu_replicas)
-    results = training.train(cfg, strategy)
+      # After the strategy: no module may run a TF op before it exists.
+      from tfcapacity import measurements  # pylint: disable=g-import-not-at-top
+    results = measurements.train(cfg, strategy)
   except UserError as e:
     cli.fail(PROG, str(e))
   if results["status"] == "diverged":

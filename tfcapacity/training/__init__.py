@@ -1,7 +1,18 @@
-"""Training: the loop, optimisers and schedules, callbacks, run directory.
+"""Training: the loop, optimisers and schedules, callbacks and step hooks.
 
-The loop and callbacks import TensorFlow; they load on first use, so light
-tools (the sweep runner, reports) can import it without TensorFlow.
+  * `loop`: `Trainer` and `train`, the multi-step training loop;
+  * `optim`: optimisers and learning-rate schedules;
+  * `callbacks`: `Callback` and `Context`, the interface of measurements
+    run between steps;
+  * `hooks`: `StepHook`, the interface of what runs inside every step;
+  * `dynamics`: the maxi-batch study's step hooks (distance travelled,
+    gradient noise, recorded gradient variance).
+
+Training knows no measurement: `tfcapacity.measurements` maps measurement
+flags to callbacks and trains with them. The run directory is
+`tfcapacity.rundir`. The loop, callbacks and hooks import TensorFlow; they
+load on first use, so light tools (the sweep runner, reports) can import
+this package without TensorFlow.
 """
 
 import importlib
@@ -9,8 +20,8 @@ import importlib
 # Noise added to the gradients a step applies (`dynamics.GradientNoise`).
 NOISE_KINDS = ("none", "fixed", "annealed", "empirical")
 
-_LAZY = {"Callback": "callbacks", "Context": "callbacks", "Trainer": "loop",
-         "train": "loop"}
+_LAZY = {"Callback": "callbacks", "Context": "callbacks", "StepHook": "hooks",
+         "Trainer": "loop", "train": "loop"}
 
 
 def __getattr__(name):

@@ -3,8 +3,12 @@
 A measurement (lambda_max, gradient confusion, distance from init, ...) is a
 `Callback` that the loop calls every `every_steps` steps or `every_epochs`
 epochs with a `Context`; it returns `{'group/name': float}` and the loop logs
-those scalars to TensorBoard and results.json. The loop never changes for a
-new measurement (the pattern of init2winit's callbacks).
+those scalars to TensorBoard and to results.json's `measurements` (one row
+per step at which any callback ran, evaluation steps included). The loop
+never changes for a new measurement (the pattern of init2winit's callbacks),
+and knows none: the measurements live with what they measure
+(tfcapacity.curvature, tfcapacity.gradients) and `tfcapacity.measurements`
+builds those that the flags ask for.
 
 The loop times each callback and logs `timing/<name>_seconds`, so training
 throughput stays honest when measurements are expensive.
@@ -81,18 +85,3 @@ def fixed_indices(seed: int, num_examples: int, size: int, *,
   rng = np.random.default_rng([seed, salt])
   return np.sort(rng.choice(num_examples, min(size, num_examples),
                             replace=False))
-
-
-def from_config(cfg) -> list[Callback]:
-  """The measurements that the flags in `cfg` ask for, in a fixed order."""
-  out = []
-  if cfg.curvature_every_epochs or cfg.curvature_every_steps:
-    from tfcapacity.curvature import callback as curvature  # pylint: disable=g-import-not-at-top
-    out.append(curvature.CurvatureCallback(cfg))
-  if cfg.linearize_every_steps:
-    from tfcapacity.curvature import linearize  # pylint: disable=g-import-not-at-top
-    out.append(linearize.LinearizationCallback(cfg))
-  if cfg.gradients_every_epochs or cfg.gradients_every_steps:
-    from tfcapacity.gradients import callback as gradients  # pylint: disable=g-import-not-at-top
-    out.append(gradients.GradientStatisticsCallback(cfg))
-  return out

@@ -28,8 +28,11 @@ Three pieces the training loop wires into its steps when their flags ask:
     the steps; 0 with one step per epoch). A small-batch run that records
     it is the reference of `--grad_noise=empirical`.
 
-Their accumulators are variables of the run's checkpoint, so a resumed run
-continues them. `DynamicsCallback` logs everything once per epoch:
+Each is a `tfcapacity.training.hooks.StepHook`: the loop calls it in every
+step through that interface and knows none of them; `hooks_from_config`
+builds the ones the flags ask for. Their accumulators are variables of the
+run's checkpoint, so a resumed run continues them. Their scalars are logged
+at step 0 and at the end of every epoch (results.json's `measurements`):
 `distance/total`, `distance/<layer>`, `path_length/total`,
 `path_length/<layer>`, `grad_noise/std` (or `grad_noise/std/<variable>`
 for `empirical`) and `grad_variance/<variable>`.
@@ -47,7 +50,7 @@ import tensorflow as tf
 
 from tfcapacity import training
 from tfcapacity.errors import UserError
-from tfcapacity.training import callbacks as callbacks_lib
+from tfcapacity.training import hooks as hooks_lib
 from tfcapacity import rundir
 
 NOISE_KINDS = training.NOISE_KINDS
@@ -67,12 +70,14 @@ def _groups(variables):
   return out
 
 
-class DistanceTracker:
+class DistanceTracker(hooks_lib.StepHook):
   """||theta_t - theta_0|| and the path length, per layer and in total.
 
   Build it under the strategy's scope right after the model, so that its
   copy of the initial values is theta_0.
   """
+
+  name = "distance"
 
   def __init__(self, variables):
     self.variables = list(variables)
@@ -86,20 +91,22 @@ class DistanceTracker:
   def trackables(self) -> dict:
     return {"initial": self.initial, "path": self.path}
 
-  def snapshot(self):
-    """The current values (call before a step, in the cross-replica graph)."""
+  def before_step(self):
+    """The current values (before a step, in the cross-replica graph)."""
     return [tf.identity(v.value) for v in self.variables]
 
-  def update(self, before) -> None:
-    """Adds the step's per-layer and total update norms to the path."""
+  def after_step(self, state) -> None:
+    """Adds the step's per-layer and total update norms to the path
+    (`state`: the values `before_step` returned)."""
     sq = [tf.reduce_sum(tf.square(tf.cast(v.value - b, tf.float64)))
-          for v, b in zip(self.variables, before)]
+          for v, b in zip(self.variables, state)]
     per_layer = [tf.add_n([sq[i] for i in idx])
                  for idx in self.groups.values()]
     total = tf.add_n(per_layer)
     self.path.assign_add(tf.sqrt(tf.stack(per_layer + [total])))
 
-  def scalars(self) -> dict[str, float]:
+  def scalars(self, step: int) -> dict[str, float]:
+    del step  # The distance of the variables as they are.
     sq = [float(np.sum(np.square(
         v.numpy().astype(np.float64) - i.numpy().astype(np.float64))))
           for v, i in zip(self.variables, self.initial)]
@@ -127,19 +134,19 @@ def read_reference_variances(run_dir: str) -> dict[int, dict[str, float]]:
                     f"({e.__class__.__name__}); name a finished run that "
                     f"used --record_grad_variance") from None
   table = {}
-  for row in results.get("history", []) + results.get("measurements", []):
-    found = {k[len("grad_variance/"):]: float(v) for k, v in row.items()
-             if k.startswith("grad_variance/")}
-    if found:
-      table.setdefault(int(row["epoch"]), {}).update(found)
+  for key in rundir.keys_with_prefix(results, "grad_variance/"):
+    for _, epoch, value in rundir.series(results, key):
+      table.setdefault(epoch, {})[key[len("grad_variance/"):]] = value
   if not table:
     raise UserError(f"--grad_noise_reference={run_dir} recorded no gradient "
                     f"variances; rerun it with --record_grad_variance")
   return table
 
 
-class GradientNoise:
+class GradientNoise(hooks_lib.StepHook):
   """Seeded Gaussian gradient noise of a fixed, annealed or recorded scale."""
+
+  name = "grad_noise"
 
   def __init__(self, cfg, variables, steps_per_epoch: int, num_replicas: int):
     if cfg.grad_noise not in NOISE_KINDS:
@@ -213,6 +220,9 @@ class GradientNoise:
       out.append(g + tf.cast(noise, g.dtype))
     return out
 
+  def adjust_gradients(self, grads, step):
+    return self.add(grads, step)
+
   def scalars(self, step: int) -> dict[str, float]:
     sds = self.stddevs(step).numpy()
     if self.kind != "empirical":
@@ -221,11 +231,14 @@ class GradientNoise:
             for v, s in zip(self.variables, sds)}
 
 
-class GradientVarianceRecorder:
+class GradientVarianceRecorder(hooks_lib.StepHook):
   """Per variable, the variance of its mini-batch gradients over an epoch."""
 
-  def __init__(self, variables):
+  name = "grad_variance"
+
+  def __init__(self, variables, num_replicas: int = 1):
     self.variables = list(variables)
+    self.num_replicas = int(num_replicas)
     agg = tf.VariableAggregation.ONLY_FIRST_REPLICA
     self.sums = [tf.Variable(tf.zeros(v.shape, tf.float32), trainable=False,
                              aggregation=agg, name="grad_sum")
@@ -251,6 +264,16 @@ class GradientVarianceRecorder:
       q.assign_add(tf.square(g))
     self.count.assign_add(1)
 
+  def adjust_gradients(self, grads, step):
+    """Records the gradients and leaves them alone."""
+    del step
+    self.accumulate(grads, self.num_replicas)
+    return grads
+
+  def scalars(self, step: int) -> dict[str, float]:
+    # Nothing is recorded before the first step.
+    return self.scalars_and_reset() if step > 0 else {}
+
   def scalars_and_reset(self) -> dict[str, float]:
     n = int(self.count.numpy())
     out = {}
@@ -268,25 +291,22 @@ class GradientVarianceRecorder:
     return out
 
 
-class DynamicsCallback(callbacks_lib.Callback):
-  """Logs distance, path length, noise scale and gradient variance."""
+def hooks_from_config(cfg, variables, steps_per_epoch: int,
+                      num_replicas: int) -> list[hooks_lib.StepHook]:
+  """The step hooks the flags in `cfg` ask for, in the order they act.
 
-  name = "dynamics"
-  every_epochs = 1
+  Build them under the strategy's scope right after the model. The variance
+  is recorded before noise is added: it is the mini-batch gradients'.
 
-  def __init__(self, distance=None, noise=None, variance=None):
-    self.distance, self.noise, self.variance = distance, noise, variance
-
-  def due(self, step, epoch, epoch_end):
-    # Also at step 0, where the distance is 0 by construction.
-    return epoch_end or step == 0
-
-  def __call__(self, ctx):
-    out = {}
-    if self.distance is not None:
-      out.update(self.distance.scalars())
-    if self.noise is not None:
-      out.update(self.noise.scalars(ctx.step))
-    if self.variance is not None and ctx.step > 0:
-      out.update(self.variance.scalars_and_reset())
-    return out
+  Raises:
+    UserError: bad noise flags, or an unusable `--grad_noise_reference`.
+  """
+  variables = list(variables)
+  out = []
+  if cfg.track_distance:
+    out.append(DistanceTracker(variables))
+  if cfg.record_grad_variance:
+    out.append(GradientVarianceRecorder(variables, num_replicas))
+  if cfg.grad_noise != "none":
+    out.append(GradientNoise(cfg, variables, steps_per_epoch, num_replicas))
+  return out

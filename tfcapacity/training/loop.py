@@ -20,16 +20,25 @@ inference mode and without augmentation (Dauphin & Bengio's Fig. 1 and 3), not
 averaged over the epoch's mini-batches. Top-k errors break ties by class
 index, as argmax does, so that a network with equal logits (zero-initialised
 classifier) is counted as wrong for all but one class.
+
+The loop knows no measurement: it runs the callbacks it is given
+(`tfcapacity.training.callbacks`) at its stops and the step hooks its flags
+ask for (`tfcapacity.training.hooks`, built by `dynamics.hooks_from_config`)
+inside every step. `tfcapacity.measurements` adds the callbacks that
+measurement flags ask for. In results.json, `history` holds one row per
+evaluation and `measurements` one row per stop at which a callback ran.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import shutil
 import sys
 import tempfile
 import time
+from typing import Any
 
 from absl import logging
 import keras
@@ -43,6 +52,7 @@ from tfcapacity.errors import UserError
 from tfcapacity.objective import losses
 from tfcapacity.training import callbacks as callbacks_lib
 from tfcapacity.training import dynamics
+from tfcapacity.training import hooks as hooks_lib
 from tfcapacity.training import optim
 from tfcapacity import rundir
 
@@ -80,14 +90,21 @@ def distribute_batches(strategy, dataset, global_batch_size, **batch_kwargs):
 class Trainer:
   """Builds data, model and optimizer from a Config and trains.
 
+  The Trainer runs the callbacks it is given and the step hooks its flags
+  ask for (`dynamics.hooks_from_config`); it knows no measurement. The
+  measurements that flags ask for are added by `tfcapacity.measurements`.
+
   Attributes after construction: `strategy`, `train_data`, `test_data`,
-  `model`, `optimizer`, `global_batch_size`, `steps_per_epoch`,
-  `total_steps`, `num_replicas`.
+  `model`, `optimizer`, `hooks`, `callbacks`, `global_batch_size`,
+  `steps_per_epoch`, `total_steps`, `num_replicas`.
   """
 
   def __init__(self, cfg, strategy: tf.distribute.Strategy | None = None,
                callbacks=(), model_dir: str | None = None, datasets=None):
     """Builds everything; see `train` for the arguments.
+
+    Everything that can be wrong with the input is found here, before the
+    run directory is touched.
 
     Args:
       datasets: optional `(train, test)` `tfcapacity.data.Dataset`s used
@@ -103,10 +120,22 @@ class Trainer:
         cfg.strategy, cfg.cpu_replicas)
     self.num_replicas = self.strategy.num_replicas_in_sync
     self.chief = distribute.is_chief(self.strategy)
-    self.callbacks = list(callbacks) + callbacks_lib.from_config(cfg)
+    self.callbacks = list(callbacks)
+    self._loss_fn = losses.get(cfg.loss)
+    self._load_data(datasets)
+    self._build_state()
+    if self.hooks:
+      self.callbacks.append(hooks_lib.HookScalars(self.hooks))
+    self._build_train_steps()
+    self._build_evaluation()
+    if self.accumulate:
+      self._build_full_batch_step()
 
-    # Everything that can be wrong with the input is found before the run
-    # directory is touched.
+  # -- set-up -------------------------------------------------------------
+
+  def _load_data(self, datasets):
+    """The datasets, the batch and the number of steps."""
+    cfg = self.cfg
     if datasets is not None:
       self.train_data, self.test_data = datasets
       self.eval_train_data = self.train_data
@@ -116,8 +145,7 @@ class Trainer:
       self.eval_train_data = (data_lib.get(cfg.dataset, "train",
                                            cfg.replace(augment=False))
                               if cfg.augment else self.train_data)
-    info = self.train_data.info
-    n = info.num_examples
+    n = self.train_data.info.num_examples
     self.global_batch_size = cfg.global_batch_size(n)
     # Full-batch GD accumulates the gradient over chunks, unless the whole
     # training set is one chunk that the replicas split evenly: then a step
@@ -132,52 +160,6 @@ class Trainer:
     else:
       self.steps_per_epoch = n // self.global_batch_size
     self.total_steps = cfg.steps or cfg.epochs * self.steps_per_epoch
-
-    with self.strategy.scope():
-      keras.utils.set_random_seed(cfg.seed)
-      self.model = models_lib.from_config(cfg, info.input_shape,
-                                          info.num_classes)
-      self.schedule = optim.make_schedule(cfg, self.steps_per_epoch,
-                                          self.total_steps)
-      self.optimizer = optim.make_optimizer(cfg, self.schedule)
-      # Slot variables must exist before the first distributed step
-      # (keras-team/keras#23085).
-      self.optimizer.build(self.model.trainable_variables)
-      self.step_var = tf.Variable(0, dtype=tf.int64, trainable=False)
-      self.epoch_var = tf.Variable(0, dtype=tf.int64, trainable=False)
-      self.position_var = tf.Variable(0, dtype=tf.int64, trainable=False)
-      self.elapsed_var = tf.Variable(0.0, dtype=tf.float64, trainable=False)
-      tvars = self.model.trainable_variables
-      self.distance = (dynamics.DistanceTracker(tvars)
-                       if cfg.track_distance else None)
-      self.noise = (dynamics.GradientNoise(cfg, tvars, self.steps_per_epoch,
-                                           self.num_replicas)
-                    if cfg.grad_noise != "none" else None)
-      self.variance = (dynamics.GradientVarianceRecorder(tvars)
-                       if cfg.record_grad_variance else None)
-      if self.accumulate:
-        self._accumulators = [
-            tf.Variable(tf.zeros(v.shape, v.dtype), trainable=False,
-                        synchronization=tf.VariableSynchronization.ON_READ,
-                        aggregation=tf.VariableAggregation.SUM)
-            for v in self.model.trainable_variables]
-    self.num_parameters = int(sum(
-        np.prod(v.shape) for v in self.model.trainable_variables))
-    extra = {}
-    if self.distance is not None:
-      extra["distance"] = self.distance.trackables()
-    if self.variance is not None:
-      extra["grad_variance"] = self.variance.trackables()
-    self.checkpoint = tf.train.Checkpoint(
-        model=self.model, optimizer=self.optimizer, step=self.step_var,
-        epoch=self.epoch_var, data_position=self.position_var,
-        elapsed=self.elapsed_var, **extra)
-    if self.distance or self.noise or self.variance:
-      self.callbacks.append(dynamics.DynamicsCallback(
-          self.distance, self.noise, self.variance))
-    self._build_functions()
-
-  # -- set-up -------------------------------------------------------------
 
   def _check_batch(self, n):
     cfg, r = self.cfg, self.num_replicas
@@ -208,119 +190,138 @@ class Trainer:
           f"{r} replicas); choose a divisor of {per_replica}")
     self.eval_batch_size = -(-cfg.eval_batch_size // r) * r
 
-  def _build_functions(self):
-    strategy, model, optimizer = self.strategy, self.model, self.optimizer
-    tvars = model.trainable_variables
-    b = self.global_batch_size
-    wd = self.cfg.weight_decay
-    loss_fn = losses.get(self.cfg.loss)
+  def _build_state(self):
+    """Model, optimizer, counters and step hooks, and their checkpoint."""
+    cfg, info = self.cfg, self.train_data.info
+    with self.strategy.scope():
+      keras.utils.set_random_seed(cfg.seed)
+      self.model = models_lib.from_config(cfg, info.input_shape,
+                                          info.num_classes)
+      self.schedule = optim.make_schedule(cfg, self.steps_per_epoch,
+                                          self.total_steps)
+      self.optimizer = optim.make_optimizer(cfg, self.schedule)
+      # Slot variables must exist before the first distributed step
+      # (keras-team/keras#23085).
+      self.optimizer.build(self.model.trainable_variables)
+      self.step_var = tf.Variable(0, dtype=tf.int64, trainable=False)
+      self.epoch_var = tf.Variable(0, dtype=tf.int64, trainable=False)
+      self.position_var = tf.Variable(0, dtype=tf.int64, trainable=False)
+      self.elapsed_var = tf.Variable(0.0, dtype=tf.float64, trainable=False)
+      # Right after the model: a distance hook copies theta_0.
+      self.hooks = dynamics.hooks_from_config(
+          cfg, self.model.trainable_variables, self.steps_per_epoch,
+          self.num_replicas)
+      if self.accumulate:
+        self._accumulators = [
+            tf.Variable(tf.zeros(v.shape, v.dtype), trainable=False,
+                        synchronization=tf.VariableSynchronization.ON_READ,
+                        aggregation=tf.VariableAggregation.SUM)
+            for v in self.model.trainable_variables]
+    self.num_parameters = int(sum(
+        np.prod(v.shape) for v in self.model.trainable_variables))
+    extra = {hook.name: hook.trackables() for hook in self.hooks
+             if hook.trackables()}
+    self.checkpoint = tf.train.Checkpoint(
+        model=self.model, optimizer=self.optimizer, step=self.step_var,
+        epoch=self.epoch_var, data_position=self.position_var,
+        elapsed=self.elapsed_var, **extra)
 
-    def replica_step(x, y):
-      with tf.GradientTape() as tape:
-        logits = model(x, training=True)
-        data_loss = tf.nn.compute_average_loss(loss_fn(y, logits),
-                                               global_batch_size=b)
-        loss = data_loss + tf.nn.scale_regularization_loss(
-            losses.l2_penalty(model, wd))
-      grads = tape.gradient(loss, tvars)
-      grads = adjust(grads)
-      optimizer.apply_gradients(zip(grads, tvars))
-      return data_loss
+  # -- the training step --------------------------------------------------
 
-    def adjust(grads):
-      """Records the step's gradients and adds noise, as the flags ask."""
-      if self.variance is not None:
-        self.variance.accumulate(grads, strategy.num_replicas_in_sync)
-      if self.noise is not None:
-        grads = self.noise.add(grads, optimizer.iterations)
-      return grads
+  def _replica_step(self, x, y):
+    """One step on this replica's share of a batch; its share of the loss."""
+    model, tvars = self.model, self.model.trainable_variables
+    with tf.GradientTape() as tape:
+      logits = model(x, training=True)
+      data_loss = tf.nn.compute_average_loss(
+          self._loss_fn(y, logits), global_batch_size=self.global_batch_size)
+      loss = data_loss + tf.nn.scale_regularization_loss(
+          losses.l2_penalty(model, self.cfg.weight_decay))
+    grads = tape.gradient(loss, tvars)
+    grads = hooks_lib.adjust_gradients(self.hooks, grads,
+                                       self.optimizer.iterations)
+    self.optimizer.apply_gradients(zip(grads, tvars))
+    return data_loss
 
-    def tracked(step_fn):
-      """`step_fn()` (one step, cross-replica) with the distance updated."""
-      if self.distance is None:
-        return step_fn()
-      before = self.distance.snapshot()
-      out = step_fn()
-      self.distance.update(before)
-      return out
+  def _hooked(self, step_fn):
+    """`step_fn()` (one step, cross-replica) between the hooks' before and
+    after calls."""
+    states = hooks_lib.before_step(self.hooks)
+    out = step_fn()
+    hooks_lib.after_step(self.hooks, states)
+    return out
 
-    def steps(fetch, num_steps):
-      # Stops after the first non-finite loss. The test sits in the loop's
-      # condition rather than in a `tf.cond` in its body: on small models a
-      # conditional per step costs a measurable share of the step.
-      total = tf.constant(0.0)
-      done = tf.constant(0)
-      finite = tf.constant(True)
-      while done < num_steps and finite:
-        loss = tracked(lambda: strategy.reduce(
-            tf.distribute.ReduceOp.SUM,
-            strategy.run(replica_step, args=fetch(done)), axis=None))
-        total += loss
-        done += 1
-        finite = tf.math.is_finite(loss)
-      return total, done, finite
+  def _steps(self, fetch, num_steps):
+    """Up to `num_steps` steps on `fetch(i)`: (loss sum, steps, finite)."""
+    strategy = self.strategy
+    # Stops after the first non-finite loss. The test sits in the loop's
+    # condition rather than in a `tf.cond` in its body: on small models a
+    # conditional per step costs a measurable share of the step.
+    total = tf.constant(0.0)
+    done = tf.constant(0)
+    finite = tf.constant(True)
+    while done < num_steps and finite:
+      loss = self._hooked(lambda: strategy.reduce(
+          tf.distribute.ReduceOp.SUM,
+          strategy.run(self._replica_step, args=fetch(done)), axis=None))
+      total += loss
+      done += 1
+      finite = tf.math.is_finite(loss)
+    return total, done, finite
+
+  def _build_train_steps(self):
+    """The multi-step `tf.function`s: fed by an iterator, or resident."""
 
     @tf.function
     def train_steps(iterator, num_steps):
-      return steps(lambda _: next(iterator), num_steps)
+      return self._steps(lambda _: next(iterator), num_steps)
 
     @tf.function
     def train_steps_resident(x, y, start, num_steps):
-      return steps(lambda i: (x[start + i], y[start + i]), num_steps)
+      return self._steps(lambda i: (x[start + i], y[start + i]), num_steps)
 
     self.train_steps = train_steps
     self.train_steps_resident = train_steps_resident
 
-    k5 = min(5, self.train_data.info.num_classes)
+  def _replica_accumulate(self, x, y, w):
+    """Adds this replica's chunk's gradient of the mean loss."""
+    n = self.train_data.info.num_examples
+    with tf.GradientTape() as tape:
+      logits = self.model(x, training=True)
+      loss = tf.reduce_sum(w * self._loss_fn(y, logits)) / n
+    grads = tape.gradient(loss, self.model.trainable_variables)
+    for a, g in zip(self._accumulators, grads):
+      a.assign_add(g)
+    return loss
 
-    def replica_eval(x, y, w):
-      return losses.metric_sums(loss_fn, y, model(x, training=False), w, k5)
+  def _replica_apply(self):
+    """Applies the accumulated gradient plus this replica's share of the
+    L2 term's (the optimizer sums the replicas' gradients)."""
+    wd, tvars = self.cfg.weight_decay, self.model.trainable_variables
+    decay = wd / self.strategy.num_replicas_in_sync
+    grads = [a.read_value() + decay * v if wd and losses.is_decayed(v)
+             else a.read_value() for a, v in zip(self._accumulators, tvars)]
+    grads = hooks_lib.adjust_gradients(self.hooks, grads,
+                                       self.optimizer.iterations)
+    self.optimizer.apply_gradients(zip(grads, tvars))
+    for a in self._accumulators:
+      a.assign(tf.zeros_like(a))
+
+  def _build_full_batch_step(self):
+    """One full-batch step accumulated over chunks (`self.accumulate`)."""
+    strategy = self.strategy
 
     @tf.function
-    def eval_sums(dist_dataset):
-      sums = tf.zeros([4])
+    def full_batch_step(dist_dataset):
+      total = tf.constant(0.0)
       for batch in dist_dataset:
-        sums += strategy.reduce(tf.distribute.ReduceOp.SUM,
-                                strategy.run(replica_eval, args=batch),
-                                axis=None)
-      return sums
+        total += strategy.reduce(
+            tf.distribute.ReduceOp.SUM,
+            strategy.run(self._replica_accumulate, args=batch), axis=None)
+      self._hooked(lambda: strategy.run(self._replica_apply))
+      return total
 
-    self.eval_sums = eval_sums
-
-    if self.accumulate:
-      n = self.train_data.info.num_examples
-      accumulators = self._accumulators
-
-      def replica_accumulate(x, y, w):
-        with tf.GradientTape() as tape:
-          logits = model(x, training=True)
-          loss = tf.reduce_sum(w * loss_fn(y, logits)) / n
-        grads = tape.gradient(loss, tvars)
-        for a, g in zip(accumulators, grads):
-          a.assign_add(g)
-        return loss
-
-      def replica_apply():
-        # The gradient of the L2 term, split over the replicas whose
-        # gradients the optimizer sums.
-        decay = wd / strategy.num_replicas_in_sync
-        grads = [a.read_value() + decay * v if wd and losses.is_decayed(v)
-                 else a.read_value() for a, v in zip(accumulators, tvars)]
-        optimizer.apply_gradients(zip(adjust(grads), tvars))
-        for a in accumulators:
-          a.assign(tf.zeros_like(a))
-
-      @tf.function
-      def full_batch_step(dist_dataset):
-        total = tf.constant(0.0)
-        for batch in dist_dataset:
-          total += strategy.reduce(
-              tf.distribute.ReduceOp.SUM,
-              strategy.run(replica_accumulate, args=batch), axis=None)
-        tracked(lambda: strategy.run(replica_apply))
-        return total
-
-      self.full_batch_step = full_batch_step
+    self.full_batch_step = full_batch_step
 
   @property
   def resident(self) -> bool:
@@ -361,6 +362,24 @@ class Trainer:
 
   # -- evaluation ----------------------------------------------------------
 
+  def _replica_eval(self, x, y, w):
+    return losses.metric_sums(self._loss_fn, y, self.model(x, training=False),
+                              w, min(5, self.train_data.info.num_classes))
+
+  def _build_evaluation(self):
+    strategy = self.strategy
+
+    @tf.function
+    def eval_sums(dist_dataset):
+      sums = tf.zeros([4])
+      for batch in dist_dataset:
+        sums += strategy.reduce(tf.distribute.ReduceOp.SUM,
+                                strategy.run(self._replica_eval, args=batch),
+                                axis=None)
+      return sums
+
+    self.eval_sums = eval_sums
+
   def evaluate(self) -> dict[str, float]:
     """Loss and top-1/top-5 error over the whole train and test sets."""
     if not hasattr(self, "_eval_sets"):
@@ -377,9 +396,10 @@ class Trainer:
       metrics[f"{split}_top5_error"] = 1.0 - top5 / count
     return metrics
 
-  # -- the run ------------------------------------------------------------
+  # -- callbacks -----------------------------------------------------------
 
-  def _context(self, step):
+  def context(self, step: int) -> callbacks_lib.Context:
+    """What a callback sees at `step`."""
     return callbacks_lib.Context(
         model=self.model, optimizer=self.optimizer, strategy=self.strategy,
         cfg=self.cfg, train_data=self.train_data, test_data=self.test_data,
@@ -388,9 +408,10 @@ class Trainer:
         global_batch_size=self.global_batch_size,
         steps_per_epoch=self.steps_per_epoch)
 
-  def _run_callbacks(self, step, epoch_end, writer):
+  def run_callbacks(self, step: int, epoch_end: bool) -> dict[str, float]:
+    """The scalars of the callbacks due at `step`, each timed."""
     scalars = {}
-    ctx = self._context(step)
+    ctx = self.context(step)
     for cb in self.callbacks:
       if not cb.due(step, ctx.epoch, epoch_end):
         continue
@@ -399,10 +420,6 @@ class Trainer:
       values = {k: float(v) for k, v in values.items()}
       values[f"timing/{cb.name}_seconds"] = time.time() - start
       scalars.update(values)
-    if scalars:
-      with writer.as_default(step=step):
-        for k, v in scalars.items():
-          tf.summary.scalar(k, v)
     return scalars
 
   def _next_stop(self, step, batch_in_epoch):
@@ -415,8 +432,44 @@ class Trainer:
     stops += [(step // e + 1) * e for e in every]
     return min(stops)
 
+  # -- the run ------------------------------------------------------------
+  #
+  # Training proceeds from stop to stop: a stop is an epoch end, a step at
+  # which a callback or a checkpoint is due, or every --steps_per_loop
+  # steps. At each stop (and once at step 0) `_record_stop` evaluates when
+  # an evaluation is due, runs the callbacks that are due, and checkpoints
+  # after an evaluation or every --checkpoint_every_steps steps.
+
   def run(self) -> dict:
     """Trains to the end (or resumes there) and returns results.json."""
+    run, previous = self._restore()
+    for cb in self.callbacks:
+      cb.on_train_begin(self.context(run.step))
+    if (previous.get("status") == "completed"
+        and run.step >= self.total_steps and run.history):
+      return self._already_completed(previous)
+    if run.step == 0 and not run.history:
+      if not self._record_stop(run, epoch_end=True, evaluate=True):
+        return self._diverged(run, "the initial loss",
+                              run.history[-1]["train_loss"])
+    while run.step < self.total_steps:
+      if not self._train_until_next_stop(run):
+        return self._diverged(run, "the training loss", run.batch_loss)
+      epochs_done, batch = divmod(run.step, self.steps_per_epoch)
+      final = run.step >= self.total_steps
+      evaluate = final or (batch == 0 and epochs_done % self.cfg.eval_every
+                           == 0)
+      if not self._record_stop(run, epoch_end=batch == 0, evaluate=evaluate):
+        return self._diverged(run, "the evaluation loss",
+                              run.history[-1]["train_loss"])
+    return self._finish(run)
+
+  def _restore(self) -> tuple[_Run, dict]:
+    """Prepares the run directory and resumes from its latest checkpoint.
+
+    Returns:
+      (the run's state, the results.json it had (or {})).
+    """
     cfg, model_dir = self.cfg, self.model_dir
     resumable = rundir.prepare(model_dir, cfg, chief=self.chief)
     ckpt_dir = os.path.join(model_dir, rundir.CHECKPOINT_DIR)
@@ -426,16 +479,12 @@ class Trainer:
         self.checkpoint, save_dir, max_to_keep=cfg.keep_checkpoints,
         step_counter=self.step_var)
     latest = tf.train.latest_checkpoint(ckpt_dir) if resumable else None
-    results = (rundir.read_results(model_dir) if resumable else None) or {}
+    previous = (rundir.read_results(model_dir) if resumable else None) or {}
     if latest:
       with self.strategy.scope():
         self.checkpoint.restore(latest).assert_existing_objects_matched()
       logging.info("Resumed %s at step %d.", latest, int(self.step_var))
     step = int(self.step_var.numpy())
-    history = [r for r in results.get("history", []) if r["step"] <= step]
-    measurements = [r for r in results.get("measurements", [])
-                    if r["step"] <= step]
-
     if self.chief:
       writers = {name: tf.summary.create_file_writer(
           os.path.join(model_dir, name)) for name in ("train", "eval")}
@@ -444,165 +493,154 @@ class Trainer:
                  for name in ("train", "eval")}
     if step == 0 and self.chief:
       self._write_run_summaries(model_dir)
-
-    session_start = time.time()
-    elapsed_before = float(self.elapsed_var.numpy())
-
-    def wall():
-      return elapsed_before + time.time() - session_start
-
-    def summary(status):
-      out = {
-          "status": status, "flags": self.cfg.to_dict(), "history": history,
-          "final": history[-1] if history else {},
-          "examples_per_second": throughput.rate(),
-          "num_parameters": self.num_parameters,
-          "num_replicas": self.num_replicas, "steps": step,
-          "total_steps": self.total_steps,
-          "steps_per_epoch": self.steps_per_epoch,
-          "global_batch_size": self.global_batch_size,
-      }
-      if measurements:
-        out["measurements"] = measurements
-      return out
-
-    def save_results(status):
-      if self.chief:
-        rundir.write_json(os.path.join(model_dir, rundir.RESULTS_FILE),
-                          summary(status))
-
-    def save_checkpoint():
-      self.step_var.assign(step)
-      self.epoch_var.assign(step // self.steps_per_epoch)
-      self.position_var.assign(step % self.steps_per_epoch)
-      self.elapsed_var.assign(wall())
-      manager.save(checkpoint_number=step)
-
-    throughput = _Throughput(results.get("examples_per_second"))
-    for cb in self.callbacks:
-      cb.on_train_begin(self._context(step))
-
-    if (results.get("status") == "completed" and step >= self.total_steps
-        and history):
-      logging.info("%s already holds a completed run.", model_dir)
-      if self.chief and cfg.export and not os.path.exists(
-          os.path.join(model_dir, "saved_model")):
-        rundir.export_model(self.model, model_dir)
-      return results
-
-    def evaluation_row(epoch_end):
-      metrics = self.evaluate()
-      row = {"epoch": step // self.steps_per_epoch, "step": step, **metrics,
-             "learning_rate": float(self.schedule(max(step - 1, 0))),
-             "wall_seconds": wall()}
-      with writers["eval"].as_default(step=step):
-        for key, value in metrics.items():
-          split, name = key.split("_", 1)
-          tf.summary.scalar(f"{split}/{name}", value)
-      row.update(self._run_callbacks(step, epoch_end, writers["train"]))
-      return row
-
-    def diverged(where, value):
-      logging.error("Run diverged at step %d (%s is %s); the last good "
-                    "checkpoint is kept.", step, where, value)
-      save_results("diverged")
-      out = summary("diverged")
-      out["diverged_at_step"] = step
-      return out
-
-    if step == 0 and not history:
-      row = evaluation_row(epoch_end=True)
-      history.append(row)
-      if not all(math.isfinite(row[k]) for k in EVAL_KEYS):
-        return diverged("the initial loss", row["train_loss"])
-      save_checkpoint()
-      save_results("running")
-      self._log_epoch(row)
-
-    progbar = None
+    run = _Run(
+        step=step, writers=writers, manager=manager, save_dir=save_dir,
+        throughput=_Throughput(previous.get("examples_per_second")),
+        elapsed_before=float(self.elapsed_var.numpy()),
+        history=[r for r in previous.get("history", []) if r["step"] <= step],
+        measurements=[r for r in previous.get("measurements", [])
+                      if r["step"] <= step])
     if cfg.progress_bar and sys.stdout.isatty() and self.chief:
-      progbar = keras.utils.Progbar(self.total_steps,
-                                    stateful_metrics=["loss"])
-      progbar.update(step)
+      run.progbar = keras.utils.Progbar(self.total_steps,
+                                        stateful_metrics=["loss"])
+      run.progbar.update(step)
     if self.accumulate:
-      full_batch_data = distribute_batches(
-          self.strategy, self.train_data, self.chunk_size, pad=True)
+      run.feed = distribute_batches(self.strategy, self.train_data,
+                                    self.chunk_size, pad=True)
+    return run, previous
 
-    while step < self.total_steps:
-      epoch = step // self.steps_per_epoch
-      batch_in_epoch = step % self.steps_per_epoch
-      # Throughput counts everything but evaluation, callbacks and
-      # checkpoints: iterator creation, the steps, summaries, progress.
-      start = time.time()
-      iterator = (None if self.accumulate
-                  else self.train_iterator(epoch, batch_in_epoch))
-      while True:
-        stop = self._next_stop(step, batch_in_epoch)
-        if self.accumulate:
-          loss_sum = self.full_batch_step(full_batch_data)
-          done, finite = 1, bool(tf.math.is_finite(loss_sum))
-          loss_sum = float(loss_sum)
-        else:
-          loss_sum, done, finite = self.run_steps(iterator, stop - step)
-        step += done
-        batch_in_epoch += done
-        if not finite:
-          return diverged("the training loss", loss_sum / max(done, 1))
-        with writers["train"].as_default(step=step):
-          tf.summary.scalar("train/batch_loss", loss_sum / done)
-          tf.summary.scalar("train/learning_rate",
-                            float(self.schedule(step - 1)))
-          if throughput.last_rate:
-            tf.summary.scalar("train/examples_per_second",
-                              throughput.last_rate)
-        if progbar is not None:
-          progbar.update(step, [("loss", loss_sum / done)])
-        throughput.add(done * self.global_batch_size, time.time() - start)
-        if batch_in_epoch >= self.steps_per_epoch or step >= self.total_steps:
-          break
-        scalars = self._run_callbacks(step, False, writers["train"])
-        if scalars:
-          measurements.append({"epoch": epoch, "step": step, **scalars})
-        if (cfg.checkpoint_every_steps
-            and step % cfg.checkpoint_every_steps == 0):
-          save_checkpoint()
-          save_results("running")
-        start = time.time()
+  def _train_until_next_stop(self, run: _Run) -> bool:
+    """Trains up to the next stop; False if the loss became non-finite.
 
-      epoch_end = batch_in_epoch >= self.steps_per_epoch
-      epochs_done = step // self.steps_per_epoch
-      final = step >= self.total_steps
-      if final or (epoch_end and epochs_done % cfg.eval_every == 0):
-        row = evaluation_row(epoch_end)
-        if not all(math.isfinite(row[k]) for k in EVAL_KEYS):
-          history.append(row)
-          return diverged("the evaluation loss", row["train_loss"])
-        history.append(row)
-        save_checkpoint()
-        save_results("completed" if final else "running")
-        self._log_epoch(row)
-      else:
-        scalars = self._run_callbacks(step, epoch_end, writers["train"])
-        if scalars:
-          measurements.append({"epoch": epochs_done, "step": step,
-                               **scalars})
-        logging.info("epoch %d step %d: batch loss %.4f", epochs_done, step,
-                     loss_sum / done)
-        if cfg.checkpoint_every_steps and (
-            step % cfg.checkpoint_every_steps == 0):
-          save_checkpoint()
-          save_results("running")
+    Throughput counts everything but evaluation, callbacks and checkpoints:
+    iterator creation, the steps, summaries, progress.
+    """
+    start = time.time()
+    if self.accumulate:  # One step per stop; the feed is the chunked set.
+      loss_sum = self.full_batch_step(run.feed)
+      done, finite = 1, bool(tf.math.is_finite(loss_sum))
+      loss_sum = float(loss_sum)
+    else:
+      epoch, batch_in_epoch = divmod(run.step, self.steps_per_epoch)
+      if run.feed is None:
+        run.feed = self.train_iterator(epoch, batch_in_epoch)
+      stop = self._next_stop(run.step, batch_in_epoch)
+      loss_sum, done, finite = self.run_steps(run.feed, stop - run.step)
+      if (batch_in_epoch + done) >= self.steps_per_epoch:
+        run.feed = None  # The next stop starts a new epoch.
+    run.step += done
+    run.batch_loss = loss_sum / max(done, 1)
+    if not finite:
+      return False
+    with run.writers["train"].as_default(step=run.step):
+      tf.summary.scalar("train/batch_loss", run.batch_loss)
+      tf.summary.scalar("train/learning_rate",
+                        float(self.schedule(run.step - 1)))
+      if run.throughput.last_rate:
+        tf.summary.scalar("train/examples_per_second",
+                          run.throughput.last_rate)
+    if run.progbar is not None:
+      run.progbar.update(run.step, [("loss", run.batch_loss)])
+    run.throughput.add(done * self.global_batch_size, time.time() - start)
+    return True
 
+  def _record_stop(self, run: _Run, epoch_end: bool, evaluate: bool) -> bool:
+    """Evaluates (if `evaluate`), runs the callbacks due and checkpoints.
+
+    An evaluation goes to `history`, the callbacks' scalars to
+    `measurements` (at evaluation steps too). A checkpoint, with
+    results.json, follows an evaluation and every --checkpoint_every_steps
+    steps. Returns False if the evaluation is not finite (the run
+    diverged); the last good checkpoint is then kept.
+    """
+    step, epoch = run.step, run.step // self.steps_per_epoch
+    if evaluate:
+      row = self._evaluation_row(run)
+      run.history.append(row)
+      if not all(math.isfinite(row[k]) for k in EVAL_KEYS):
+        return False
+    scalars = self.run_callbacks(step, epoch_end)
+    if scalars:
+      with run.writers["train"].as_default(step=step):
+        for key, value in scalars.items():
+          tf.summary.scalar(key, value)
+      run.measurements.append({"epoch": epoch, "step": step, **scalars})
+    every = self.cfg.checkpoint_every_steps
+    if evaluate or (every and step % every == 0):
+      self._checkpoint(run)
+      self._save_results(run, "completed" if step >= self.total_steps
+                         else "running")
+    if evaluate:
+      self._log_epoch(row)
+    elif epoch_end:
+      logging.info("epoch %d step %d: batch loss %.4f", epoch, step,
+                   run.batch_loss)
+    return True
+
+  def _evaluation_row(self, run: _Run) -> dict:
+    """The evaluation at `run.step` as a history row, also to TensorBoard."""
+    metrics = self.evaluate()
+    with run.writers["eval"].as_default(step=run.step):
+      for key, value in metrics.items():
+        split, name = key.split("_", 1)
+        tf.summary.scalar(f"{split}/{name}", value)
+    return {"epoch": run.step // self.steps_per_epoch, "step": run.step,
+            **metrics,
+            "learning_rate": float(self.schedule(max(run.step - 1, 0))),
+            "wall_seconds": run.wall()}
+
+  def _checkpoint(self, run: _Run) -> None:
+    self.step_var.assign(run.step)
+    self.epoch_var.assign(run.step // self.steps_per_epoch)
+    self.position_var.assign(run.step % self.steps_per_epoch)
+    self.elapsed_var.assign(run.wall())
+    run.manager.save(checkpoint_number=run.step)
+
+  def _results(self, run: _Run, status: str) -> dict:
+    """The contents of results.json."""
+    return {
+        "status": status, "flags": self.cfg.to_dict(), "loss": self.cfg.loss,
+        "history": run.history,
+        "final": run.history[-1] if run.history else {},
+        "measurements": run.measurements,
+        "examples_per_second": run.throughput.rate(),
+        "num_parameters": self.num_parameters,
+        "num_replicas": self.num_replicas, "steps": run.step,
+        "total_steps": self.total_steps,
+        "steps_per_epoch": self.steps_per_epoch,
+        "global_batch_size": self.global_batch_size,
+    }
+
+  def _save_results(self, run: _Run, status: str, **extra) -> dict:
+    results = {**self._results(run, status), **extra}
+    if self.chief:
+      rundir.write_json(os.path.join(self.model_dir, rundir.RESULTS_FILE),
+                        results)
+    return results
+
+  def _diverged(self, run: _Run, where: str, value: float) -> dict:
+    logging.error("Run diverged at step %d (%s is %s); the last good "
+                  "checkpoint is kept.", run.step, where, value)
+    return self._save_results(run, "diverged", diverged_at_step=run.step)
+
+  def _already_completed(self, previous: dict) -> dict:
+    logging.info("%s already holds a completed run.", self.model_dir)
+    if self.chief and self.cfg.export and not os.path.exists(
+        os.path.join(self.model_dir, "saved_model")):
+      rundir.export_model(self.model, self.model_dir)
+    return previous
+
+  def _finish(self, run: _Run) -> dict:
     for cb in self.callbacks:
-      cb.on_train_end(self._context(step))
-    for w in writers.values():
+      cb.on_train_end(self.context(run.step))
+    for w in run.writers.values():
       w.flush()
-    if self.chief and cfg.export:
-      rundir.export_model(self.model, model_dir)
-    save_results("completed")
+    if self.chief and self.cfg.export:
+      rundir.export_model(self.model, self.model_dir)
+    results = self._save_results(run, "completed")
     if not self.chief:
-      shutil.rmtree(save_dir, ignore_errors=True)
-    return summary("completed")
+      shutil.rmtree(run.save_dir, ignore_errors=True)
+    return results
 
   def _log_epoch(self, row):
     logging.info(
@@ -633,6 +671,27 @@ class Trainer:
       tf.summary.text("flags", "```\n" + config_lib.to_flagfile(self.cfg)
                       + "```")
     writer.close()
+
+
+@dataclasses.dataclass
+class _Run:
+  """What one call of `Trainer.run` carries from stop to stop."""
+  step: int
+  writers: dict            # "train", "eval": summary writers
+  manager: tf.train.CheckpointManager
+  save_dir: str            # where `manager` writes
+  throughput: _Throughput
+  elapsed_before: float    # wall seconds of earlier sessions of the run
+  history: list            # evaluation rows
+  measurements: list       # callback rows
+  feed: Any = None         # this epoch's batches (or the chunked set)
+  progbar: Any = None
+  batch_loss: float = math.nan  # mean loss of the last chunk of steps
+  started: float = dataclasses.field(default_factory=time.time)
+
+  def wall(self) -> float:
+    """Wall seconds of the run, earlier sessions included."""
+    return self.elapsed_before + time.time() - self.started
 
 
 class _ResidentEpoch:
@@ -673,6 +732,9 @@ class _Throughput:
 def train(cfg, strategy=None, callbacks=(), model_dir=None,
           datasets=None) -> dict:
   """Builds and runs a `Trainer`; returns the results.json contents.
+
+  Runs only the given callbacks: `tfcapacity.measurements.train` adds those
+  that the measurement flags of `cfg` ask for.
 
   Args:
     cfg: a `tfcapacity.config.Config`.
