@@ -62,15 +62,19 @@ def run_examples(run_dir):
   return data_lib.get(cfg.dataset, "train", cfg).examples(np.arange(N))
 
 
-def brute_force(model, x, y):
+def brute_force(model, x, y, loss="cross_entropy"):
   """Statistics from single-example tapes, numpy float64."""
   rows = []
   for xi, yi in zip(np.asarray(x, np.float32), np.asarray(y, np.int64)):
     with tf.GradientTape() as tape:
       logits = model(xi[None], training=False)
-      loss = tf.nn.sparse_softmax_cross_entropy_with_logits(
-          labels=tf.constant([yi], tf.int32), logits=logits)[0]
-    grads = tape.gradient(loss, model.trainable_variables)
+      if loss == "squared":  # 1/2 ||logits - one_hot||^2.
+        value = 0.5 * tf.reduce_sum(tf.square(
+            logits[0] - tf.one_hot(yi, logits.shape[-1])))
+      else:
+        value = tf.nn.sparse_softmax_cross_entropy_with_logits(
+            labels=tf.constant([yi], tf.int32), logits=logits)[0]
+    grads = tape.gradient(value, model.trainable_variables)
     rows.append(np.concatenate([g.numpy().ravel() for g in grads]))
   m = np.asarray(rows, np.float64)
   g = m @ m.T
@@ -127,6 +131,7 @@ def test_cli_matches_single_example_tapes(cli_result, run_dir,
     assert key in result, key
   assert result["num_examples"] == N and result["num_parameters"] == 610
   assert result["bn_mode"] == "inference" and result["at_init"] is False
+  assert result["loss"] == "cross_entropy"  # The run's own.
   model = keras.saving.load_model(os.path.join(run_dir, "model.keras"))
   assert_matches(result, brute_force(model, *run_examples))
   assert set(result["per_layer"]) == {
@@ -213,6 +218,20 @@ def test_hdf5_is_exactly_the_files_examples(run_dir, tmp_path):
   assert result["dataset"] == f"hdf5:{path}"
   model = keras.saving.load_model(os.path.join(run_dir, "model.keras"))
   assert_matches(result, brute_force(model, x, y))
+
+
+def test_loss_flag_sets_the_per_example_loss(run_dir, run_examples):
+  result = compute(f"--model_dir={run_dir}", "--checkpoint=final",
+                   "--loss=squared", f"--num_examples={N}", "--noshuffle",
+                   "--chunk_size=10")
+  assert result["loss"] == "squared"
+  model = keras.saving.load_model(os.path.join(run_dir, "model.keras"))
+  squared = brute_force(model, *run_examples, loss="squared")
+  assert_matches(result, squared)
+  # Not the cross-entropy's statistics: the check above tells them apart.
+  entropy = brute_force(model, *run_examples)
+  assert squared["mean_inner_product"] != pytest.approx(
+      entropy["mean_inner_product"], rel=1e-2)
 
 
 def test_bad_inputs_one_line(run_dir, tmp_path):

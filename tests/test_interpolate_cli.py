@@ -17,8 +17,8 @@ from tfcapacity import config
 from tfcapacity import data as data_lib
 from tfcapacity import interpolate
 from tfcapacity import landscape
+from tfcapacity import rundir
 from tfcapacity import training
-from tfcapacity.curvature import analysis
 from tfcapacity.errors import UserError
 import conftest  # tests/ is on sys.path (pytest rootdir conftest)
 
@@ -93,9 +93,10 @@ def test_cli_end_points_are_the_two_models(runs, tmp_path):
   assert result["num_test_examples"] == len(yt)
   assert result["batch_norm_layers"] == 2
   assert result["bn_stats"] == "interpolate"
+  assert result["loss"] == "cross_entropy"  # The --to run's own.
   assert result["from"]["step"] > 0 and result["to"]["step"] > 0
   for index, name in ((0, "bn_a"), (-1, "bn_b")):
-    model, _, _ = analysis.load_run_model(runs[name])
+    model, _, _ = rundir.load_run_model(runs[name])
     for split, (xs, ys) in (("train", (x, y)), ("test", (xt, yt))):
       loss, error = model_loss_error(model, xs, ys)
       assert result[f"{split}_loss"][index] == pytest.approx(loss, rel=1e-5)
@@ -108,7 +109,7 @@ def test_midpoints_match_numpy(runs):
   assert result["alphas"] == [-0.5, 0.0, 0.5, 1.0, 1.5]
   assert result["batch_norm_layers"] == 0
   thetas = [[np.asarray(v.numpy(), np.float64) for v in
-             analysis.load_run_model(runs[name])[0].weights]
+             rundir.load_run_model(runs[name])[0].weights]
             for name in ("plain_a", "plain_b")]
   data = {"train": examples(runs["plain_b"], "train"),
           "test": examples(runs["plain_b"], "test")}
@@ -142,8 +143,8 @@ def test_recompute_is_training_mode_on_the_whole_batch(runs):
                    f"--num_examples={n}", "--batch_size=64")
   assert result["bn_stats"] == "recompute"
   x, y = examples(runs["bn_b"], "train", n)
-  model_a, _, _ = analysis.load_run_model(runs["bn_a"])
-  model_b, _, _ = analysis.load_run_model(runs["bn_b"])
+  model_a, _, _ = rundir.load_run_model(runs["bn_a"])
+  model_b, _, _ = rundir.load_run_model(runs["bn_b"])
   theta_a, theta_b = landscape.snapshot(model_a), landscape.snapshot(model_b)
   for i, alpha in enumerate(result["alphas"]):
     values, _ = landscape.interpolate(model_b, theta_a, theta_b, alpha)
@@ -161,7 +162,7 @@ def test_recompute_is_training_mode_on_the_whole_batch(runs):
 
 
 def test_recomputed_statistics_match_numpy(runs):
-  model, _, _ = analysis.load_run_model(runs["bn_b"])
+  model, _, _ = rundir.load_run_model(runs["bn_b"])
   x, _ = examples(runs["bn_b"], "train", 150)
   evaluator = landscape.Evaluator(model, batch_size=40)
   evaluator.recompute_batch_norm(x)
@@ -180,7 +181,7 @@ def test_recomputed_statistics_match_numpy(runs):
 
 
 def test_interpolated_variances_are_clipped(runs):
-  model, _, _ = analysis.load_run_model(runs["bn_b"])
+  model, _, _ = rundir.load_run_model(runs["bn_b"])
   theta = landscape.snapshot(model)
   other = [np.array(t) for t in theta]
   variances = [i for i, v in enumerate(model.weights)
@@ -225,7 +226,7 @@ def test_plane_grid(runs):
   grid = np.asarray(result["train_loss"])
   assert grid.shape == (3, 3) and np.all(np.isfinite(grid))
   # The centre is the model itself, with its own moving statistics.
-  model, _, _ = analysis.load_run_model(runs["bn_b"])
+  model, _, _ = rundir.load_run_model(runs["bn_b"])
   x, y = examples(runs["bn_b"], "train", 100)
   loss, error = model_loss_error(model, x, y)
   assert grid[1, 1] == pytest.approx(loss, rel=1e-5)

@@ -1,8 +1,8 @@
 r"""Gradient confusion of a model: `python -m tfcapacity.confusion`.
 
 Measures the statistics of the per-example gradients g_i = grad f_i(w) of
-each example's own softmax cross-entropy, over fixed examples, and writes
-them to a JSON file:
+each example's own loss (`--loss`: the run's own by default, cross_entropy
+or squared), over fixed examples, and writes them to a JSON file:
 
   python -m tfcapacity.confusion --model_dir=runs/w256 --num_examples=500 \
       --output=runs/w256/confusion.json
@@ -28,7 +28,7 @@ All of them are functions of G (`tfcapacity.gradients.statistics`), which
 a Johnson-Lindenstrauss projection (`--projection_dim`). `--per_layer` adds
 the same statistics of each variable's own block G_l (they sum to G).
 
-The model and the examples come from `tfcapacity.curvature.analysis`
+The model and the examples come from `tfcapacity.rundir`
 (`--model_dir`/`--checkpoint`, `--keras_model`, `--dataset`, `--split`,
 `--num_examples`, `--seed`/`--noshuffle`), so with
 `--dataset=hdf5:FILE --noshuffle --num_examples=<rows>` the statistics are
@@ -41,9 +41,10 @@ ill-defined).
 
 `--at_init` measures the run's model as training initialised it: rebuilt
 from the run's flags.txt with its seed, no checkpoint restored, so a run
-directory holding only flags.txt will do (`analysis`).
+directory holding only flags.txt will do (`rundir.load`).
 
-The JSON is written once, atomically, at the end. Exit status: 0 done, 2 bad
+The JSON (with `"loss"`, the loss differentiated) is written once,
+atomically, at the end. Exit status: 0 done, 2 bad
 input (one line on stderr).
 """
 
@@ -55,8 +56,9 @@ import time  # noqa: E402
 
 from absl import flags  # noqa: E402
 
-from tfcapacity.curvature import analysis  # noqa: E402
+from tfcapacity import cli  # noqa: E402
 from tfcapacity.errors import UserError  # noqa: E402
+from tfcapacity import rundir  # noqa: E402
 
 PROG = "tfcapacity.confusion"
 FLAGS = flags.FLAGS
@@ -64,9 +66,13 @@ FLAGS = flags.FLAGS
 
 def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
   """The tool's flags (idempotent per `fv`); see `tfcapacity.hessian`."""
-  analysis.define_flags(fv)
+  cli.define_analysis_flags(
+      fv,
+      seed="the Johnson-Lindenstrauss projection (--projection_dim)",
+      per_layer="Also the statistics of each variable's own Gram block G_l "
+      "(they sum to G; exact gradients only).")
   # --help lists the shared flags with the tool's own.
-  flags.adopt_module_key_flags(analysis, flag_values=fv)
+  flags.adopt_module_key_flags(cli, flag_values=fv)
   if "projection_dim" in fv:
     return
   flags.DEFINE_integer(
@@ -77,10 +83,6 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
   flags.DEFINE_integer("chunk_size", 128,
                        "Examples per traced gradient computation (bounds "
                        "memory).", flag_values=fv)
-  flags.DEFINE_bool(
-      "per_layer", False,
-      "Also the statistics of each variable's own Gram block (exact "
-      "gradients only).", flag_values=fv)
   flags.DEFINE_bool(
       "ntk", False,
       "Also the spectrum of the empirical neural-tangent Gram matrix of the "
@@ -93,16 +95,15 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
   for name in ("projection_dim", "chunk_size"):
     flags.register_validator(name, lambda v: v is None or v > 0,
                              f"--{name} must be positive", flag_values=fv)
-  flags.mark_flag_as_required("output", flag_values=fv)
 
 
 def check_flags(fv: flags.FlagValues = flags.FLAGS):
-  """The `analysis.Request`, after the checks that need no TensorFlow.
+  """The `rundir.Request`, after the checks that need no TensorFlow.
 
   Raises:
     UserError: bad input.
   """
-  request = analysis.request_from_flags(fv)
+  request = cli.request_from_flags(fv)
   if fv.bn_mode != "inference":
     raise UserError(
         f"--bn_mode={fv.bn_mode}: per-example gradients need "
@@ -121,7 +122,7 @@ def check_flags(fv: flags.FlagValues = flags.FLAGS):
   return request
 
 
-def confusion_report(loaded: "analysis.Loaded", *, chunk_size: int = 128,
+def confusion_report(loaded: rundir.Loaded, *, chunk_size: int = 128,
                      projection_dim: int | None = None, seed: int = 0,
                      per_layer: bool = False,
                      layers: list[str] | None = None,
@@ -130,10 +131,12 @@ def confusion_report(loaded: "analysis.Loaded", *, chunk_size: int = 128,
   """Per-example gradient statistics of the loaded model and examples.
 
   Args:
-    loaded: from `analysis.load` (a Keras model or a SavedModel).
+    loaded: from `rundir.load` (a Keras model or a SavedModel); its
+      `loss` is the per-example loss differentiated.
     chunk_size, projection_dim, seed, per_layer: see
       `per_example.gradient_inner_products`.
-    layers, include_slopes: the parameter block (`hvp.select_params`).
+    layers, include_slopes: the parameter block
+      (`objective.function.select_params`).
     ntk: also the spectrum of the logits' neural-tangent Gram matrix.
     feature_layer: also the spectrum of this layer's feature kernel.
 
@@ -147,22 +150,23 @@ def confusion_report(loaded: "analysis.Loaded", *, chunk_size: int = 128,
   Raises:
     UserError: bad options.
   """
-  from tfcapacity.curvature import hvp  # pylint: disable=g-import-not-at-top
   from tfcapacity.gradients import measure  # pylint: disable=g-import-not-at-top
   from tfcapacity.gradients import statistics  # pylint: disable=g-import-not-at-top
+  from tfcapacity.objective import function as function_lib  # pylint: disable=g-import-not-at-top
   if len(loaded.y) < 2:
     raise UserError("--num_examples must be at least 2: the statistics are "
                     "over pairs of examples")
   start = time.time()
   params = None
   if layers or include_slopes:
-    params = hvp.select_params(loaded.model, layers or None,
-                               include_slopes=include_slopes)
+    params = function_lib.select_params(loaded.model, layers or None,
+                                        include_slopes=include_slopes)
   chosen = params if params is not None else loaded.model.trainable_variables
   found = measure.measure(
       loaded.model, loaded.x, loaded.y, params=params, chunk_size=chunk_size,
       projection_dim=projection_dim, seed=seed, strategy=loaded.strategy,
-      per_layer=per_layer, ntk=ntk, feature_layer=feature_layer)
+      per_layer=per_layer, ntk=ntk, feature_layer=feature_layer,
+      loss=loaded.loss)
   out = {**loaded.description, **found.values}
   out.update({
       "bn_mode": "inference",
@@ -183,7 +187,7 @@ def compute(fv: flags.FlagValues = flags.FLAGS, strategy=None) -> dict:
   Raises:
     UserError: bad input.
   """
-  loaded = analysis.load(check_flags(fv), strategy)
+  loaded = rundir.load(check_flags(fv), strategy)
   return confusion_report(
       loaded, chunk_size=fv.chunk_size, projection_dim=fv.projection_dim,
       seed=fv.seed, per_layer=fv.per_layer, layers=fv.layers,
@@ -200,7 +204,7 @@ def _summary(result: dict) -> str:
 
 def run():
   """Console-script entry point (tfcapacity-confusion)."""
-  analysis.tool_main(PROG, define_flags, compute, _summary, check=check_flags)
+  cli.tool_main(PROG, define_flags, compute, _summary, check=check_flags)
 
 
 if __name__ == "__main__":

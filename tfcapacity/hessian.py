@@ -1,20 +1,23 @@
 r"""Hessian spectrum of a trained model: `python -m tfcapacity.hessian`.
 
-Measures, on the mean cross-entropy over fixed examples, the top-k
-eigenvalues of the Hessian (power iteration with deflation, the lambda_max
-measurement of papers/003 Sec. 2.3, or Lanczos), optionally its trace
-(Hutchinson 1990) and its eigenvalue density (stochastic Lanczos
-quadrature, Ghorbani, Krishnan & Xiao 2019), and writes them to a JSON file:
+Measures, on the mean loss over fixed examples (`--loss`: the run's own by
+default, or cross_entropy or squared), the top-k eigenvalues of the Hessian
+(power iteration with deflation, the lambda_max measurement of papers/003
+Sec. 2.3, or Lanczos), optionally its trace (Hutchinson 1990) and its
+eigenvalue density (stochastic Lanczos quadrature, Ghorbani, Krishnan & Xiao
+2019), and writes them to a JSON file:
 
   python -m tfcapacity.hessian --model_dir=runs/w256 --top_k=5 --trace \
       --density --output=runs/w256/hessian.json
 
 The model comes from a run directory (`--model_dir`, `--checkpoint`), a
 SavedModel or a .keras file, and the examples from `--dataset`, `--split`,
-`--num_examples`, `--seed`/`--noshuffle`: see `tfcapacity.curvature.analysis`,
-which does the work. With `--density` the figure is written next to the JSON
-as `<output stem>_density.png`. The JSON is written once, atomically, at the
-end: a failed or interrupted run leaves an earlier file intact.
+`--num_examples`, `--seed`/`--noshuffle`: `tfcapacity.rundir` loads them,
+`tfcapacity.curvature.report` measures, and `tfcapacity.cli` holds the flags
+and program the analysis tools share. With `--density` the figure is written
+next to the JSON as `<output stem>_density.png`. The JSON (with `"loss"`,
+the loss measured) is written once, atomically, at the end: a failed or
+interrupted run leaves an earlier file intact.
 
 Exit status: 0 done, 2 bad input (one line on stderr).
 """
@@ -25,7 +28,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import flags  # noqa: E402
 
-from tfcapacity.curvature import analysis  # noqa: E402
+from tfcapacity import cli  # noqa: E402
+from tfcapacity import curvature  # noqa: E402
+from tfcapacity.curvature import report  # noqa: E402
+from tfcapacity import objective  # noqa: E402
+from tfcapacity import rundir  # noqa: E402
 
 PROG = "tfcapacity.hessian"
 FLAGS = flags.FLAGS
@@ -37,19 +44,30 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
   Defined by `run()` rather than at import, so that this module and
   tfcapacity.train, whose flags share names, can be imported together.
   """
-  analysis.define_flags(fv)
+  cli.define_analysis_flags(
+      fv,
+      seed="the random starts of the eigen-solvers (--trace probes use "
+      "seed + 1, --density seed + 2)",
+      batch_size=f"Hessian-vector-product batch (default: all the examples, "
+      f"at most {report.MAX_BATCH_SIZE}; with --bn_mode=batch/ghost the "
+      f"run's training batch if it divides --num_examples, since batch-norm "
+      f"statistics are per batch)",
+      per_layer="Also lambda_max of each layer's diagonal Hessian block "
+      "(where the curvature lives).",
+      max_iterations=(100, "Power-iteration products per eigenvalue, at "
+                      "most."))
   # --help lists the shared flags with the tool's own.
-  flags.adopt_module_key_flags(analysis, flag_values=fv)
+  flags.adopt_module_key_flags(cli, flag_values=fv)
   if "top_k" in fv:
     return
   flags.DEFINE_integer("top_k", 1, "Eigenvalues to compute.",
                        flag_values=fv)
   flags.DEFINE_enum(
-      "method", "power", ["power", "lanczos"],
+      "method", "power", list(curvature.EIGEN_METHODS),
       "Eigen-solver: power iteration with deflation (largest magnitude) or "
       "Lanczos (largest algebraic).", flag_values=fv)
   flags.DEFINE_enum(
-      "hvp_method", "reverse", ["reverse", "forward"],
+      "hvp_method", "reverse", list(objective.HVP_METHODS),
       "Hessian-vector products by reverse-over-reverse or "
       "forward-over-reverse differentiation.", flag_values=fv)
   flags.DEFINE_bool("trace", False, "Estimate the trace (Hutchinson).",
@@ -68,24 +86,16 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
       "tol", 1e-3,
       "Power iteration stops at ||Hv - lambda v|| <= tol |lambda|.",
       flag_values=fv)
-  flags.DEFINE_integer("max_iterations", 100,
-                       "Power-iteration products per eigenvalue, at most.",
-                       flag_values=fv)
-  flags.DEFINE_bool(
-      "per_layer", False,
-      "Also lambda_max of each layer's diagonal Hessian block (where the "
-      "curvature lives).", flag_values=fv)
   flags.DEFINE_integer(
       "lanczos_steps", None,
       "Lanczos steps of --method=lanczos (default max(2k + 20, 30)).",
       flag_values=fv)
   for name in ("top_k", "trace_probes", "density_runs", "density_steps",
-               "max_iterations", "lanczos_steps"):
+               "lanczos_steps"):
     flags.register_validator(name, lambda v: v is None or v > 0,
                              f"--{name} must be positive", flag_values=fv)
   flags.register_validator("tol", lambda v: v > 0, "--tol must be positive",
                            flag_values=fv)
-  flags.mark_flag_as_required("output", flag_values=fv)
 
 
 def density_path(output: str) -> str:
@@ -99,8 +109,8 @@ def compute(fv: flags.FlagValues = flags.FLAGS, strategy=None) -> dict:
   Raises:
     UserError: bad input.
   """
-  loaded = analysis.load(analysis.request_from_flags(fv), strategy)
-  return analysis.hessian_report(
+  loaded = rundir.load(cli.request_from_flags(fv), strategy)
+  return report.hessian_report(
       loaded, top_k=fv.top_k, method=fv.method, hvp_method=fv.hvp_method,
       trace=fv.trace, trace_probes=fv.trace_probes, density=fv.density,
       density_runs=fv.density_runs, density_steps=fv.density_steps,
@@ -115,14 +125,14 @@ def compute(fv: flags.FlagValues = flags.FLAGS, strategy=None) -> dict:
 def _summary(result: dict) -> str:
   trace = (f", trace {result['trace']:.6g} +- {result['trace_stderr']:.2g}"
            if "trace" in result else "")
-  return (f"Top eigenvalues "
+  return (f"Top eigenvalues of the {result['loss']} Hessian "
           f"{', '.join(f'{v:.6g}' for v in result['eigenvalues'])} "
           f"({result['matvecs']} products, {result['seconds']:.1f}s){trace}")
 
 
 def run():
   """Console-script entry point (tfcapacity-hessian)."""
-  analysis.tool_main(PROG, define_flags, compute, _summary)
+  cli.tool_main(PROG, define_flags, compute, _summary)
 
 
 if __name__ == "__main__":

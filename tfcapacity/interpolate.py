@@ -1,7 +1,8 @@
 r"""Loss between two models, or around one: `python -m tfcapacity.interpolate`.
 
 1-D interpolation (Goodfellow et al. 2015; papers/003 Sec. 2.2): loss and
-top-1 error, train and test, at (1 - alpha) theta_A + alpha theta_B:
+top-1 error, train and test, at (1 - alpha) theta_A + alpha theta_B, the
+loss being `--loss` (default RUN_B's own, cross_entropy or squared):
 
   python -m tfcapacity.interpolate --from=runs/b128 --to=runs/b4096 \
       --num_points=25 --alpha_range=-0.5,1.5 --output=interp.json
@@ -18,13 +19,13 @@ top-1 error, train and test, at (1 - alpha) theta_A + alpha theta_B:
 Models: `--from=RUN_A` and `--to=RUN_B` are run directories, each at
 `--from_checkpoint`/`--to_checkpoint` (latest | STEP | final = model.keras;
 default latest). `--from_init` takes RUN_B's model as training initialised
-it (its flags.txt and seed, `analysis.load_run_model`). The model evaluated
+it (its flags.txt and seed, `rundir.load_run_model`). The model evaluated
 is RUN_B's, with A's weights interpolated in; the two must have the same
 variables (layer class, name and shape, in order), else exit 2.
 
-Data: RUN_B's, rebuilt as `tfcapacity.curvature.analysis` does (the run's
-data flags, no augmentation; `--dataset` and the other shared data flags
-override as there). By default the whole train and test splits;
+Data: RUN_B's, rebuilt as `tfcapacity.rundir.load` does (the run's data
+flags, no augmentation; `--dataset` and the other shared data flags of
+`tfcapacity.cli` override as there). By default the whole train and test splits;
 `--num_examples=N` takes N examples of each split (drawn with `--seed`, or
 the first N with `--noshuffle`), a smaller split whole. When RUN_A trained
 on different data (dataset or label flags), a warning is logged and
@@ -40,7 +41,7 @@ examples. `interpolate` interpolates the moving statistics like the weights
 (1-D only); `keep` keeps the centre's (plane only, as Li et al.).
 
 Output: the JSON `{"alphas", "train_loss", "train_top1_error", "test_loss",
-"test_top1_error", ...}` with provenance (from, to, bn_stats, dataset,
+"test_top1_error", ...}` with provenance (from, to, loss, bn_stats, dataset,
 example counts, distance ||theta_B - theta_A||, seconds); for the plane also
 "betas", the grids as rows [i][j] at (alphas[i], betas[j]) and the
 directions' norms. A PNG with the same stem sits next to it (loss and error
@@ -60,14 +61,16 @@ from absl import flags  # noqa: E402
 from absl import logging  # noqa: E402
 import numpy as np  # noqa: E402
 
-from tfcapacity.curvature import analysis  # noqa: E402
+from tfcapacity import cli  # noqa: E402
 from tfcapacity.errors import UserError  # noqa: E402
+from tfcapacity.progress import Progress  # noqa: E402
 from tfcapacity import rundir  # noqa: E402
 
 PROG = "tfcapacity.interpolate"
 FLAGS = flags.FLAGS
 BN_STATS = ("recompute", "interpolate", "keep")
-# Shared analysis flags that name models or losses this tool does not use.
+# Shared analysis flags (tfcapacity.cli) naming models, splits or
+# Hessian options that this tool does not use.
 NOT_HERE = ("model_dir", "checkpoint", "at_init", "saved_model",
             "keras_model", "split", "bn_mode", "ghost_batch_size", "layers",
             "include_slopes")
@@ -79,8 +82,14 @@ DEFAULT_BATCH_SIZE = 500
 
 def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
   """The tool's flags (idempotent per `fv`)."""
-  analysis.define_flags(fv)
-  flags.adopt_module_key_flags(analysis, flag_values=fv)
+  cli.define_analysis_flags(
+      fv,
+      seed="the two random directions of --plane",
+      batch_size=f"evaluation batch of the losses, errors and recomputed "
+      f"batch-norm statistics (default {DEFAULT_BATCH_SIZE}; the results do "
+      f"not depend on it, only memory and speed)")
+  # --help lists the shared flags with the tool's own.
+  flags.adopt_module_key_flags(cli, flag_values=fv)
   if "plane" in fv:
     return
   flags.DEFINE_string("from", None, "Run directory of end point A "
@@ -117,13 +126,12 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
   flags.register_validator("num_points", lambda v: v >= 2,
                            "--num_points must be at least 2", flag_values=fv)
   flags.mark_flag_as_required("to", flag_values=fv)
-  flags.mark_flag_as_required("output", flag_values=fv)
 
 
 @dataclasses.dataclass(frozen=True)
 class Spec:
   """What the flags ask for, checked without TensorFlow."""
-  to: analysis.Request  # B's train examples (test: split="test").
+  to: rundir.Request  # B's train examples (test: split="test").
   from_dir: str | None
   from_checkpoint: str | None
   from_init: bool
@@ -182,26 +190,21 @@ def check_flags(fv: flags.FlagValues = flags.FLAGS) -> Spec:
       raise UserError("--bn_stats=keep is for --plane; a line takes "
                       "recompute or interpolate")
   for name in ("from_checkpoint", "to_checkpoint"):
-    value = fv[name].value
-    if value is not None and value not in ("latest", "final") and (
-        not value.isdigit()):
-      raise UserError(f"--{name}={value}: use 'latest', 'final' or a step "
-                      f"number")
+    rundir.check_checkpoint_name(f"--{name}", fv[name].value)
   low, high = parse_range(fv.alpha_range, fv.plane)
   alphas = tuple(float(a) for a in
                  np.round(np.linspace(low, high, fv.num_points), 12))
-  to = analysis.Request(
+  to = rundir.Request(
       model_dir=fv.to, checkpoint=fv.to_checkpoint, dataset=fv.dataset,
       split="train", num_examples=fv.num_examples, shuffle=fv.shuffle,
-      seed=fv.seed, at_most=True,
-      data_flags={name: fv[name].value for name in analysis.DATA_FLAGS
-                  if fv[name].value is not None})
+      seed=fv.seed, at_most=True, data_flags=cli.data_flags(fv),
+      loss=fv.loss)
   to.validate()
   if source:
-    analysis.Request(model_dir=source,
-                     checkpoint=fv.from_checkpoint).validate()
+    rundir.Request(model_dir=source,
+                   checkpoint=fv.from_checkpoint).validate()
   elif fv.from_init:
-    analysis.Request(model_dir=fv.to, at_init=True).validate()
+    rundir.Request(model_dir=fv.to, at_init=True).validate()
   return Spec(to=to, from_dir=source or (fv.to if fv.from_init else None),
               from_checkpoint=fv.from_checkpoint, from_init=fv.from_init,
               plane=fv.plane, alphas=alphas, bn_stats=fv.bn_stats)
@@ -233,20 +236,22 @@ def compute(fv: flags.FlagValues = flags.FLAGS, strategy=None) -> dict:
   from tfcapacity import landscape  # pylint: disable=g-import-not-at-top
   spec = check_flags(fv)
   start = time.time()
-  train = analysis.load(spec.to, strategy)
-  test = analysis.load(dataclasses.replace(spec.to, split="test"),
-                       train.strategy)
+  train = rundir.load(spec.to, strategy)
+  test = rundir.load(dataclasses.replace(spec.to, split="test"),
+                     train.strategy)
   model = train.model
   if not train.is_keras:
     raise UserError("--to must give a Keras model")
   theta_b = landscape.snapshot(model)
+  if train.loss != "cross_entropy":  # Until landscape.Evaluator takes loss=.
+    raise UserError(f"the loss is {train.loss}, but the landscape evaluates "
+                    f"cross_entropy only for now; pass --loss=cross_entropy")
   evaluator = landscape.Evaluator(model, fv.batch_size or DEFAULT_BATCH_SIZE)
   out = {"mode": "plane" if spec.plane else "line",
          "to": _end_point(train.description)}
   n = len(spec.alphas) ** (2 if spec.plane else 1)
-  with analysis.Progress("plane" if spec.plane else "interpolation", n,
-                         bar=fv.progress_bar,
-                         every=max(1, n // 20)) as progress:
+  with Progress("plane" if spec.plane else "interpolation", n,
+                bar=fv.progress_bar, every=max(1, n // 20)) as progress:
     if spec.plane:
       found = landscape.plane(
           evaluator, theta_b, spec.alphas, spec.alphas,
@@ -255,7 +260,7 @@ def compute(fv: flags.FlagValues = flags.FLAGS, strategy=None) -> dict:
       found.pop("directions")
       out["direction_seed"] = int(fv.seed)
     else:
-      model_a, path_a, step_a = analysis.load_run_model(
+      model_a, path_a, step_a = rundir.load_run_model(
           spec.from_dir, spec.from_checkpoint, at_init=spec.from_init,
           strategy=train.strategy)
       landscape.check_compatible(
@@ -280,6 +285,7 @@ def compute(fv: flags.FlagValues = flags.FLAGS, strategy=None) -> dict:
   out.update(found)
   described = train.description
   out.update({
+      "loss": train.loss,
       "bn_stats": spec.bn_stats,
       "batch_norm_layers": evaluator.num_batch_norm_layers,
       "dataset": described["dataset"],
@@ -316,7 +322,7 @@ def _summary(result: dict) -> str:
 
 def run():
   """Console-script entry point (tfcapacity-interpolate)."""
-  analysis.tool_main(PROG, define_flags, compute, _summary, check=check_flags)
+  cli.tool_main(PROG, define_flags, compute, _summary, check=check_flags)
 
 
 if __name__ == "__main__":

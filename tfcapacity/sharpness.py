@@ -9,12 +9,14 @@ sign ascent, in the full space or a random `--subspace_dim`-dimensional one:
   python -m tfcapacity.sharpness --model_dir=runs/w256 --epsilon=5e-4 \
       --output=runs/w256/sharpness.json
 
-The loss is the mean cross-entropy over fixed examples, chosen as for
-`tfcapacity.hessian` (see `tfcapacity.curvature.analysis`), with batch norm
-in inference mode unless `--bn_mode` says otherwise. The model is never
-changed: a Keras model is evaluated on tensors, a SavedModel's variables are
-put back after each evaluation. The JSON is written once, atomically, at the
-end.
+The loss is the mean `--loss` (the run's own by default: cross_entropy or
+squared) over fixed examples, chosen as for `tfcapacity.hessian` (see
+`tfcapacity.rundir`), with batch norm in inference mode unless `--bn_mode`
+says otherwise. The model is never changed: a Keras model is evaluated on
+tensors, a SavedModel's variables are put back after each evaluation. The
+JSON (`sharpness`, `"loss"` the loss function, `loss_value` and `max_loss`
+its values at the centre and the box's worst point, ...) is written once,
+atomically, at the end.
 
 Exit status: 0 done, 2 bad input (one line on stderr).
 """
@@ -25,7 +27,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import flags  # noqa: E402
 
-from tfcapacity.curvature import analysis  # noqa: E402
+from tfcapacity import cli  # noqa: E402
+from tfcapacity.curvature import report  # noqa: E402
+from tfcapacity.curvature import sharpness as sharpness_lib  # noqa: E402
+from tfcapacity import rundir  # noqa: E402
 
 PROG = "tfcapacity.sharpness"
 FLAGS = flags.FLAGS
@@ -33,31 +38,35 @@ FLAGS = flags.FLAGS
 
 def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
   """The tool's flags (idempotent per `fv`); see `tfcapacity.hessian`."""
-  analysis.define_flags(fv)
+  cli.define_analysis_flags(
+      fv,
+      seed="the random subspace (--subspace_dim) and the search's random "
+      "start",
+      batch_size=f"batch of the loss and gradient evaluations (default: all "
+      f"the examples, at most {report.MAX_BATCH_SIZE}; with "
+      f"--bn_mode=batch/ghost the run's training batch if it divides "
+      f"--num_examples, since batch-norm statistics are per batch)",
+      max_iterations=(10, "Iterations of the inner maximisation's "
+                      "optimiser (10 in the paper)."))
   # --help lists the shared flags with the tool's own.
-  flags.adopt_module_key_flags(analysis, flag_values=fv)
+  flags.adopt_module_key_flags(cli, flag_values=fv)
   if "epsilon" in fv:
     return
   flags.DEFINE_float("epsilon", 1e-3,
                      "Box size (Keskar et al.: 1e-3 and 5e-4).",
                      flag_values=fv)
   flags.DEFINE_enum(
-      "optimizer", "lbfgsb", ["lbfgsb", "ascent"],
+      "optimizer", "lbfgsb", list(sharpness_lib.METHODS),
       "The inner maximisation: L-BFGS-B (the paper's) or projected sign "
       "ascent.", flag_values=fv)
   flags.DEFINE_integer(
       "subspace_dim", None,
       "Dimension of a random subspace (default: the full space).",
       flag_values=fv)
-  flags.DEFINE_integer("max_iterations", 10,
-                       "Optimiser iterations (10 in the paper).",
-                       flag_values=fv)
   flags.register_validator("epsilon", lambda v: v > 0,
                            "--epsilon must be positive", flag_values=fv)
-  for name in ("subspace_dim", "max_iterations"):
-    flags.register_validator(name, lambda v: v is None or v > 0,
-                             f"--{name} must be positive", flag_values=fv)
-  flags.mark_flag_as_required("output", flag_values=fv)
+  flags.register_validator("subspace_dim", lambda v: v is None or v > 0,
+                           "--subspace_dim must be positive", flag_values=fv)
 
 
 def compute(fv: flags.FlagValues = flags.FLAGS, strategy=None) -> dict:
@@ -66,8 +75,8 @@ def compute(fv: flags.FlagValues = flags.FLAGS, strategy=None) -> dict:
   Raises:
     UserError: bad input.
   """
-  loaded = analysis.load(analysis.request_from_flags(fv), strategy)
-  return analysis.sharpness_report(
+  loaded = rundir.load(cli.request_from_flags(fv), strategy)
+  return report.sharpness_report(
       loaded, epsilon=fv.epsilon, optimizer=fv.optimizer,
       subspace_dim=fv.subspace_dim, max_iterations=fv.max_iterations,
       bn_mode=fv.bn_mode, ghost_batch_size=fv.ghost_batch_size,
@@ -78,13 +87,14 @@ def compute(fv: flags.FlagValues = flags.FLAGS, strategy=None) -> dict:
 
 def _summary(result: dict) -> str:
   return (f"Sharpness {result['sharpness']:.6g}% at epsilon "
-          f"{result['epsilon']:g} (loss {result['loss']:.6g}, max "
-          f"{result['max_loss']:.6g}; {result['seconds']:.1f}s)")
+          f"{result['epsilon']:g} ({result['loss']} loss "
+          f"{result['loss_value']:.6g}, max {result['max_loss']:.6g}; "
+          f"{result['seconds']:.1f}s)")
 
 
 def run():
   """Console-script entry point (tfcapacity-sharpness)."""
-  analysis.tool_main(PROG, define_flags, compute, _summary)
+  cli.tool_main(PROG, define_flags, compute, _summary)
 
 
 if __name__ == "__main__":
