@@ -29,6 +29,7 @@ from typing import Callable, Iterator, NoReturn
 from absl import flags
 from absl import logging
 
+from tfcapacity import config as config_lib
 from tfcapacity import data as data_lib
 from tfcapacity.errors import UserError
 from tfcapacity import objective
@@ -163,7 +164,7 @@ def define_analysis_flags(fv: flags.FlagValues = flags.FLAGS, *,
       "Standardise HDF5 features with train-split statistics (default: the "
       "run's value for its own dataset, off otherwise).", flag_values=fv)
   flags.DEFINE_enum(
-      "input_format", None, ["auto", "flat", "image"],
+      "input_format", None, list(config_lib.INPUT_FORMATS),
       "Digits as 64-vectors or 8x8x1 images (default: the run's, or what the "
       "model's input shape needs).", flag_values=fv)
   for name, text in (("hdf5_features", "Features dataset in HDF5 files"),

@@ -40,6 +40,10 @@ OPERATIONAL_FLAGS = frozenset({
     "gradients_ntk", "gradients_feature_layer",
 })
 
+# --input_format: digits as flat vectors or images; auto = images for conv
+# models (`data.digits.input_format`).
+INPUT_FORMATS = ("auto", "flat", "image")
+
 _DEFINED: list[str] = []
 
 
@@ -113,7 +117,7 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
       "Normalise image inputs per channel with training-set mean and std.",
       flag_values=fv)
   flags.DEFINE_enum(
-      "input_format", "auto", ["auto", "flat", "image"],
+      "input_format", "auto", list(INPUT_FORMATS),
       "Digits as flat 64-vectors or 8x8x1 images; auto = images for conv "
       "models.", flag_values=fv)
   flags.DEFINE_integer("data_seed", 0,

@@ -626,7 +626,7 @@ class Trainer:
   def _already_completed(self, previous: dict) -> dict:
     logging.info("%s already holds a completed run.", self.model_dir)
     if self.chief and self.cfg.export and not os.path.exists(
-        os.path.join(self.model_dir, "saved_model")):
+        os.path.join(self.model_dir, rundir.SAVED_MODEL_DIR)):
       rundir.export_model(self.model, self.model_dir)
     return previous
 
