@@ -9,8 +9,8 @@ import time
 import numpy as np
 import tensorflow as tf
 
-from tfcapacity.curvature import hvp
 from tfcapacity.objective import losses
+from tfcapacity.objective import function as function_lib
 
 
 def sync(out):
@@ -64,6 +64,6 @@ def flat_gradient(model, x, y):
   def gradient():
     with tf.GradientTape() as tape:
       loss = tf.reduce_mean(losses.cross_entropy(y, model(x, training=False)))
-    return hvp.flatten(tape.gradient(loss, model.trainable_variables))
+    return function_lib.flatten(tape.gradient(loss, model.trainable_variables))
 
   return gradient

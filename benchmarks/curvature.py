@@ -62,10 +62,12 @@ import tensorflow as tf  # noqa: E402
 from tfcapacity import config  # noqa: E402
 import common  # noqa: E402  (benchmarks/ is sys.path[0])
 from tfcapacity import models  # noqa: E402
-from tfcapacity import training  # noqa: E402
+from tfcapacity import measurements as measurements_lib  # noqa: E402
 from tfcapacity.curvature import eigen  # noqa: E402
 from tfcapacity.curvature import hvp  # noqa: E402
 from tfcapacity.objective import losses  # noqa: E402
+from tfcapacity.objective import function as function_lib  # noqa: E402
+from tfcapacity import objective  # noqa: E402
 
 _QUICK = flags.DEFINE_bool("quick", False, "Fewer rounds (a smoke run).")
 _PARTS = flags.DEFINE_list("parts", ["hvp", "lambda", "callback"],
@@ -156,7 +158,7 @@ def _bare_products(model, x, y):
 
   @tf.function(input_signature=[spec])
   def reverse(flat):
-    vector = hvp.unflatten(flat, shapes)
+    vector = function_lib.unflatten(flat, shapes)
     values = [tf.convert_to_tensor(v.value) for v in variables]
     with tf.GradientTape() as outer:
       outer.watch(values)
@@ -165,18 +167,18 @@ def _bare_products(model, x, y):
         loss = loss_at(values)
       grads = inner.gradient(loss, values)
       dot = tf.add_n([tf.reduce_sum(g * v) for g, v in zip(grads, vector)])
-    return hvp.flatten(outer.gradient(dot, values))
+    return function_lib.flatten(outer.gradient(dot, values))
 
   @tf.function(input_signature=[spec])
   def forward(flat):
-    vector = hvp.unflatten(flat, shapes)
+    vector = function_lib.unflatten(flat, shapes)
     values = [tf.convert_to_tensor(v.value) for v in variables]
     with tf.autodiff.ForwardAccumulator(values, vector) as acc:
       with tf.GradientTape() as tape:
         tape.watch(values)
         loss = loss_at(values)
       grads = tape.gradient(loss, values)
-    return hvp.flatten([acc.jvp(g) for g in grads])
+    return function_lib.flatten([acc.jvp(g) for g in grads])
 
   return {"reverse": reverse, "forward": forward}
 
@@ -191,11 +193,11 @@ def part_hvp(quick):
     y = np.random.default_rng(1).integers(0, 10, BATCH).astype(np.int64)
     gradient = common.flat_gradient(model, x, y)
     ops = {m: hvp.HessianOperator(model, x, y, batch_size=BATCH, method=m)
-           for m in hvp.METHODS}
+           for m in objective.HVP_METHODS}
     bare = _bare_products(model, x, y)
     v = tf.random.normal([ops["reverse"].size], seed=0)
     contenders = {"gradient": gradient}
-    for m in hvp.METHODS:
+    for m in objective.HVP_METHODS:
       contenders[f"op_{m}"] = lambda op=ops[m]: op.matvec(v)
       contenders[f"bare_{m}"] = lambda f=bare[m]: f(v)
     for fn in contenders.values():  # traces
@@ -220,7 +222,7 @@ def part_hvp(quick):
           + ", ".join(f"{k} {d:.1e}" for k, d in diffs.items()))
     print(f"  Conv2D/MatMul FLOPs of the reverse-over-reverse graph / the "
           f"gradient's: {flop_ratio:.2f}")
-    for m in hvp.METHODS:
+    for m in objective.HVP_METHODS:
       op_t, bare_t = times[f"op_{m}"], times[f"bare_{m}"]
       ratio, spread = common.ratio_quartiles(op_t, times["gradient"])
       row = dict(
@@ -412,11 +414,10 @@ def _train_run(flagfile, epochs, every, with_curvature):
         "--curvature_every_steps=0"])
     with _CountProducts() as products:
       start = time.perf_counter()
-      results = training.train(cfg)
+      results = measurements_lib.train(cfg)
       wall = time.perf_counter() - start
-  rows = [r for r in results["history"] + results.get("measurements", [])
+  rows = [r for r in results["measurements"]
           if "timing/curvature_seconds" in r]
-  rows.sort(key=lambda r: r["step"])
   train_s = (results["steps"] * results["global_batch_size"]
              / results["examples_per_second"])
   callback = [r["timing/curvature_seconds"] for r in rows]

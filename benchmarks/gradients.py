@@ -64,10 +64,10 @@ import tensorflow as tf  # noqa: E402
 
 import common  # noqa: E402  (benchmarks/ is sys.path[0])
 from tfcapacity import models  # noqa: E402
-from tfcapacity.curvature import hvp  # noqa: E402
 from tfcapacity.gradients import per_example  # noqa: E402
 from tfcapacity.gradients import statistics  # noqa: E402
 from tfcapacity.objective import losses  # noqa: E402
+from tfcapacity.objective import function as function_lib  # noqa: E402
 
 _QUICK = flags.DEFINE_bool("quick", False, "Fewer rounds (a smoke run).")
 _PARTS = flags.DEFINE_list("parts", ["time", "loop", "memory"],
@@ -117,7 +117,7 @@ def _single_step(model, input_shape, compiled=True):
   def step(x, y):
     with tf.GradientTape() as tape:
       loss = tf.reduce_mean(losses.cross_entropy(y, model(x, training=False)))
-    return hvp.flatten(tape.gradient(loss, model.trainable_variables))
+    return function_lib.flatten(tape.gradient(loss, model.trainable_variables))
 
   if not compiled:
     return step

@@ -9,10 +9,11 @@ import pytest
 import tensorflow as tf
 
 from tfcapacity import data
+from tfcapacity import measurements
 from tfcapacity import training
 from tfcapacity.curvature import callback as curvature
-from tfcapacity.curvature import hvp
 from tfcapacity import rundir
+from tfcapacity.objective import function as function_lib
 import conftest  # tests/ is on sys.path (pytest rootdir conftest)
 
 FLAGS = dict(dataset="digits", width=6, depth=1, activation="tanh",
@@ -25,7 +26,7 @@ FLAGS = dict(dataset="digits", width=6, depth=1, activation="tanh",
 def run(tiny_cfg, model_dir, strategy=None, **overrides):
   cfg = tiny_cfg.replace(model_dir=str(model_dir), export=True,
                          **{**FLAGS, **overrides})
-  results = training.train(
+  results = measurements.train(
       cfg, strategy or tf.distribute.OneDeviceStrategy("/cpu:0"))
   return cfg, results
 
@@ -48,7 +49,7 @@ def dense_lambda_max(model, x, y, bn_mode):
       with tf.GradientTape() as inner:
         loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(
             y, model(x, training=training_mode)))
-      grad = hvp.flatten(inner.gradient(loss, targets))
+      grad = function_lib.flatten(inner.gradient(loss, targets))
     jac = outer.jacobian(grad, targets, experimental_use_pfor=False)
     return tf.concat([tf.reshape(j, [grad.shape[0], -1]) for j in jac], 1)
 
@@ -63,7 +64,7 @@ def dense_lambda_max(model, x, y, bn_mode):
 def test_logged_lambda_max_is_the_dense_hessians(tiny_cfg, tmp_path,
                                                  bn_mode):
   cfg, results = run(tiny_cfg, tmp_path / "run", curvature_bn_mode=bn_mode)
-  rows = results["history"]
+  rows = results["measurements"]
   assert [r["epoch"] for r in rows] == [0, 1, 2]
   for row in rows:
     assert row["curvature/relative_residual"] <= 1e-6
@@ -84,7 +85,7 @@ def test_logged_lambda_max_is_the_dense_hessians(tiny_cfg, tmp_path,
   assert rows[-1]["curvature/lambda_max_test"] == pytest.approx(
       np.mean(tops), rel=1e-4)
   with open(os.path.join(tmp_path / "run", "results.json")) as f:
-    assert "curvature/lambda_max" in json.load(f)["history"][-1]
+    assert "curvature/lambda_max" in json.load(f)["measurements"][-1]
 
 
 def test_measuring_does_not_change_training(tiny_cfg, tmp_path):
@@ -102,13 +103,14 @@ def test_warm_start_and_step_frequency(tiny_cfg, tmp_path):
   cfg = tiny_cfg.replace(model_dir=str(tmp_path / "run"),
                          **{**FLAGS, "curvature_every_epochs": 0,
                             "curvature_every_steps": 5, "epochs": 1})
-  trainer = training.Trainer(cfg, tf.distribute.OneDeviceStrategy("/cpu:0"))
+  trainer = measurements.trainer(cfg,
+                                 tf.distribute.OneDeviceStrategy("/cpu:0"))
   cb = trainer.callbacks[0]
   assert isinstance(cb, curvature.CurvatureCallback)
   results = trainer.run()
   steps = [m["step"] for m in results["measurements"]]
-  assert steps and all(s % 5 == 0 for s in steps)
-  ctx = trainer._context(trainer.total_steps)
+  assert steps == list(range(0, trainer.total_steps + 1, 5))
+  ctx = trainer.context(trainer.total_steps)
   first = cb(ctx)
   again = cb(ctx)  # Same model: the warm start is already the answer.
   assert again["curvature/iterations"] <= 2
@@ -122,7 +124,8 @@ def test_two_replicas_measure_what_one_device_does(tiny_cfg, tmp_path):
   strategy = conftest.two_replicas()
   _, two = run(tiny_cfg, tmp_path / "two", strategy=strategy, **overrides)
   assert two["num_replicas"] == 2
-  for a, b in zip(one["history"], two["history"]):
+  assert len(one["measurements"]) == len(two["measurements"]) == 2
+  for a, b in zip(one["measurements"], two["measurements"]):
     assert b["curvature/lambda_max"] == pytest.approx(
         a["curvature/lambda_max"], rel=1e-4)
 
@@ -144,7 +147,6 @@ def test_a_run_resumes_with_measurements_added(tiny_cfg, tmp_path):
     training.train(cfg, tf.distribute.OneDeviceStrategy("/cpu:0"),
                    callbacks=[_Interrupt()])
   _, results = run(tiny_cfg, tmp_path / "run", curvature_test_batches=0)
-  rows = results["history"]
-  assert [r["epoch"] for r in rows] == [0, 1, 2]
-  assert "curvature/lambda_max" not in rows[0]
-  assert "curvature/lambda_max" in rows[1] and "curvature/lambda_max" in rows[2]
+  assert [r["epoch"] for r in results["history"]] == [0, 1, 2]
+  measured = rundir.series(results, "curvature/lambda_max")
+  assert [epoch for _, epoch, _ in measured] == [1, 2]

@@ -11,6 +11,7 @@ from tfcapacity import models
 from tfcapacity.curvature import hvp
 from tfcapacity.errors import UserError
 from tfcapacity.models import layers as layers_lib
+from tfcapacity.objective import function as function_lib
 import conftest  # tests/ is on sys.path (pytest rootdir conftest)
 
 
@@ -60,7 +61,7 @@ def reference_hessian(model, x, y, batch_size, training, params,
           loss += tf.reduce_sum(
               tf.nn.sparse_softmax_cross_entropy_with_logits(
                   y[s:s + batch_size], logits)) / n
-      grad = hvp.flatten(inner.gradient(loss, targets))
+      grad = function_lib.flatten(inner.gradient(loss, targets))
     jac = outer.jacobian(grad, targets, experimental_use_pfor=False)
     return tf.concat([tf.reshape(j, [grad.shape[0], -1]) for j in jac],
                      axis=1), loss
@@ -110,7 +111,7 @@ def test_hvp_equals_dense_hessian_and_leaves_model_alone(
   # Move the moving statistics away from their initial values first.
   for _ in range(3):
     model(x * 1.5 + 0.3, training=True)
-  params = hvp.select_params(model, block)
+  params = function_lib.select_params(model, block)
   before = snapshot(model)
   op = hvp.HessianOperator(model, x, y, bn_mode=bn_mode, batch_size=batch,
                            params=params)
@@ -156,7 +157,7 @@ def test_no_retracing_across_vectors_and_weights():
   op.loss_and_gradient()
   op.loss_and_gradient()
   assert op.traces == 1
-  assert op._loss_and_gradient.experimental_get_tracing_count() == 1
+  assert op.objective.trace_counts()["value_and_gradient"] == 1
   assert not np.allclose(first.numpy(), second.numpy())
 
 
@@ -164,7 +165,7 @@ def test_a_block_is_the_submatrix_of_the_full_hessian():
   model = make_model("mlp", (4,), width=5, depth=2, activation="tanh")
   x, y = make_data(9, (4,))
   full = hvp.HessianOperator(model, x, y).dense()
-  block = hvp.select_params(model, ["hidden_1"])
+  block = function_lib.select_params(model, ["hidden_1"])
   sub = hvp.HessianOperator(model, x, y, params=block).dense()
   names = [v.path for v in model.trainable_variables]
   offsets = np.cumsum([0] + [int(np.prod(v.shape))
@@ -197,7 +198,7 @@ def test_slopes_are_coordinates_of_the_product():
   model = make_model("resnet", (6, 6, 1), normalization="none",
                      activation="leaky_relu", leaky_slope=0.2)
   x, y = make_data(6, (6, 6, 1))
-  params = hvp.select_params(model, ["classifier", "stage3_block1_act1",
+  params = function_lib.select_params(model, ["classifier", "stage3_block1_act1",
                                      "stage3_block1_act2"],
                              include_slopes=True)
   slopes = [p for p in params if p.path.endswith("slope")]
@@ -274,7 +275,7 @@ def test_bad_options(kwargs, fragment):
 def test_unknown_layer_names_the_choices():
   model = make_model("mlp", (4,), width=3, depth=1)
   with pytest.raises(UserError, match="no layer named 'hiden_0'"):
-    hvp.select_params(model, ["hiden_0"])
+    function_lib.select_params(model, ["hiden_0"])
 
 
 def test_set_examples_reuses_the_trace_and_equals_a_fresh_operator():

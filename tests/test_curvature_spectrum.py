@@ -7,6 +7,7 @@ import pytest
 from tfcapacity import models
 from tfcapacity.curvature import eigen
 from tfcapacity.curvature import hvp
+from tfcapacity.objective import function as function_lib
 
 CASES = [
     ("mlp", dict(width=6, depth=1, activation="tanh"), (5,), "inference",
@@ -29,7 +30,7 @@ def test_solvers_agree_with_eigvalsh(name, options, shape, bn_mode, block):
   x = rng.normal(size=(16, *shape)).astype(np.float32)
   y = rng.integers(0, 3, size=16)
   op = hvp.HessianOperator(model, x, y, bn_mode=bn_mode, batch_size=8,
-                           params=hvp.select_params(model, block))
+                           params=function_lib.select_params(model, block))
   dense = op.dense().astype(np.float64)
   exact = np.linalg.eigvalsh((dense + dense.T) / 2)
   by_magnitude = exact[np.argsort(-np.abs(exact))]
@@ -58,7 +59,7 @@ def test_per_layer_blocks_are_the_dense_diagonal_blocks():
   whole = np.abs(np.linalg.eigvalsh((full + full.T) / 2)).max()
   rows = blocks.per_layer(
       model, lambda name: hvp.HessianOperator(
-          model, x, y, params=hvp.select_params(model, [name])),
+          model, x, y, params=function_lib.select_params(model, [name])),
       tol=1e-6, max_iterations=20000)
   assert [r["layer"] for r in rows] == ["hidden_0", "hidden_1", "classifier"]
   start = 0

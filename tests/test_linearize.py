@@ -7,12 +7,15 @@ import tensorflow as tf
 
 from tfcapacity import config
 from tfcapacity import data
+from tfcapacity import measurements
 from tfcapacity import models
+from tfcapacity import rundir
 from tfcapacity import training
 from tfcapacity.curvature import hvp
 from tfcapacity.curvature import linearize
 from tfcapacity.errors import UserError
 from tfcapacity.models import layers as layers_lib
+from tfcapacity.objective import function as function_lib
 
 
 def test_rule_on_a_hand_built_case():
@@ -55,7 +58,7 @@ def test_callback_moves_slopes_by_the_dense_eigenvector():
   # Brute force: the dense Hessian over weights and slopes, numpy's
   # eigenvector of the largest-magnitude eigenvalue, oriented uphill.
   x, y = train.examples(np.arange(40))
-  params = hvp.select_params(model, None, include_slopes=True)
+  params = function_lib.select_params(model, None, include_slopes=True)
   op = hvp.HessianOperator(model, x, y, params=params)
   h = op.dense().astype(np.float64)
   eig, vecs = np.linalg.eigh((h + h.T) / 2)
@@ -82,12 +85,11 @@ def test_training_with_linearization(tmp_path):
                     batch_size="16", epochs=2, linearize_every_steps=2,
                     linearize_examples=32, progress_bar=False, export=False,
                     model_dir=str(tmp_path / "run"))
-  results = training.train(cfg, tf.distribute.OneDeviceStrategy("/cpu:0"))
-  rows = [r for r in results["history"] + results.get("measurements", [])
-          if "linearization/slope/hidden_0_act" in r]
-  assert len(rows) == 4  # Steps 2, 4, 6, 8.
-  slopes = [0.5] + [r["linearization/slope/hidden_0_act"] for r in
-                    sorted(rows, key=lambda r: r["step"])]
+  results = measurements.train(cfg,
+                               tf.distribute.OneDeviceStrategy("/cpu:0"))
+  points = rundir.series(results, "linearization/slope/hidden_0_act")
+  assert [step for step, _, _ in points] == [2, 4, 6, 8]
+  slopes = [0.5] + [value for _, _, value in points]
   for before, after in zip(slopes, slopes[1:]):
     assert after == pytest.approx(before - 0.1) or after == pytest.approx(
         before + 0.05)

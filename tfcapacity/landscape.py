@@ -51,15 +51,13 @@ Everything here works on a Keras model whose variables are assigned in turn
 
 from __future__ import annotations
 
-import io
-
-import keras
 import numpy as np
-import tensorflow as tf
 
+from tfcapacity import figures
 from tfcapacity.errors import UserError
-from tfcapacity.objective import losses
-from tfcapacity import rundir
+from tfcapacity.models import layers as layers_lib
+from tfcapacity.objective import function as function_lib
+from tfcapacity.objective import objective as objective_lib
 
 BN_STATS = ("recompute", "interpolate", "keep")
 
@@ -77,16 +75,10 @@ def assign_weights(model, values) -> None:
     variable.assign(np.asarray(value, variable.dtype))
 
 
-def _layers(model) -> list:
-  """All layers, nested ones included (a functional model: in topological
-  order, which `recompute_batch_norm` relies on)."""
-  return list(model._flatten_layers(include_self=False))  # pylint: disable=protected-access
-
-
 def structure(model) -> list[tuple[str, str, tuple]]:
   """(layer class, variable name, shape) of each of `model.weights`."""
   owner = {}
-  for layer in _layers(model):
+  for layer in layers_lib.all_layers(model):
     for variable in layer.weights:
       owner.setdefault(id(variable), type(layer).__name__)
   return [(owner.get(id(v), "?"), v.name, tuple(v.shape))
@@ -112,22 +104,15 @@ def check_compatible(model_a, model_b, name_a: str = "A",
           f"{vb[2]} in the other")
 
 
-def batch_norm_layers(model) -> list:
-  """The layers with moving statistics, in the model's (topological) order."""
-  return [layer for layer in _layers(model)
-          if hasattr(layer, "moving_mean") and hasattr(
-              layer, "moving_variance")]
-
-
 def _bn_stat_ids(model) -> set[int]:
   ids = set()
-  for layer in batch_norm_layers(model):
+  for layer in layers_lib.batch_norm_layers(model):
     ids.update((id(layer.moving_mean), id(layer.moving_variance)))
   return ids
 
 
 def _variance_ids(model) -> set[int]:
-  return {id(layer.moving_variance) for layer in batch_norm_layers(model)}
+  return {id(layer.moving_variance) for layer in layers_lib.batch_norm_layers(model)}
 
 
 def interpolate(model, theta_a, theta_b, alpha: float, *,
@@ -198,72 +183,42 @@ class Evaluator:
   """Mean loss and top-1 error of a model on fixed examples, and exact
   batch-norm statistics of its training examples.
 
-  The model's variables are read at each call, so assigning new values and
-  calling again evaluates the new point without retracing.
+  Each set of examples gets an `objective.Objective` (inference mode, the
+  run's loss), which reads the model's variables at each call: assigning new
+  values and calling again evaluates the new point without retracing.
   """
 
-  def __init__(self, model, batch_size: int = 500):
+  def __init__(self, model, batch_size: int = 500,
+               loss: str = "cross_entropy"):
     self.model = model
     self.batch_size = int(batch_size)
-    shape = tuple(model.input_shape[1:])
-    x_spec = tf.TensorSpec((None, *shape), tf.float32)
-    y_spec = tf.TensorSpec((None,), tf.int64)
-
-    @tf.function(input_signature=[x_spec, y_spec])
-    def sums(x, y):
-      logits = model(x, training=False)
-      return (tf.reduce_sum(losses.cross_entropy(y, logits)),
-              tf.reduce_sum(losses.topk_correct(y, logits, 1)))
-
-    self._sums = sums
-    self._bn = batch_norm_layers(model)
-    self._moments = []
-    for layer in self._bn:
-      below = keras.Model(model.inputs, layer.input)
-
-      @tf.function(input_signature=[x_spec])
-      def moments(x, below=below):
-        h = tf.cast(below(x, training=False), tf.float32)
-        h = tf.reshape(h, [-1, h.shape[-1]])
-        mean = tf.reduce_mean(h, axis=0)
-        return (tf.cast(tf.shape(h)[0], tf.float32), mean,
-                tf.reduce_sum(tf.square(h - mean), axis=0))
-
-      self._moments.append(moments)
+    self.loss = loss
+    self._objectives = {}  # (n, input shape) -> [Objective, x, y held]
+    self._moments = function_lib.batch_norm_moments(model)
 
   @property
   def num_batch_norm_layers(self) -> int:
-    return len(self._bn)
-
-  def _batches(self, n):
-    for start in range(0, n, self.batch_size):
-      yield slice(start, min(n, start + self.batch_size))
+    return len(self._moments)
 
   def evaluate(self, x, y) -> tuple[float, float]:
-    """(mean cross-entropy, top-1 error) over the examples, inference mode."""
-    loss = correct = 0.0
-    for s in self._batches(len(y)):
-      batch_loss, batch_correct = self._sums(x[s], y[s])
-      loss += float(batch_loss)
-      correct += float(batch_correct)
-    return loss / len(y), 1.0 - correct / len(y)
+    """(mean loss, top-1 error) over the examples, inference mode."""
+    key = (len(y), tuple(np.shape(x)[1:]))
+    if key not in self._objectives:
+      self._objectives[key] = [objective_lib.Objective(
+          self.model, x, y, loss=self.loss, batch_size=self.batch_size),
+                               x, y]
+    held = self._objectives[key]
+    if held[1] is not x or held[2] is not y:
+      held[0].set_examples(x, y)
+      held[1:] = [x, y]
+    metrics = held[0].metrics()
+    return metrics["loss"], metrics["top1_error"]
 
   def recompute_batch_norm(self, x) -> None:
     """Sets each batch-norm layer's moving statistics to the exact mean and
-    biased variance of its inputs over `x`, layers below in inference mode
-    with their recomputed statistics (see the module docstring)."""
-    for layer, moments in zip(self._bn, self._moments):
-      count, mean, m2 = 0.0, 0.0, 0.0
-      for s in self._batches(len(x)):
-        n_b, mean_b, m2_b = (np.asarray(t, np.float64)
-                             for t in moments(x[s]))
-        total = count + n_b
-        delta = mean_b - mean
-        mean = mean + delta * (n_b / total)
-        m2 = m2 + m2_b + delta * delta * (count * n_b / total)
-        count = total
-      layer.moving_mean.assign(np.asarray(mean, np.float32))
-      layer.moving_variance.assign(np.asarray(m2 / count, np.float32))
+    biased variance of its inputs over `x` (`function.recompute_batch_norm`)."""
+    function_lib.recompute_batch_norm(self.model, x, self.batch_size,
+                                      moments=self._moments)
 
 
 def _evaluate_point(evaluator, values, train, test, bn_stats):
@@ -370,31 +325,16 @@ def plane(evaluator: Evaluator, theta, alphas, betas, train, test, *,
 # --- Figures -----------------------------------------------------------------
 
 
-def _pyplot():
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
-  return plt
-
-
-def _save(fig, path: str) -> str:
-  buf = io.BytesIO()
-  fig.tight_layout()
-  fig.savefig(buf, format="png", dpi=120)
-  _pyplot().close(fig)
-  rundir.atomic_write(path, buf.getvalue())
-  return path
-
-
 def line_figure(result: dict, path: str, title: str | None = None) -> str:
   """Loss and top-1 error against alpha, train and test, as a PNG."""
-  plt = _pyplot()
+  plt = figures.pyplot()
   fig, (ax_loss, ax_err) = plt.subplots(1, 2, figsize=(10, 4))
   alphas = result["alphas"]
   for split, style in (("train", "-"), ("test", "--")):
     ax_loss.plot(alphas, result[f"{split}_loss"], style, label=split)
     ax_err.plot(alphas, result[f"{split}_top1_error"], style, label=split)
-  for ax, label in ((ax_loss, "cross-entropy loss"),
+  loss_label = result.get("loss", "cross_entropy").replace("_", "-")
+  for ax, label in ((ax_loss, f"{loss_label} loss"),
                     (ax_err, "top-1 error")):
     for end in (0.0, 1.0):
       ax.axvline(end, color="gray", lw=0.8, alpha=0.6)
@@ -405,12 +345,12 @@ def line_figure(result: dict, path: str, title: str | None = None) -> str:
   ax_loss.set_yscale("log")
   fig.suptitle(title or f"Interpolation, batch-norm statistics "
                f"{result.get('bn_stats', '')}")
-  return _save(fig, path)
+  return figures.save_png(fig, path)
 
 
 def plane_figure(result: dict, path: str, title: str | None = None) -> str:
   """Contours of log10 train and test loss over the plane, as a PNG."""
-  plt = _pyplot()
+  plt = figures.pyplot()
   fig, axes = plt.subplots(1, 2, figsize=(10, 4.3))
   a, b = np.meshgrid(result["alphas"], result["betas"], indexing="ij")
   for ax, split in zip(axes, ("train", "test")):
@@ -426,5 +366,5 @@ def plane_figure(result: dict, path: str, title: str | None = None) -> str:
     ax.set_ylabel("direction 2")
     ax.set_title(f"{split} loss")
   fig.suptitle(title or "Filter-normalised random plane (Li et al. 2018)")
-  return _save(fig, path)
+  return figures.save_png(fig, path)
 

@@ -4,8 +4,9 @@ The diagonal block H_ll of layer l (the second derivatives with respect to
 that layer's weights alone) says where the curvature lives: which layers a
 large lambda_max comes from, and how it changes with depth or batch norm.
 Each block's largest eigenvalue is found by power iteration on products with
-that block only (`hvp.select_params`); by Cauchy interlacing it is at most
-the whole Hessian's largest eigenvalue in magnitude, which a test checks.
+that block only (`objective.function.select_params`); by Cauchy interlacing
+it is at most the whole Hessian's largest eigenvalue in magnitude, which a
+test checks.
 """
 
 from __future__ import annotations
@@ -14,12 +15,7 @@ from typing import Callable
 
 from tfcapacity.curvature import eigen
 from tfcapacity.curvature import hvp
-
-
-def weighted_layers(model) -> list[str]:
-  """Names of the layers with trainable weights, in model order."""
-  return [layer.name for layer in hvp._all_layers(model)  # pylint: disable=protected-access
-          if layer.trainable_weights and not hasattr(layer, "layers")]
+from tfcapacity.models import layers as layers_lib
 
 
 def per_layer(model, operator_for: Callable[[str], "hvp.HessianOperator"], *,
@@ -30,10 +26,11 @@ def per_layer(model, operator_for: Callable[[str], "hvp.HessianOperator"], *,
   """lambda_max of each layer's diagonal Hessian block.
 
   Args:
-    model: the Keras model (for its layer names).
+    model: the Keras model (for its layer names,
+      `models.layers.weighted_layers`).
     operator_for: builds the operator of one layer's block, e.g.
       `lambda name: hvp.HessianOperator(model, x, y,
-      params=hvp.select_params(model, [name]))`.
+      params=function_lib.select_params(model, [name]))`.
     layers: layer names (default: every layer with trainable weights).
     tol, max_iterations, seed: power-iteration settings.
     progress: called as `progress(layers_done, {"layer": name})`.
@@ -43,7 +40,7 @@ def per_layer(model, operator_for: Callable[[str], "hvp.HessianOperator"], *,
     relative_residual, iterations, converged.
   """
   rows = []
-  for name in layers or weighted_layers(model):
+  for name in layers or layers_lib.weighted_layers(model):
     op = operator_for(name)
     result = eigen.power_iteration(op, tol=tol,
                                    max_iterations=max_iterations, seed=seed)

@@ -13,8 +13,8 @@ found (a warm start: between nearby models it converges in a few products).
 Optionally the top-k eigenvalues (`--curvature_top_k`, by deflation or with
 `--curvature_method=lanczos`) and the trace (`--curvature_trace_probes`).
 
-Scalars, logged to TensorBoard and to results.json (the history row of the
-evaluation, or `measurements` between evaluations):
+Scalars, logged to TensorBoard and to results.json's `measurements` rows
+(`rundir.series` reads one over a run):
   curvature/lambda_max, curvature/relative_residual, curvature/iterations,
   curvature/eigenvalue_2 ..., curvature/trace, curvature/trace_stderr,
   curvature/lambda_max_test, curvature/lambda_max_test_std.
@@ -72,7 +72,7 @@ class CurvatureCallback(callbacks_lib.Callback):
   def _operator(self, ctx, x, y):
     cfg = self.cfg
     return hvp.HessianOperator(
-        ctx.model, x, y, bn_mode=cfg.curvature_bn_mode,
+        ctx.model, x, y, loss=cfg.loss, bn_mode=cfg.curvature_bn_mode,
         batch_size=cfg.curvature_batch_size or None, strategy=ctx.strategy,
         ghost_batch_size=(cfg.ghost_batch_size
                           if cfg.normalization == "ghost" else None))

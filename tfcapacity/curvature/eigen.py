@@ -77,7 +77,6 @@ on the same device gives the same result.
 from __future__ import annotations
 
 import dataclasses
-import io
 import math
 from typing import Any, Callable, Protocol, Sequence
 
@@ -88,7 +87,7 @@ import scipy.special
 import tensorflow as tf
 
 from tfcapacity.errors import UserError, choices_error
-from tfcapacity import rundir
+from tfcapacity import figures
 
 WHICH = ("LM", "LA")
 # progress(iteration, info): iteration counts matvecs so far in the call.
@@ -899,9 +898,7 @@ def density_figure(density: Density, path: str, title: str | None = None,
   Returns:
     path.
   """
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+  plt = figures.pyplot()
   level = floor * float(np.max(density.values))
   fig, ax = plt.subplots(figsize=(6, 4.2))
   ax.semilogy(density.grid, np.maximum(density.values, level), color="C0")
@@ -911,12 +908,7 @@ def density_figure(density: Density, path: str, title: str | None = None,
   ax.set_title(title or f"Hessian eigenvalue density (SLQ, {len(density.nodes)}"
                f" runs, sigma={density.sigma:.3g})")
   ax.grid(alpha=0.3)
-  fig.tight_layout()
-  buf = io.BytesIO()
-  fig.savefig(buf, format="png", dpi=120)
-  plt.close(fig)
-  rundir.atomic_write(path, buf.getvalue())
-  return path
+  return figures.save_png(fig, path)
 
 
 # --- Serialisation -----------------------------------------------------------

@@ -37,6 +37,7 @@ from tfcapacity.curvature import hvp
 from tfcapacity.errors import UserError
 from tfcapacity.models import layers as layers_lib
 from tfcapacity.training import callbacks as callbacks_lib
+from tfcapacity.objective import function as function_lib
 
 _SALT = 0x11A2
 
@@ -98,10 +99,10 @@ class LinearizationCallback(callbacks_lib.Callback):
     index = fixed_indices(cfg.seed, ctx.train_data.info.num_examples,
                           cfg.linearize_examples)
     x, y = ctx.train_data.examples(index)
-    params = hvp.select_params(ctx.model, None, include_slopes=True)
+    params = function_lib.select_params(ctx.model, None, include_slopes=True)
     self.operator = hvp.HessianOperator(
-        ctx.model, x, y, params=params, bn_mode=cfg.curvature_bn_mode,
-        strategy=ctx.strategy,
+        ctx.model, x, y, params=params, loss=cfg.loss,
+        bn_mode=cfg.curvature_bn_mode, strategy=ctx.strategy,
         ghost_batch_size=(cfg.ghost_batch_size
                           if cfg.normalization == "ghost" else None))
 

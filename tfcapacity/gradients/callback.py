@@ -81,7 +81,7 @@ class GradientStatisticsCallback(callbacks_lib.Callback):
         ctx.model, *self.examples, chunk_size=cfg.gradients_chunk_size,
         projection_dim=cfg.gradients_projection_dim or None, seed=cfg.seed,
         strategy=ctx.strategy, per_layer=per_layer, ntk=cfg.gradients_ntk,
-        feature_layer=cfg.gradients_feature_layer or None)
+        feature_layer=cfg.gradients_feature_layer or None, loss=cfg.loss)
     gram, layers = found.gram, found.layer_grams
     out = scalars(found.values, "gradients")
     out.update({f"gradients/{key}": value

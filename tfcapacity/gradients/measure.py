@@ -28,11 +28,13 @@ def measure(model, x, y, *, params=None,
             chunk_size: int = per_example.DEFAULT_CHUNK_SIZE,
             projection_dim: int | None = None, seed: int = 0, strategy=None,
             per_layer: bool = False, ntk: bool = False,
-            feature_layer: str | None = None) -> Measurement:
+            feature_layer: str | None = None,
+            loss: str = "cross_entropy") -> Measurement:
   """The statistics and Gram spectra of `model` on the examples (x, y).
 
   Args:
-    As `per_example.gradient_inner_products`, and
+    As `per_example.gradient_inner_products` (`loss` names the per-example
+    loss of G; the neural-tangent kernel is the logits' and has none), and
     ntk: also `ntk_min_eigenvalue`, `ntk_max_eigenvalue`,
       `ntk_condition_number` of the logits' neural-tangent Gram matrix.
     feature_layer: also `features_*` of this layer's F F^T / width
@@ -44,8 +46,8 @@ def measure(model, x, y, *, params=None,
   """
   options = dict(params=params, chunk_size=chunk_size,
                  projection_dim=projection_dim, seed=seed, strategy=strategy)
-  found = per_example.gradient_inner_products(model, x, y,
-                                              per_layer=per_layer, **options)
+  found = per_example.gradient_inner_products(
+      model, x, y, per_layer=per_layer, loss=loss, **options)
   gram, layer_grams = found if per_layer else (found, {})
   values = {**statistics.summarize(gram),
             **statistics.named_spectrum(gram, "gram")}

@@ -2,8 +2,9 @@
 
 The object of Sankararaman, De, Xu, Huang & Goldstein (2020), "The impact of
 neural network overparameterization on gradient confusion and stochastic
-gradient descent" (Sec. 2): f_i is the softmax cross-entropy of example i,
-and every statistic of `tfcapacity.gradients.statistics` is a function of
+gradient descent" (Sec. 2): f_i is the loss of example i (`--loss`: the
+softmax cross-entropy of the paper, or the squared loss of Du et al.,
+`tfcapacity.objective.losses`), and every statistic of `tfcapacity.gradients.statistics` is a function of
 the rows g_i of the n x P matrix M or of its Gram matrix G = M M^T.
 
 How they are computed: one batched pass where the layer allows it,
@@ -39,8 +40,10 @@ How they are computed: one batched pass where the layer allows it,
     fall back to a while loop for an op (`Conv2DBackpropFilter`,
     tensorflow#34496) one absl warning per op and process names it; TF's own
     per-op messages are held back.
-  * The model is evaluated with `model.stateless_call` on tensors that stand
-    in for its variables (`hvp._KerasFunction`), so it never changes.
+  * The model is evaluated as a function of its weights
+    (`tfcapacity.objective.function`: `model.stateless_call` on tensors
+    that stand in for its variables, or a SavedModel's `serve`), so it
+    never changes.
   * Batch norm uses its moving statistics (`bn_mode="inference"`) and only
     that: the batch statistics of a single example are ill-defined.
   * Examples go through a `tf.function` with a fixed input signature, one
@@ -85,9 +88,11 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tfcapacity.curvature import hvp
+from tfcapacity import objective
 from tfcapacity.errors import UserError, choices_error
 from tfcapacity.models import layers as layers_lib
+from tfcapacity.objective import examples as examples_lib
+from tfcapacity.objective import function as function_lib
 from tfcapacity.objective import losses
 
 # Entries of one generated block of the projection (16 MB of float32).
@@ -134,8 +139,8 @@ def _layer_slices(params, num_outputs: int = 1
 
 
 def _check_bn_mode(bn_mode):
-  if bn_mode not in hvp.BN_MODES:
-    raise choices_error("--bn_mode", bn_mode, hvp.BN_MODES)
+  if bn_mode not in objective.BN_MODES:
+    raise choices_error("--bn_mode", bn_mode, objective.BN_MODES)
   if bn_mode != "inference":
     raise UserError(
         f"per-example gradients need --bn_mode=inference, not {bn_mode}: "
@@ -259,12 +264,12 @@ def _find_probes(model, function, params, input_shape) -> list[_Probe]:
   # Layers holding each variable (a nested model's own list left out): a
   # probe sees one use of a variable, so a tied one keeps the vmap path.
   owners = {}
-  for layer in hvp._all_layers(model):
+  for layer in layers_lib.all_layers(model):
     if not isinstance(layer, keras.Model):
       for var in layer.weights:
         owners[id(var)] = owners.get(id(var), 0) + 1
   candidates = []
-  for layer in hvp._all_layers(model):
+  for layer in layers_lib.all_layers(model):
     kind = _probe_kind(layer)
     if kind is None:
       continue
@@ -455,8 +460,10 @@ class PerExampleGradients:
                bn_mode: str = "inference", chunk_size: int = DEFAULT_CHUNK_SIZE,
                projection_dim: int | None = None,
                strategy: tf.distribute.Strategy | None = None,
-               output: str = "loss"):
+               output: str = "loss", loss: str = "cross_entropy"):
     _check_bn_mode(bn_mode)
+    self.loss = loss
+    self.loss_fn = losses.get(loss)
     if output not in OUTPUTS:
       raise choices_error("output", output, OUTPUTS)
     if int(chunk_size) < 1:
@@ -469,7 +476,7 @@ class PerExampleGradients:
     self.chunk_size = -(-int(chunk_size) // self.replicas) * self.replicas
     self.input_shape = tuple(int(s) for s in input_shape)
     self.output = output
-    self.function = _function(model, params)
+    self.function = function_lib.model_function(model, params)
     self.params = self.function.params
     self.num_outputs = (
         1 if output == "loss" else
@@ -515,11 +522,11 @@ class PerExampleGradients:
       with tf.GradientTape() as tape:
         tape.watch(chosen)
         logits = self.function.logits(values, xi[None])
-        loss = losses.cross_entropy(yi[None], logits)[0]
+        loss = self.loss_fn(yi[None], logits)[0]
         target = loss if self.output == "loss" else logits[0]
       if self.output == "loss":
         grads = tape.gradient(target, chosen)
-        return hvp.flatten([
+        return function_lib.flatten([
             tf.zeros(v.shape, tf.float32) if g is None
             else tf.cast(g, tf.float32) for g, v in zip(grads, chosen)])
       # [C, *shape] per variable, flattened variable by variable.
@@ -555,7 +562,7 @@ class PerExampleGradients:
       with _probing(self._probes, hook):
         logits = self.function.logits(values, x)
       if self.output == "loss":
-        target = tf.reduce_sum(losses.cross_entropy(y, logits))
+        target = tf.reduce_sum(self.loss_fn(y, logits))
       else:
         target = tf.reduce_sum(tf.cast(logits, tf.float32), axis=0)  # [C]
     order = range(len(self._probes))
@@ -703,29 +710,13 @@ class PerExampleGradients:
   # -- the interface ----------------------------------------------------------
 
   def _prepare(self, x, y):
-    x = np.asarray(x, np.float32)
-    y = np.asarray(y, np.int64)
-    if len(x) != len(y) or len(y) == 0:
-      raise UserError(f"need matching, non-empty examples; got {len(x)} "
-                      f"inputs and {len(y)} labels")
-    if x.shape[1:] != self.input_shape:
-      raise UserError(f"examples of shape {x.shape[1:]} given to gradients "
-                      f"built for {self.input_shape}")
-    hvp._check_examples(x, y)
-    return x, y
+    return examples_lib.check_examples(x, y, self.input_shape)
 
   def num_chunks(self, n: int) -> int:
     return -(-n // self.chunk_size)
 
   def _padded(self, x, y, index):
-    c = self.chunk_size
-    xs, ys = x[index * c:(index + 1) * c], y[index * c:(index + 1) * c]
-    rows = len(ys)
-    if rows < c:  # Padded rows are computed and dropped.
-      xs = np.concatenate([xs, np.zeros((c - rows, *xs.shape[1:]),
-                                        np.float32)])
-      ys = np.concatenate([ys, np.zeros(c - rows, np.int64)])
-    return tf.constant(xs), tf.constant(ys), rows
+    return examples_lib.padded_chunk(x, y, index, self.chunk_size)
 
   def chunk(self, x, y, index: int, seed: int = 0) -> np.ndarray:
     """Rows [index * chunk_size, ...) of the gradient matrix, float32."""
@@ -830,18 +821,6 @@ class PerExampleGradients:
     return self._chunk.experimental_get_tracing_count()
 
 
-def _function(model, params):
-  """logits(values, x) of a Keras model (stateless) or a SavedModel."""
-  if isinstance(model, keras.Model):
-    return hvp._KerasFunction(
-        model, params if params is not None else model.trainable_variables,
-        "inference", None)
-  if hasattr(model, "serve"):
-    return hvp._SavedModelFunction(model, params)
-  raise UserError("per-example gradients need a Keras model or a SavedModel "
-                  "with a 'serve' function")
-
-
 # One traced computation per (model, parameters, options, input shape), so
 # repeated calls (a training callback) do not retrace.
 _CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -851,20 +830,20 @@ def get_computation(model, input_shape, *, params=None,
                     bn_mode: str = "inference",
                     chunk_size: int = DEFAULT_CHUNK_SIZE,
                     projection_dim: int | None = None,
-                    strategy=None, output: str = "loss"
-                    ) -> PerExampleGradients:
+                    strategy=None, output: str = "loss",
+                    loss: str = "cross_entropy") -> PerExampleGradients:
   """The cached `PerExampleGradients` for these options (built if new)."""
   _check_bn_mode(bn_mode)
   strategy = strategy or tf.distribute.get_strategy()
   chosen = params if params is not None else model.trainable_variables
   key = (tuple(id(p) for p in chosen), int(chunk_size), projection_dim,
-         id(strategy), tuple(int(s) for s in input_shape), output)
+         id(strategy), tuple(int(s) for s in input_shape), output, loss)
   per_model = _CACHE.setdefault(model, {})
   if key not in per_model:
     per_model[key] = PerExampleGradients(
         model, input_shape, params=params, bn_mode=bn_mode,
         chunk_size=chunk_size, projection_dim=projection_dim,
-        strategy=strategy, output=output)
+        strategy=strategy, output=output, loss=loss)
   return per_model[key]
 
 
@@ -872,14 +851,15 @@ def per_example_gradients(model, x, y, *, params=None,
                           bn_mode: str = "inference",
                           chunk_size: int = DEFAULT_CHUNK_SIZE,
                           projection_dim: int | None = None, seed: int = 0,
-                          strategy=None, output: str = "loss") -> PerExample:
-  """The per-example gradients of each example's own cross-entropy.
+                          strategy=None, output: str = "loss",
+                          loss: str = "cross_entropy") -> PerExample:
+  """The per-example gradients of each example's own loss.
 
   Args:
     model: a Keras model (left unchanged).
     x, y: examples and integer labels (numpy).
     params: the variables (default: every trainable one); see
-      `hvp.select_params`.
+      `objective.function.select_params`.
     bn_mode: must be "inference" (moving statistics).
     chunk_size: examples per traced call; bounds memory.
     projection_dim: project each gradient to this many dimensions with a
@@ -888,6 +868,7 @@ def per_example_gradients(model, x, y, *, params=None,
     strategy: the distribution strategy (default: the current one).
     output: "loss" (each example's loss gradient) or "logits" (its logit
       Jacobian, C x P numbers; see `PerExampleGradients`).
+    loss: the per-example loss, a name of `objective.LOSSES`.
 
   Returns:
     A `PerExample`, rows in the order of `x`.
@@ -899,7 +880,7 @@ def per_example_gradients(model, x, y, *, params=None,
   computation = get_computation(
       model, x.shape[1:], params=params, bn_mode=bn_mode,
       chunk_size=chunk_size, projection_dim=projection_dim,
-      strategy=strategy, output=output)
+      strategy=strategy, output=output, loss=loss)
   return computation(x, y, seed=seed)
 
 
@@ -908,7 +889,8 @@ def gradient_inner_products(model, x, y, *, params=None,
                             chunk_size: int = DEFAULT_CHUNK_SIZE,
                             projection_dim: int | None = None, seed: int = 0,
                             strategy=None, per_layer: bool = False,
-                            output: str = "loss"):
+                            output: str = "loss",
+                            loss: str = "cross_entropy"):
   """G = M M^T of the per-example gradients, float64 [n, n].
 
   Accumulated block by block from chunks of gradients (chunk_i chunk_j^T),
@@ -928,5 +910,5 @@ def gradient_inner_products(model, x, y, *, params=None,
   computation = get_computation(
       model, x.shape[1:], params=params, bn_mode=bn_mode,
       chunk_size=chunk_size, projection_dim=projection_dim,
-      strategy=strategy, output=output)
+      strategy=strategy, output=output, loss=loss)
   return computation.inner_products(x, y, seed=seed, per_layer=per_layer)

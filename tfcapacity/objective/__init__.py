@@ -25,6 +25,8 @@ LOSSES = ("cross_entropy", "squared")
 # Batch-norm statistics inside a measured loss: the moving statistics, those
 # of each batch, or those of fixed sub-batches ("ghost" batches).
 BN_MODES = ("inference", "batch", "ghost")
+# Hessian-vector products: nested tapes, or forward-over-reverse.
+HVP_METHODS = ("reverse", "forward")
 
 _LAZY = {"Objective": "objective", "FixedExamples": "examples",
          "ModelFunction": "function"}

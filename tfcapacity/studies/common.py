@@ -1,7 +1,7 @@
 """What the study tools share: figures, TensorBoard images, tool scaffolding.
 
 The reports (capacity, confusion_study, random_labels, maxibatch) turn
-matplotlib figures into PNG bytes with `png`, write them atomically and as
+matplotlib figures into PNG bytes with `tfcapacity.figures.png`, write them atomically and as
 TensorBoard images with `write_figures`. The tools (tools/sweep.py and
 tools/*_study.py) take the training runs' base flagfile as `--flagfile`
 (`base_flagfile_arg`), exit cleanly on SIGTERM (`exit_on_sigterm`), split
@@ -11,7 +11,6 @@ with status 1 when some run did not finish (`exit_if_unfinished`).
 
 from __future__ import annotations
 
-import io
 import os
 import signal
 import sys
@@ -25,16 +24,6 @@ from tfcapacity import rundir
 
 
 # --- Figures -----------------------------------------------------------------
-
-
-def png(fig, dpi: int = 120) -> bytes:
-  """The figure as PNG bytes (tight layout); the figure is closed."""
-  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
-  buf = io.BytesIO()
-  fig.tight_layout()
-  fig.savefig(buf, format="png", dpi=dpi)
-  plt.close(fig)
-  return buf.getvalue()
 
 
 def write_tensorboard_images(pngs: Mapping[str, bytes], logdir: str,

@@ -47,6 +47,7 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
+from tfcapacity import figures
 from tfcapacity.errors import UserError
 from tfcapacity.studies import common
 from tfcapacity.studies import sweep
@@ -177,8 +178,9 @@ class Run:
   name: str
   flags: dict
   state: str  # completed or diverged
-  history: list[dict]
+  history: list[dict]  # evaluation rows
   variant: bool = False
+  measurements: list[dict] = dataclasses.field(default_factory=list)
 
   @property
   def batch_size(self) -> int:
@@ -188,18 +190,25 @@ class Run:
   def learning_rate(self) -> float:
     return float(self.flags["learning_rate"])
 
+  def series(self, key: str) -> list[tuple[int, int, float]]:
+    """(step, epoch, value) of an evaluation or callback scalar."""
+    return rundir.series({"history": self.history,
+                          "measurements": self.measurements}, key)
+
   def final(self, key: str) -> float:
     """The last logged value of `key` (NaN if never logged)."""
-    for row in reversed(self.history):
-      if key in row:
-        return _float(row[key])
-    return math.nan
+    points = self.series(key)
+    return points[-1][2] if points else math.nan
+
+  def last_evaluation(self, key: str) -> float:
+    """`key` ("epoch", "step", ...) of the last evaluation row (or NaN)."""
+    return _float(self.history[-1].get(key)) if self.history else math.nan
 
   def curve(self, key: str) -> tuple[np.ndarray, np.ndarray]:
-    """(epochs, values) of the history rows that hold `key`."""
-    rows = [r for r in self.history if key in r]
-    return (np.array([float(r["epoch"]) for r in rows]),
-            np.array([_float(r[key]) for r in rows]))
+    """(epochs, values) of `key` over the run."""
+    points = self.series(key)
+    return (np.array([float(epoch) for _, epoch, _ in points]),
+            np.array([value for _, _, value in points]))
 
 
 def _float(value) -> float:
@@ -236,11 +245,14 @@ def load_run(cell_dir: str, variant: bool = False) -> Run | None:
              if k not in results["flags"]]
   if missing:
     raise UserError(f"{path}: 'flags' lacks {', '.join(missing)}")
-  for row in results["history"]:
-    if "epoch" not in row:
-      raise UserError(f"{path}: a history row has no 'epoch'")
+  measurements = results.get("measurements", [])
+  for rows, name in ((results["history"], "history"),
+                     (measurements, "measurements")):
+    for row in rows:
+      if "epoch" not in row or "step" not in row:
+        raise UserError(f"{path}: a {name} row has no 'epoch' or 'step'")
   return Run(os.path.basename(os.path.normpath(cell_dir)), results["flags"],
-             state, results["history"], variant)
+             state, results["history"], variant, measurements)
 
 
 def load_runs(study_dir: str, cells: Iterable[sweep.Cell]
@@ -398,7 +410,8 @@ def row(run: Run) -> dict:
   return {
       "run": run.name, "status": run.state,
       "batch_size": run.batch_size, "learning_rate": run.learning_rate,
-      "epoch": run.final("epoch"), "step": run.final("step"),
+      "epoch": run.last_evaluation("epoch"),
+      "step": run.last_evaluation("step"),
       "train_top1_error": 100 * run.final("train_top1_error"),
       "test_top1_error": 100 * run.final("test_top1_error"),
       "train_loss": run.final("train_loss"),
@@ -526,7 +539,7 @@ def figures(report: Report, interpolations: dict | None = None
   Fig. 6 only with variants)."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
-  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+  plt = figures.pyplot()
   ms = [m for m in report.batch_sizes if report.best[m] is not None]
   cmap = plt.get_cmap("viridis")
 
@@ -557,7 +570,7 @@ def figures(report: Report, interpolations: dict | None = None
     ax.grid(alpha=0.3)
   axes[0].legend(fontsize=8)
   fig.suptitle("Fig. 1: same epochs for every m")
-  out["maxibatch_fig1_error_vs_batch_size.png"] = common.png(fig)
+  out["maxibatch_fig1_error_vs_batch_size.png"] = figures.png(fig)
 
   if interpolations:
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
@@ -581,7 +594,7 @@ def figures(report: Report, interpolations: dict | None = None
     axes[0].set_yscale("log")
     axes[0].legend(fontsize=6)
     fig.suptitle("Fig. 2: (1-alpha)·θ_small + alpha·θ_large")
-    out["maxibatch_fig2_interpolation.png"] = common.png(fig)
+    out["maxibatch_fig2_interpolation.png"] = figures.png(fig)
 
   largest = ms[-1] if ms else None
   for number, key, what in ((3, LAMBDA_TRAIN, "training examples"),
@@ -612,7 +625,7 @@ def figures(report: Report, interpolations: dict | None = None
     axes[0].set_ylabel("lambda_max")
     fig.suptitle(f"Fig. {number}: top Hessian eigenvalue on {what}")
     name = "train" if key == LAMBDA_TRAIN else "test"
-    out[f"maxibatch_fig{number}_lambda_max_{name}.png"] = common.png(fig)
+    out[f"maxibatch_fig{number}_lambda_max_{name}.png"] = figures.png(fig)
 
   fig, ax = plt.subplots(figsize=(6.5, 4.2))
   for m in ms:
@@ -629,7 +642,7 @@ def figures(report: Report, interpolations: dict | None = None
   ax.set_title("Fig. 5: distance from the initial parameters")
   ax.grid(alpha=0.3)
   ax.legend(fontsize=7)
-  out["maxibatch_fig5_distance.png"] = common.png(fig)
+  out["maxibatch_fig5_distance.png"] = figures.png(fig)
 
   base = report.baseline()
   shown = [r for r in report.variants if r.state == sweep.COMPLETED]
@@ -652,7 +665,7 @@ def figures(report: Report, interpolations: dict | None = None
     axes[0].legend(fontsize=7)
     fig.suptitle(f"Fig. 6: m={base.batch_size} with gradient noise "
                  f"(Sec. 2.4) and adaptive linearisation (Sec. 2.5)")
-    out["maxibatch_fig6_noise_linearization.png"] = common.png(fig)
+    out["maxibatch_fig6_noise_linearization.png"] = figures.png(fig)
   return out
 
 

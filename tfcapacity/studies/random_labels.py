@@ -41,6 +41,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from tfcapacity import figures
 from tfcapacity.errors import UserError
 from tfcapacity.studies import common
 from tfcapacity.studies import sweep
@@ -176,17 +177,9 @@ def steps_to_threshold(steps: Sequence[int], losses: Sequence[float],
 
 
 def measurement_series(results: dict, key: str) -> list[tuple[int, float]]:
-  """(step, value) of a callback scalar over training, sorted by step.
-
-  The loop puts a measurement that falls on an evaluation step in that
-  evaluation's history row, others in "measurements" rows.
-  """
-  series = {}
-  for row in [*results.get("history", []), *results.get("measurements", [])]:
-    if key in row:
-      # float() also reads the "nan" and "inf" strings of results.json.
-      series[int(row["step"])] = float(row[key])
-  return sorted(series.items())
+  """(step, value) of a callback scalar over training, sorted by step
+  (`rundir.series`, which reads either results.json layout)."""
+  return [(step, value) for step, _, value in rundir.series(results, key)]
 
 
 @dataclasses.dataclass
@@ -385,12 +378,6 @@ def summary_json(runs: Sequence[Run], best: dict, unfinished: Sequence[str],
 # --- Figures -----------------------------------------------------------------
 
 
-def _plt():
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
-  return plt
-
 
 
 def _depth_axis(ax, depths, label="depth (hidden layers / residual blocks)"):
@@ -413,7 +400,7 @@ def figures(best: dict, threshold: float = THRESHOLD) -> dict[str, bytes]:
   """
   if not best:
     raise UserError("no finished runs to plot yet; run the study first")
-  plt = _plt()
+  plt = figures.pyplot()
   models = _models(best)
   widths = sorted({w for _, _, w in best})
   depths = sorted({d for _, d, _ in best})
@@ -443,7 +430,7 @@ def figures(best: dict, threshold: float = THRESHOLD) -> dict[str, bytes]:
     ax.grid(alpha=0.3)
   axes[0][0].set_ylabel("final training loss (random labels)")
   axes[0][-1].legend(fontsize=8)
-  out["random_labels_final_loss.png"] = common.png(fig)
+  out["random_labels_final_loss.png"] = figures.png(fig)
 
   # Steps to the threshold against depth; not reached drawn above the budget.
   fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 3.8),
@@ -470,7 +457,7 @@ def figures(best: dict, threshold: float = THRESHOLD) -> dict[str, bytes]:
     ax.grid(alpha=0.3)
   axes[0][0].set_ylabel(f"GD steps (budget {budget}, dotted)")
   axes[0][-1].legend(fontsize=8)
-  out["random_labels_steps_to_threshold.png"] = common.png(fig)
+  out["random_labels_steps_to_threshold.png"] = figures.png(fig)
 
   # Loss curves and Gram eigenvalues: one panel per (model, width).
   for name, draw, ylabel in (
@@ -512,7 +499,7 @@ def figures(best: dict, threshold: float = THRESHOLD) -> dict[str, bytes]:
           ax.set_ylabel(ylabel, fontsize=8)
     if any_data:
       axes[0][-1].legend(fontsize=7)
-      out[name] = common.png(fig)
+      out[name] = figures.png(fig)
     else:
       plt.close(fig)
 
@@ -538,7 +525,7 @@ def figures(best: dict, threshold: float = THRESHOLD) -> dict[str, bytes]:
     axes[0][0].set_ylabel(f"least eigenvalue (values <= {SINGULAR:g} left "
                           f"out)", fontsize=8)
     axes[0][-1].legend(fontsize=7, ncol=2)
-    out["random_labels_gram_at_init.png"] = common.png(fig)
+    out["random_labels_gram_at_init.png"] = figures.png(fig)
   return out
 
 
