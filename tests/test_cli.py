@@ -126,8 +126,11 @@ def test_two_worker_run_matches_single_worker(tmp_path):
   with open(os.path.join(multi, "results.json")) as f:
     two = json.load(f)
   assert two["num_replicas"] == 2
+  assert len(one["history"]) == len(two["history"]) == 3
   for a, b in zip(one["history"], two["history"]):
     assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
+  assert len(one["measurements"]) == len(two["measurements"]) == 3
+  for a, b in zip(one["measurements"], two["measurements"]):
     assert a["curvature/lambda_max"] == pytest.approx(
         b["curvature/lambda_max"], rel=1e-4)
     assert a["curvature/lambda_max_test"] == pytest.approx(

@@ -208,22 +208,32 @@ def fake_run(part_dir, cell, results, **flags):
   rundir.write_json(os.path.join(cell_dir, rundir.RESULTS_FILE), results)
 
 
-def test_training_rows_from_run_directories(tmp_path):
+@pytest.mark.parametrize("layout", ["callbacks_in_history", "measurements"])
+def test_training_rows_from_run_directories(tmp_path, layout):
   part = study.Part("train_t", (("depth", ("1", "2", "3")),))
   c1, c2, c3 = part.cells()
+  evaluations = [{"step": 0, "epoch": 0, "train_loss": 2.0},
+                 {"step": 10, "epoch": 1, "train_loss": 1.0},
+                 {"step": 20, "epoch": 2, "train_loss": 0.5,
+                  "train_top1_error": 0.25}]
+  measured = [
+      {"step": 0, "epoch": 0, "gradients/min_cosine": -0.5,
+       "gradients/mean_cosine": 0.1, "gradients/gradient_confusion": 4.0},
+      {"step": 5, "epoch": 0, "gradients/min_cosine": -0.3,
+       "gradients/mean_cosine": 0.2, "gradients/gradient_confusion": 2.0},
+      {"step": 20, "epoch": 2, "gradients/min_cosine": -0.1,
+       "gradients/mean_cosine": 0.3, "gradients/gradient_confusion": 1.0}]
+  if layout == "measurements":  # As the loop writes results.json now.
+    history, measurements = evaluations, measured
+  else:  # Before: a callback's row at an evaluation joined the evaluation.
+    history = [dict(row) for row in evaluations]
+    history[0].update(measured[0])
+    history[2].update(measured[2])
+    measurements = [measured[1]]
   results = {
       "status": "completed", "steps": 20, "total_steps": 20,
-      "steps_per_epoch": 10, "num_parameters": 99,
-      "history": [
-          {"step": 0, "train_loss": 2.0, "gradients/min_cosine": -0.5,
-           "gradients/mean_cosine": 0.1, "gradients/gradient_confusion": 4.0},
-          {"step": 10, "train_loss": 1.0},
-          {"step": 20, "train_loss": 0.5, "train_top1_error": 0.25,
-           "gradients/min_cosine": -0.1, "gradients/mean_cosine": 0.3,
-           "gradients/gradient_confusion": 1.0}],
-      "measurements": [{"step": 5, "gradients/min_cosine": -0.3,
-                        "gradients/mean_cosine": 0.2,
-                        "gradients/gradient_confusion": 2.0}]}
+      "steps_per_epoch": 10, "num_parameters": 99, "history": history,
+      "measurements": measurements}
   results["final"] = results["history"][-1]
   fake_run(str(tmp_path / "train_t"), c1, results, depth=1)
   fake_run(str(tmp_path / "train_t"), c2, {**results, "status": "running",
@@ -319,8 +329,9 @@ def test_tool_runs_reports_and_rerun_skips_finished_work(tmp_path):
   steps = sweep.read_csv(str(report / "confusion_training.csv"))
   assert [int(r["step"]) for r in steps] == [0, 2, 4]
   results = rundir.read_results(str(study_dir / "train_d" / "depth=1"))
+  assert [m["step"] for m in results["measurements"]] == [0, 2, 4]
   assert float(steps[1]["min_cosine"]) == pytest.approx(
-      results["measurements"][0]["gradients/min_cosine"])
+      results["measurements"][1]["gradients/min_cosine"])
   assert (report / "confusion_init_w.png").exists()
   assert (report / "confusion_train_d.png").exists()
 

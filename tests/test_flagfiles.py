@@ -7,7 +7,7 @@ import pytest
 import tensorflow as tf
 
 from tfcapacity import config
-from tfcapacity import training
+from tfcapacity import measurements
 
 FLAGS_DIR = os.path.join(os.path.dirname(__file__), "..", "flags")
 
@@ -34,7 +34,7 @@ def test_flagfile_parses_to_known_flags(path):
 def test_quickstart_reaches_two_percent_training_error(tmp_path):
   cfg = load("quickstart.flags").replace(model_dir=str(tmp_path / "q"),
                                          progress_bar=False, export=False)
-  results = training.train(cfg, tf.distribute.OneDeviceStrategy("/cpu:0"))
+  results = measurements.train(cfg, tf.distribute.OneDeviceStrategy("/cpu:0"))
   assert results["final"]["train_top1_error"] < 0.02
   assert results["final"]["epoch"] == 40
 
@@ -46,7 +46,7 @@ def test_quickstart_reaches_two_percent_training_error(tmp_path):
 def test_cpu_study_flagfiles_run(tmp_path, name, overrides):
   cfg = load(name).replace(model_dir=str(tmp_path / "run"), steps=3,
                            progress_bar=False, export=False, **overrides)
-  results = training.train(cfg, tf.distribute.OneDeviceStrategy("/cpu:0"))
+  results = measurements.train(cfg, tf.distribute.OneDeviceStrategy("/cpu:0"))
   assert results["status"] == "completed"
   assert results["steps"] == 3
 

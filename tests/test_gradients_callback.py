@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 
 from tfcapacity import data
-from tfcapacity import training
+from tfcapacity import measurements
 from tfcapacity.gradients import callback as gradients_callback
 
 FLAGS = dict(dataset="digits", width=6, depth=1, activation="tanh",
@@ -21,13 +21,15 @@ FLAGS = dict(dataset="digits", width=6, depth=1, activation="tanh",
 
 def run(tiny_cfg, model_dir, **overrides):
   cfg = tiny_cfg.replace(model_dir=str(model_dir), **{**FLAGS, **overrides})
-  return cfg, training.train(cfg, tf.distribute.OneDeviceStrategy("/cpu:0"))
+  return cfg, measurements.train(cfg,
+                                 tf.distribute.OneDeviceStrategy("/cpu:0"))
 
 
 def test_logged_statistics_equal_a_loop_of_single_example_tapes(tiny_cfg,
                                                                 tmp_path):
   cfg, results = run(tiny_cfg, tmp_path / "run")
-  row = results["history"][-1]
+  row = results["measurements"][-1]
+  assert row["step"] == results["history"][-1]["step"]  # The final model.
   model = keras.saving.load_model(os.path.join(tmp_path / "run",
                                                "model.keras"))
   train = data.get("digits", "train", cfg)

@@ -40,7 +40,12 @@ def history(train, test, lam, lam_test, dist, epochs=3):
   return rows
 
 
-def write_run(study, name, m, lr, rows, status="completed", **flags):
+def write_run(study, name, m, lr, rows, status="completed",
+              layout="measurements", **flags):
+  """A run's results.json: the callbacks' scalars (curvature/, distance/)
+  in `measurements` rows, as the loop writes them, or with
+  `layout="callbacks_in_history"` in the evaluations' rows, as it wrote them
+  before."""
   cell = os.path.join(study, name)
   os.makedirs(cell, exist_ok=True)
   steps = rows[-1]["step"] if rows else 0
@@ -49,6 +54,14 @@ def write_run(study, name, m, lr, rows, status="completed", **flags):
                        "lr_drop_epochs": ["2"], "grad_noise": "none",
                        "model_dir": cell, **flags},
              "history": rows}
+  if layout == "measurements":
+    def callback(key):
+      return "/" in key
+    results["history"] = [{k: v for k, v in r.items() if not callback(k)}
+                          for r in rows]
+    results["measurements"] = [
+        {"epoch": r["epoch"], "step": r["step"],
+         **{k: v for k, v in r.items() if callback(k)}} for r in rows]
   with open(os.path.join(cell, "results.json"), "w") as f:
     json.dump(results, f)
   with open(os.path.join(cell, "flags.txt"), "w") as f:
@@ -62,7 +75,8 @@ def study(tmp_path):
   write_run(d, "batch_size=50,learning_rate=0.1", 50, 0.1,
             history(0.01, 0.03, 40.0, 45.0, 30.0))
   write_run(d, "batch_size=50,learning_rate=0.3", 50, 0.3,
-            history(0.02, 0.02, 30.0, 35.0, 40.0))
+            history(0.02, 0.02, 30.0, 35.0, 40.0),
+            layout="callbacks_in_history")
   write_run(d, "batch_size=1400,learning_rate=0.1", 1400, 0.1,
             history(0.30, 0.32, 80.0, 90.0, 5.0))
   write_run(d, "batch_size=1400,learning_rate=0.3", 1400, 0.3,
@@ -203,10 +217,12 @@ def test_summary_picks_best_rate_by_training_error(study):
   assert claims["train_error_large_m"] == pytest.approx(0.30)
   # Equal training errors: the lower training loss wins.
   tied = [maxibatch.Run("a", {"batch_size": 8, "learning_rate": 0.1},
-                        "completed", [{"epoch": 1, "train_top1_error": 0.0,
+                        "completed", [{"epoch": 1, "step": 5,
+                                       "train_top1_error": 0.0,
                                        "train_loss": 0.02}]),
           maxibatch.Run("b", {"batch_size": 8, "learning_rate": 0.3},
-                        "completed", [{"epoch": 1, "train_top1_error": 0.0,
+                        "completed", [{"epoch": 1, "step": 5,
+                                       "train_top1_error": 0.0,
                                        "train_loss": 0.01}])]
   assert maxibatch.summarize(tied).best[8].name == "b"
   table = maxibatch.markdown(report)

@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 
 from tfcapacity import config
-from tfcapacity import training
+from tfcapacity import measurements
 from tfcapacity.errors import UserError
 from tfcapacity.studies import random_labels
 from tfcapacity.studies import sweep
@@ -62,11 +62,14 @@ def test_loss_curve_shifts_batch_losses_by_one_step():
 
 
 def test_measurement_series_merges_history_and_measurements():
+  # The layout before every callback row went to "measurements".
   results = {
-      "history": [{"step": 0, "train_loss": 1.0, "gradients/ntk_min_"
-                   "eigenvalue": 2.5}, {"step": 100, "train_loss": 0.5}],
-      "measurements": [{"step": 50, "gradients/ntk_min_eigenvalue": "nan"},
-                       {"step": 25, "gradients/ntk_min_eigenvalue": 3.0}]}
+      "history": [{"step": 0, "epoch": 0, "train_loss": 1.0,
+                   "gradients/ntk_min_eigenvalue": 2.5},
+                  {"step": 100, "epoch": 4, "train_loss": 0.5}],
+      "measurements": [
+          {"step": 50, "epoch": 2, "gradients/ntk_min_eigenvalue": "nan"},
+          {"step": 25, "epoch": 1, "gradients/ntk_min_eigenvalue": 3.0}]}
   series = random_labels.measurement_series(
       results, "gradients/ntk_min_eigenvalue")
   assert [s for s, _ in series] == [0, 25, 50]
@@ -219,7 +222,7 @@ def test_tiny_run_lowers_the_loss_and_is_read_back(tmp_path):
       mnist1d_examples=200, steps=30, eval_every=10,
       gradients_every_steps=15, gradients_examples=8, model_dir=cell_dir,
       progress_bar=False)
-  results = training.train(cfg, tf.distribute.OneDeviceStrategy("/cpu:0"))
+  results = measurements.train(cfg, tf.distribute.OneDeviceStrategy("/cpu:0"))
   assert results["steps_per_epoch"] == 1  # Every step sees all examples.
   run = random_labels.load_run(cell_dir, threshold=1e-3)
   assert run is not None and run.state == "completed"

@@ -352,11 +352,8 @@ GRADIENT_KEYS = {k: f"gradients/{k}" for k in (
 
 
 def _series(results: dict, key: str) -> dict[int, float]:
-  out = {}
-  for row in [*results.get("history", []), *results.get("measurements", [])]:
-    if key in row:
-      out[int(row["step"])] = float(row[key])
-  return out
+  """step -> value of `key` (`rundir.series`, either results.json layout)."""
+  return {step: value for step, _, value in rundir.series(results, key)}
 
 
 def training_rows(study_dir: str, part: Part) -> tuple[list[dict],
@@ -383,15 +380,14 @@ def training_rows(study_dir: str, part: Part) -> tuple[list[dict],
       continue
     cfg = rundir.load_config(cell_dir)
     base = {"part": part.name, **setting(cfg)}
-    losses = {int(r["step"]): r for r in results.get("history", [])}
+    losses = _series(results, "train_loss")
     series = {short: _series(results, key)
               for short, key in GRADIENT_KEYS.items()}
     steps = sorted(set(losses) | set().union(*series.values()))
     spe = int(results.get("steps_per_epoch") or 1)
     for step in steps:
       row = {**base, "step": step, "epoch": step / spe,
-             "train_loss": float(losses[step]["train_loss"])
-             if step in losses else ""}
+             "train_loss": losses.get(step, "")}
       for short in GRADIENT_KEYS:
         value = series[short].get(step)
         row[short] = "" if value is None else value
