@@ -32,6 +32,7 @@ from tfcapacity import config  # noqa: E402
 from tfcapacity import models  # noqa: E402
 from tfcapacity import training  # noqa: E402
 from tfcapacity.data import base  # noqa: E402
+from tfcapacity.models import layers as layers_lib  # noqa: E402
 
 _QUICK = flags.DEFINE_bool("quick", False, "Fewer steps (a smoke run).")
 _CASES = flags.DEFINE_list("cases", ["mlp", "resnet20"], "mlp, resnet20.")
@@ -64,7 +65,7 @@ def matmul_peak_gflops(n=2048, reps=20):
 def forward_flops(model):
   """FLOPs of one example's forward pass through Dense and Conv2D layers."""
   total = 0
-  for layer in model._flatten_layers(include_self=False):  # pylint: disable=protected-access
+  for layer in layers_lib.all_layers(model):
     if isinstance(layer, keras.layers.Dense):
       total += 2 * layer.kernel.shape[0] * layer.kernel.shape[1]
     elif isinstance(layer, keras.layers.Conv2D):

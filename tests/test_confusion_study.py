@@ -20,6 +20,8 @@ from tfcapacity.gradients import statistics
 from tfcapacity.studies import confusion_study as study
 from tfcapacity.studies import sweep
 from tfcapacity import rundir
+from tfcapacity.models import layers as layers_lib
+from tfcapacity.objective import function as function_lib
 import conftest  # tests/ is on sys.path (pytest rootdir conftest)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -134,7 +136,7 @@ def test_at_init_statistics_equal_a_brute_force_loop(overrides):
   train, model, x, y = build_as_the_study_does(cfg)
   if cfg.normalization != "none":
     xs, _ = train.examples(np.arange(train.info.num_examples))
-    assert study.calibrate_batch_norm(model, xs) == cfg.depth
+    assert function_lib.recompute_batch_norm(model, xs) == cfg.depth
   want = statistics.summarize(brute_force_gram(model, x, y))
   for key in ("gradient_confusion", "min_inner_product", "mean_inner_product",
               "min_cosine", "mean_cosine", "gradient_diversity"):
@@ -156,13 +158,12 @@ def test_calibrated_batch_norm_infers_what_training_mode_computes():
   before = model(xs, training=False).numpy()
   wanted = model(xs, training=True).numpy()
   assert np.abs(before - wanted).max() > 1e-3  # Identity BN differs.
-  momenta = [l.momentum for l in model._flatten_layers()
-             if hasattr(l, "moving_mean")]
-  study.calibrate_batch_norm(model, xs)
+  momenta = [l.momentum for l in layers_lib.batch_norm_layers(model)]
+  assert len(momenta) == 2
+  function_lib.recompute_batch_norm(model, xs, batch_size=7)  # Uneven batches.
   np.testing.assert_allclose(model(xs, training=False).numpy(), wanted,
                              rtol=1e-3, atol=1e-4)
-  assert momenta == [l.momentum for l in model._flatten_layers()
-                     if hasattr(l, "moving_mean")]  # Restored.
+  assert momenta == [l.momentum for l in layers_lib.batch_norm_layers(model)]
 
 
 def test_uncalibrated_batch_norm_matches_the_plain_mlp():

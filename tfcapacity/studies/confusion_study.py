@@ -37,8 +37,8 @@ Deviation to know about: per-example gradients use batch norm in inference
 mode (`tfcapacity.gradients.per_example`). A fresh model's moving statistics
 are mean 0 and variance 1, so batch norm at initialisation would be the
 identity map. At init this study therefore first sets the moving statistics
-to the batch statistics of the whole training set (`calibrate_batch_norm`,
-on by default); the gradients then treat those statistics as constants. A
+to the batch statistics of the whole training set
+(`objective.function.recompute_batch_norm`, on by default); the gradients then treat those statistics as constants. A
 training run's own step-0 measurement is uncalibrated, and later ones use
 the moving averages the run has accumulated (momentum --bn_momentum).
 
@@ -58,6 +58,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from tfcapacity import figures
 from tfcapacity.errors import UserError
 from tfcapacity.studies import common
 from tfcapacity.studies import sweep
@@ -183,36 +184,6 @@ def select(parts: Sequence[Part], names: Sequence[str] | None
 # --- Measurement at initialisation ------------------------------------------
 
 
-def calibrate_batch_norm(model, x) -> int:
-  """Sets every batch norm's moving statistics to the batch statistics of x.
-
-  One forward pass in training mode with momentum 0, so that afterwards the
-  model in inference mode computes on `x` what it computes in training mode
-  on the batch `x`. Returns the number of batch-norm layers set.
-  """
-  import keras  # pylint: disable=g-import-not-at-top
-  from tfcapacity.models import layers as layers_lib  # pylint: disable=g-import-not-at-top
-  norms = [l for l in model._flatten_layers()  # pylint: disable=protected-access
-           if isinstance(l, (keras.layers.BatchNormalization,
-                             layers_lib.GhostBatchNormalization))]
-  if not norms:
-    return 0
-  saved = [l.momentum for l in norms]
-  ghost = [getattr(l, "ghost_batch_size", None) for l in norms]
-  try:
-    for l in norms:
-      l.momentum = 0.0
-      if isinstance(l, layers_lib.GhostBatchNormalization):
-        l.ghost_batch_size = None  # Statistics of the whole of x.
-    model(np.asarray(x, np.float32), training=True)
-  finally:
-    for l, m, g in zip(norms, saved, ghost):
-      l.momentum = m
-      if isinstance(l, layers_lib.GhostBatchNormalization):
-        l.ghost_batch_size = g
-  return len(norms)
-
-
 def flat_statistics(gram: np.ndarray) -> dict:
   """`statistics.summarize(gram)` flattened, with the Gram's spectrum."""
   from tfcapacity.gradients import statistics  # pylint: disable=g-import-not-at-top
@@ -260,6 +231,7 @@ def measure_at_init(cfg, *, calibrate_bn: bool = True, cache=None) -> dict:
   from tfcapacity import models as models_lib  # pylint: disable=g-import-not-at-top
   from tfcapacity.gradients import callback  # pylint: disable=g-import-not-at-top
   from tfcapacity.gradients import per_example  # pylint: disable=g-import-not-at-top
+  from tfcapacity.objective import function as function_lib  # pylint: disable=g-import-not-at-top
   train = (cache or _DataCache()).get(cfg)
   info = train.info
   index = callback.fixed_indices(cfg.seed, info.num_examples,
@@ -270,7 +242,7 @@ def measure_at_init(cfg, *, calibrate_bn: bool = True, cache=None) -> dict:
   calibrated = 0
   if calibrate_bn and cfg.normalization != "none":
     xs, _ = train.examples(np.arange(info.num_examples))
-    calibrated = calibrate_batch_norm(model, xs)
+    calibrated = function_lib.recompute_batch_norm(model, xs)
   gram = per_example.gradient_inner_products(
       model, x, y, chunk_size=cfg.gradients_chunk_size)
   out = flat_statistics(gram)
@@ -490,12 +462,6 @@ def markdown_training(part: Part, runs: Sequence[dict],
 # --- Figures -----------------------------------------------------------------
 
 
-def _plt():
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
-  return plt
-
 
 
 _STAT_LABELS = {"min_cosine": "min pairwise cosine",
@@ -549,7 +515,7 @@ def _training_panel(ax, steps_rows, part, line_key, fixed, y_key):
   lines = {}
   for r in rows:
     lines.setdefault(r[line_key], []).append(r)
-  cmap = _plt().get_cmap("viridis")
+  cmap = figures.pyplot().get_cmap("viridis")
   ordered = sorted(lines, key=float) if all(
       _isnum(k) for k in lines) else sorted(lines, key=str)
   for i, key in enumerate(ordered):
@@ -580,7 +546,7 @@ def figures(parts: Sequence[Part], at_init: Sequence[dict],
   training parts plot the min cosine, the mean cosine and the training loss
   over the steps, one panel per value of their non-numeric flags.
   """
-  plt = _plt()
+  plt = figures.pyplot()
   agg = aggregate(at_init)
   out = {}
   for part in parts:
@@ -597,7 +563,7 @@ def figures(parts: Sequence[Part], at_init: Sequence[dict],
       axes[0].legend(fontsize=7)
       fig.suptitle(f"{part.name}: at initialisation ({_fixed_note(part, at_init)})",
                    fontsize=10)
-      out[f"confusion_{part.name}.png"] = common.png(fig)
+      out[f"confusion_{part.name}.png"] = figures.png(fig)
     else:
       if not any(r["part"] == part.name for r in steps_rows):
         continue
@@ -624,7 +590,7 @@ def figures(parts: Sequence[Part], at_init: Sequence[dict],
                           fontsize=8)
       axes[0][0].legend(fontsize=7)
       fig.suptitle(f"{part.name}: during training", fontsize=10)
-      out[f"confusion_{part.name}.png"] = common.png(fig)
+      out[f"confusion_{part.name}.png"] = figures.png(fig)
   summary = _training_summary(parts, runs)
   if summary:
     out["confusion_training_summary.png"] = summary
@@ -636,7 +602,7 @@ def _training_summary(parts: Sequence[Part], runs: Sequence[dict]
   """Per training part: min cosine averaged over each run's measurements
   (solid; diverged runs left out) and at step 0 (dotted) against width or
   depth."""
-  plt = _plt()
+  plt = figures.pyplot()
   parts = [p for p in parts if not p.at_init
            and any(r["part"] == p.name for r in runs)]
   if not parts:
@@ -672,7 +638,7 @@ def _training_summary(parts: Sequence[Part], runs: Sequence[dict]
     ax.legend(fontsize=7)
   axes[0][0].set_ylabel("min pairwise cosine: mean over training (solid),\n"
                         "step 0 (dotted)", fontsize=8)
-  return common.png(fig)
+  return figures.png(fig)
 
 
 def _numeric_key(part: Part) -> str:
