@@ -125,6 +125,29 @@ def test_midpoints_match_numpy(runs):
       np.sum((a - b) ** 2) for a, b in zip(*thetas))), rel=1e-6)
 
 
+def test_loss_flag_sets_the_loss_evaluated(runs):
+  n = 100
+  result = compute(f"--from={runs['plain_a']}", f"--to={runs['plain_b']}",
+                   "--num_points=3", "--alpha_range=0,1", "--loss=squared",
+                   f"--num_examples={n}", "--noshuffle")
+  assert result["loss"] == "squared"
+  thetas = [[np.asarray(v.numpy(), np.float64) for v in
+             rundir.load_run_model(runs[name])[0].weights]
+            for name in ("plain_a", "plain_b")]
+  x, y = examples(runs["plain_b"], "train", n)
+  onehot = np.eye(10)[y]
+  for i, alpha in enumerate(result["alphas"]):
+    k0, b0, k1, b1 = ((1 - alpha) * a + alpha * b
+                      for a, b in zip(*thetas))
+    logits = np.maximum(x @ k0 + b0, 0.0) @ k1 + b1
+    squared = np.mean(0.5 * np.sum((logits - onehot) ** 2, axis=1))
+    assert result["train_loss"][i] == pytest.approx(squared, rel=1e-5)
+    # Errors come from the logits whatever the loss.
+    assert result["train_top1_error"][i] == pytest.approx(
+        np_loss_error(logits, y)[1])
+    assert squared != pytest.approx(np_loss_error(logits, y)[0], rel=1e-2)
+
+
 def test_from_init_is_the_step_zero_checkpoint(runs):
   args = (f"--to={runs['plain_b']}", "--num_points=2", "--alpha_range=0,1",
           "--num_examples=50", "--noshuffle")

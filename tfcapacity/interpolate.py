@@ -243,10 +243,8 @@ def compute(fv: flags.FlagValues = flags.FLAGS, strategy=None) -> dict:
   if not train.is_keras:
     raise UserError("--to must give a Keras model")
   theta_b = landscape.snapshot(model)
-  if train.loss != "cross_entropy":  # Until landscape.Evaluator takes loss=.
-    raise UserError(f"the loss is {train.loss}, but the landscape evaluates "
-                    f"cross_entropy only for now; pass --loss=cross_entropy")
-  evaluator = landscape.Evaluator(model, fv.batch_size or DEFAULT_BATCH_SIZE)
+  evaluator = landscape.Evaluator(model, fv.batch_size or DEFAULT_BATCH_SIZE,
+                                  loss=train.loss)
   out = {"mode": "plane" if spec.plane else "line",
          "to": _end_point(train.description)}
   n = len(spec.alphas) ** (2 if spec.plane else 1)
