@@ -152,8 +152,9 @@ def define_analysis_flags(fv: flags.FlagValues = flags.FLAGS, *,
       f"whole split if smaller; -1 or 0: the whole split).", flag_values=fv)
   flags.DEFINE_bool(
       "shuffle", True,
-      "A random subset drawn with --seed (else the first N in storage "
-      "order).", flag_values=fv)
+      "The examples are a random subset drawn with --seed (else the first N "
+      "in storage order). Not the run's training --shuffle (epoch order).",
+      flag_values=fv)
   flags.DEFINE_integer(
       "seed", 0,
       f"Seed of this tool's random draws: the example draw (with "

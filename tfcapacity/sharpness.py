@@ -57,8 +57,9 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
                      flag_values=fv)
   flags.DEFINE_enum(
       "optimizer", "lbfgsb", list(sharpness_lib.METHODS),
-      "The inner maximisation: L-BFGS-B (the paper's) or projected sign "
-      "ascent.", flag_values=fv)
+      "The inner maximisation of the loss in the box: L-BFGS-B (the "
+      "paper's) or projected sign ascent. Not the run's training "
+      "--optimizer.", flag_values=fv)
   flags.DEFINE_integer(
       "subspace_dim", None,
       "Dimension of a random subspace (default: the full space).",
