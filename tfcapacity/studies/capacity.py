@@ -28,7 +28,7 @@ from typing import Sequence
 
 import numpy as np
 
-from tfcapacity import figures
+from tfcapacity import figures as figures_lib
 from tfcapacity.errors import UserError
 from tfcapacity.studies import common
 from tfcapacity.studies import sweep
@@ -305,7 +305,7 @@ def figures(report: Report) -> dict[str, bytes]:
   """Figs. 1-3 as PNG bytes, by file name."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
-  plt = figures.pyplot()
+  plt = figures_lib.pyplot()
   m = report.metric.replace("top", "top-")
   xs = [x for x in report.xs if report.best[x] is not None]
   out = {}
@@ -325,7 +325,7 @@ def figures(report: Report) -> dict[str, bytes]:
   ax.set_title("Training error vs capacity (Fig. 1)")
   ax.grid(alpha=0.3)
   ax.legend()
-  out["fig1_train_error_vs_width.png"] = figures.png(fig)
+  out["fig1_train_error_vs_width.png"] = figures_lib.png(fig)
 
   fig, ax = plt.subplots(figsize=(6, 4.2))
   if report.roi:
@@ -348,7 +348,7 @@ def figures(report: Report) -> dict[str, bytes]:
   ax.set_ylabel(f"{m} error removed per added unit (points)")
   ax.set_title("Return on investment (Fig. 2)")
   ax.grid(alpha=0.3)
-  out["fig2_return_on_investment.png"] = figures.png(fig)
+  out["fig2_return_on_investment.png"] = figures_lib.png(fig)
 
   fig, ax = plt.subplots(figsize=(6, 4.2))
   cmap = plt.get_cmap("viridis")
@@ -369,7 +369,7 @@ def figures(report: Report) -> dict[str, bytes]:
   ax.set_title("Learning curves per width, best lr (Fig. 3)")
   ax.grid(alpha=0.3)
   ax.legend(title=report.x_flag, fontsize=7)
-  out["fig3_learning_curves.png"] = figures.png(fig)
+  out["fig3_learning_curves.png"] = figures_lib.png(fig)
   return out
 
 

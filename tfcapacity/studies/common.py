@@ -1,8 +1,8 @@
 """What the study tools share: figures, TensorBoard images, tool scaffolding.
 
 The reports (capacity, confusion_study, random_labels, maxibatch) turn
-matplotlib figures into PNG bytes with `tfcapacity.figures.png`, write them atomically and as
-TensorBoard images with `write_figures`. The tools (tools/sweep.py and
+matplotlib figures into PNG bytes with `tfcapacity.figures.png`, and write
+them atomically and as TensorBoard images with `write_figures`. The tools (tools/sweep.py and
 tools/*_study.py) take the training runs' base flagfile as `--flagfile`
 (`base_flagfile_arg`), exit cleanly on SIGTERM (`exit_on_sigterm`), split
 the CPU between parallel training processes (`threads_per_cell`), and end

@@ -38,9 +38,10 @@ mode (`tfcapacity.gradients.per_example`). A fresh model's moving statistics
 are mean 0 and variance 1, so batch norm at initialisation would be the
 identity map. At init this study therefore first sets the moving statistics
 to the batch statistics of the whole training set
-(`objective.function.recompute_batch_norm`, on by default); the gradients then treat those statistics as constants. A
-training run's own step-0 measurement is uncalibrated, and later ones use
-the moving averages the run has accumulated (momentum --bn_momentum).
+(`objective.function.recompute_batch_norm`, on by default); the gradients
+then treat those statistics as constants. A training run's own step-0
+measurement is uncalibrated, and later ones use the moving averages the run
+has accumulated (momentum --bn_momentum).
 
 Raw inner products scale with the squared gradient norm (which grows with
 width under Glorot and He initialisation), so the report puts the cosine
@@ -58,7 +59,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from tfcapacity import figures
+from tfcapacity import figures as figures_lib
 from tfcapacity.errors import UserError
 from tfcapacity.studies import common
 from tfcapacity.studies import sweep
@@ -515,7 +516,7 @@ def _training_panel(ax, steps_rows, part, line_key, fixed, y_key):
   lines = {}
   for r in rows:
     lines.setdefault(r[line_key], []).append(r)
-  cmap = figures.pyplot().get_cmap("viridis")
+  cmap = figures_lib.pyplot().get_cmap("viridis")
   ordered = sorted(lines, key=float) if all(
       _isnum(k) for k in lines) else sorted(lines, key=str)
   for i, key in enumerate(ordered):
@@ -546,7 +547,7 @@ def figures(parts: Sequence[Part], at_init: Sequence[dict],
   training parts plot the min cosine, the mean cosine and the training loss
   over the steps, one panel per value of their non-numeric flags.
   """
-  plt = figures.pyplot()
+  plt = figures_lib.pyplot()
   agg = aggregate(at_init)
   out = {}
   for part in parts:
@@ -563,7 +564,7 @@ def figures(parts: Sequence[Part], at_init: Sequence[dict],
       axes[0].legend(fontsize=7)
       fig.suptitle(f"{part.name}: at initialisation ({_fixed_note(part, at_init)})",
                    fontsize=10)
-      out[f"confusion_{part.name}.png"] = figures.png(fig)
+      out[f"confusion_{part.name}.png"] = figures_lib.png(fig)
     else:
       if not any(r["part"] == part.name for r in steps_rows):
         continue
@@ -590,7 +591,7 @@ def figures(parts: Sequence[Part], at_init: Sequence[dict],
                           fontsize=8)
       axes[0][0].legend(fontsize=7)
       fig.suptitle(f"{part.name}: during training", fontsize=10)
-      out[f"confusion_{part.name}.png"] = figures.png(fig)
+      out[f"confusion_{part.name}.png"] = figures_lib.png(fig)
   summary = _training_summary(parts, runs)
   if summary:
     out["confusion_training_summary.png"] = summary
@@ -602,7 +603,7 @@ def _training_summary(parts: Sequence[Part], runs: Sequence[dict]
   """Per training part: min cosine averaged over each run's measurements
   (solid; diverged runs left out) and at step 0 (dotted) against width or
   depth."""
-  plt = figures.pyplot()
+  plt = figures_lib.pyplot()
   parts = [p for p in parts if not p.at_init
            and any(r["part"] == p.name for r in runs)]
   if not parts:
@@ -638,7 +639,7 @@ def _training_summary(parts: Sequence[Part], runs: Sequence[dict]
     ax.legend(fontsize=7)
   axes[0][0].set_ylabel("min pairwise cosine: mean over training (solid),\n"
                         "step 0 (dotted)", fontsize=8)
-  return figures.png(fig)
+  return figures_lib.png(fig)
 
 
 def _numeric_key(part: Part) -> str:

@@ -47,7 +47,7 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
-from tfcapacity import figures
+from tfcapacity import figures as figures_lib
 from tfcapacity.errors import UserError
 from tfcapacity.studies import common
 from tfcapacity.studies import sweep
@@ -539,7 +539,7 @@ def figures(report: Report, interpolations: dict | None = None
   Fig. 6 only with variants)."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
-  plt = figures.pyplot()
+  plt = figures_lib.pyplot()
   ms = [m for m in report.batch_sizes if report.best[m] is not None]
   cmap = plt.get_cmap("viridis")
 
@@ -570,7 +570,7 @@ def figures(report: Report, interpolations: dict | None = None
     ax.grid(alpha=0.3)
   axes[0].legend(fontsize=8)
   fig.suptitle("Fig. 1: same epochs for every m")
-  out["maxibatch_fig1_error_vs_batch_size.png"] = figures.png(fig)
+  out["maxibatch_fig1_error_vs_batch_size.png"] = figures_lib.png(fig)
 
   if interpolations:
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
@@ -594,7 +594,7 @@ def figures(report: Report, interpolations: dict | None = None
     axes[0].set_yscale("log")
     axes[0].legend(fontsize=6)
     fig.suptitle("Fig. 2: (1-alpha)·θ_small + alpha·θ_large")
-    out["maxibatch_fig2_interpolation.png"] = figures.png(fig)
+    out["maxibatch_fig2_interpolation.png"] = figures_lib.png(fig)
 
   largest = ms[-1] if ms else None
   for number, key, what in ((3, LAMBDA_TRAIN, "training examples"),
@@ -625,7 +625,7 @@ def figures(report: Report, interpolations: dict | None = None
     axes[0].set_ylabel("lambda_max")
     fig.suptitle(f"Fig. {number}: top Hessian eigenvalue on {what}")
     name = "train" if key == LAMBDA_TRAIN else "test"
-    out[f"maxibatch_fig{number}_lambda_max_{name}.png"] = figures.png(fig)
+    out[f"maxibatch_fig{number}_lambda_max_{name}.png"] = figures_lib.png(fig)
 
   fig, ax = plt.subplots(figsize=(6.5, 4.2))
   for m in ms:
@@ -642,7 +642,7 @@ def figures(report: Report, interpolations: dict | None = None
   ax.set_title("Fig. 5: distance from the initial parameters")
   ax.grid(alpha=0.3)
   ax.legend(fontsize=7)
-  out["maxibatch_fig5_distance.png"] = figures.png(fig)
+  out["maxibatch_fig5_distance.png"] = figures_lib.png(fig)
 
   base = report.baseline()
   shown = [r for r in report.variants if r.state == sweep.COMPLETED]
@@ -665,7 +665,7 @@ def figures(report: Report, interpolations: dict | None = None
     axes[0].legend(fontsize=7)
     fig.suptitle(f"Fig. 6: m={base.batch_size} with gradient noise "
                  f"(Sec. 2.4) and adaptive linearisation (Sec. 2.5)")
-    out["maxibatch_fig6_noise_linearization.png"] = figures.png(fig)
+    out["maxibatch_fig6_noise_linearization.png"] = figures_lib.png(fig)
   return out
 
 

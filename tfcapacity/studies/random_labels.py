@@ -41,7 +41,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from tfcapacity import figures
+from tfcapacity import figures as figures_lib
 from tfcapacity.errors import UserError
 from tfcapacity.studies import common
 from tfcapacity.studies import sweep
@@ -400,7 +400,7 @@ def figures(best: dict, threshold: float = THRESHOLD) -> dict[str, bytes]:
   """
   if not best:
     raise UserError("no finished runs to plot yet; run the study first")
-  plt = figures.pyplot()
+  plt = figures_lib.pyplot()
   models = _models(best)
   widths = sorted({w for _, _, w in best})
   depths = sorted({d for _, d, _ in best})
@@ -430,7 +430,7 @@ def figures(best: dict, threshold: float = THRESHOLD) -> dict[str, bytes]:
     ax.grid(alpha=0.3)
   axes[0][0].set_ylabel("final training loss (random labels)")
   axes[0][-1].legend(fontsize=8)
-  out["random_labels_final_loss.png"] = figures.png(fig)
+  out["random_labels_final_loss.png"] = figures_lib.png(fig)
 
   # Steps to the threshold against depth; not reached drawn above the budget.
   fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 3.8),
@@ -457,7 +457,7 @@ def figures(best: dict, threshold: float = THRESHOLD) -> dict[str, bytes]:
     ax.grid(alpha=0.3)
   axes[0][0].set_ylabel(f"GD steps (budget {budget}, dotted)")
   axes[0][-1].legend(fontsize=8)
-  out["random_labels_steps_to_threshold.png"] = figures.png(fig)
+  out["random_labels_steps_to_threshold.png"] = figures_lib.png(fig)
 
   # Loss curves and Gram eigenvalues: one panel per (model, width).
   for name, draw, ylabel in (
@@ -499,7 +499,7 @@ def figures(best: dict, threshold: float = THRESHOLD) -> dict[str, bytes]:
           ax.set_ylabel(ylabel, fontsize=8)
     if any_data:
       axes[0][-1].legend(fontsize=7)
-      out[name] = figures.png(fig)
+      out[name] = figures_lib.png(fig)
     else:
       plt.close(fig)
 
@@ -525,7 +525,7 @@ def figures(best: dict, threshold: float = THRESHOLD) -> dict[str, bytes]:
     axes[0][0].set_ylabel(f"least eigenvalue (values <= {SINGULAR:g} left "
                           f"out)", fontsize=8)
     axes[0][-1].legend(fontsize=7, ncol=2)
-    out["random_labels_gram_at_init.png"] = figures.png(fig)
+    out["random_labels_gram_at_init.png"] = figures_lib.png(fig)
   return out
 
 
