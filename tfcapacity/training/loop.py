@@ -455,14 +455,18 @@ class Trainer:
     while run.step < self.total_steps:
       if not self._train_until_next_stop(run):
         return self._diverged(run, "the training loss", run.batch_loss)
-      epochs_done, batch = divmod(run.step, self.steps_per_epoch)
-      final = run.step >= self.total_steps
-      evaluate = final or (batch == 0 and epochs_done % self.cfg.eval_every
-                           == 0)
-      if not self._record_stop(run, epoch_end=batch == 0, evaluate=evaluate):
+      epoch_end = run.step % self.steps_per_epoch == 0
+      if not self._record_stop(run, epoch_end,
+                               self._evaluation_due(run.step, epoch_end)):
         return self._diverged(run, "the evaluation loss",
                               run.history[-1]["train_loss"])
     return self._finish(run)
+
+  def _evaluation_due(self, step: int, epoch_end: bool) -> bool:
+    """After the last step, and every --eval_every epochs."""
+    epochs_done = step // self.steps_per_epoch
+    return step >= self.total_steps or (
+        epoch_end and epochs_done % self.cfg.eval_every == 0)
 
   def _restore(self) -> tuple[_Run, dict]:
     """Prepares the run directory and resumes from its latest checkpoint.
@@ -485,16 +489,11 @@ class Trainer:
         self.checkpoint.restore(latest).assert_existing_objects_matched()
       logging.info("Resumed %s at step %d.", latest, int(self.step_var))
     step = int(self.step_var.numpy())
-    if self.chief:
-      writers = {name: tf.summary.create_file_writer(
-          os.path.join(model_dir, name)) for name in ("train", "eval")}
-    else:
-      writers = {name: tf.summary.create_noop_writer()
-                 for name in ("train", "eval")}
     if step == 0 and self.chief:
       self._write_run_summaries(model_dir)
     run = _Run(
-        step=step, writers=writers, manager=manager, save_dir=save_dir,
+        step=step, writers=self._summary_writers(), manager=manager,
+        save_dir=save_dir,
         throughput=_Throughput(previous.get("examples_per_second")),
         elapsed_before=float(self.elapsed_var.numpy()),
         history=[r for r in previous.get("history", []) if r["step"] <= step],
@@ -508,6 +507,14 @@ class Trainer:
       run.feed = distribute_batches(self.strategy, self.train_data,
                                     self.chunk_size, pad=True)
     return run, previous
+
+  def _summary_writers(self) -> dict:
+    """TensorBoard writers of the train/ and eval/ runs (the chief's)."""
+    if not self.chief:
+      return {name: tf.summary.create_noop_writer()
+              for name in ("train", "eval")}
+    return {name: tf.summary.create_file_writer(
+        os.path.join(self.model_dir, name)) for name in ("train", "eval")}
 
   def _train_until_next_stop(self, run: _Run) -> bool:
     """Trains up to the next stop; False if the loss became non-finite.
