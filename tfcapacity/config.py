@@ -18,6 +18,7 @@ from typing import Any
 from absl import flags
 
 from tfcapacity import curvature
+from tfcapacity import gradients
 from tfcapacity import objective
 from tfcapacity import training
 from tfcapacity.errors import UserError
@@ -382,7 +383,7 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
       "gradients_projection_dim", 0,
       "Project each per-example gradient to this many dimensions "
       "(Johnson-Lindenstrauss; 0: exact).", flag_values=fv)
-  flags.DEFINE_integer("gradients_chunk_size", 128,
+  flags.DEFINE_integer("gradients_chunk_size", gradients.DEFAULT_CHUNK_SIZE,
                        "Per-example gradients computed per traced call.",
                        flag_values=fv)
   flags.DEFINE_bool(

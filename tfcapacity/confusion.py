@@ -57,6 +57,7 @@ import time  # noqa: E402
 from absl import flags  # noqa: E402
 
 from tfcapacity import cli  # noqa: E402
+from tfcapacity import gradients  # noqa: E402
 from tfcapacity.errors import UserError  # noqa: E402
 from tfcapacity import rundir  # noqa: E402
 
@@ -80,7 +81,7 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
       "Project each gradient to this many dimensions (Gaussian "
       "Johnson-Lindenstrauss, seeded by --seed); default exact.",
       flag_values=fv)
-  flags.DEFINE_integer("chunk_size", 128,
+  flags.DEFINE_integer("chunk_size", gradients.DEFAULT_CHUNK_SIZE,
                        "Examples per traced gradient computation (bounds "
                        "memory).", flag_values=fv)
   flags.DEFINE_bool(

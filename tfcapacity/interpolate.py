@@ -62,13 +62,13 @@ from absl import logging  # noqa: E402
 import numpy as np  # noqa: E402
 
 from tfcapacity import cli  # noqa: E402
+from tfcapacity import landscape  # noqa: E402
 from tfcapacity.errors import UserError  # noqa: E402
 from tfcapacity.progress import Progress  # noqa: E402
 from tfcapacity import rundir  # noqa: E402
 
 PROG = "tfcapacity.interpolate"
 FLAGS = flags.FLAGS
-BN_STATS = ("recompute", "interpolate", "keep")
 # Shared analysis flags (tfcapacity.cli) naming models, splits or
 # Hessian options that this tool does not use.
 NOT_HERE = ("model_dir", "checkpoint", "at_init", "saved_model",
@@ -115,7 +115,7 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
   flags.DEFINE_list("alpha_range", None,
                     "LOW,HIGH (default -0.5,1.5; -1,1 for --plane, both "
                     "axes).", flag_values=fv)
-  flags.DEFINE_enum("bn_stats", "recompute", list(BN_STATS),
+  flags.DEFINE_enum("bn_stats", "recompute", list(landscape.BN_STATS),
                     "Batch-norm statistics at each point: recomputed on the "
                     "training examples, interpolated (line), or the "
                     "centre's (keep, plane).", flag_values=fv)

@@ -30,13 +30,13 @@ from absl import logging
 import numpy as np
 
 from tfcapacity import curvature
+from tfcapacity import objective
 from tfcapacity.errors import UserError, choices_error
 from tfcapacity.progress import Progress
 from tfcapacity import rundir
 
-# Examples per Hessian-vector-product batch when the tool names none: the
-# whole loss in one batch up to this many (memory), else several batches.
-MAX_BATCH_SIZE = 500
+# Examples per Hessian-vector-product batch when the tool names none.
+MAX_BATCH_SIZE = objective.MAX_BATCH_SIZE
 
 
 # --- The loss as an operator --------------------------------------------------

@@ -88,6 +88,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tfcapacity import gradients
 from tfcapacity import objective
 from tfcapacity.errors import UserError, choices_error
 from tfcapacity.models import layers as layers_lib
@@ -99,10 +100,8 @@ from tfcapacity.objective import losses
 _PROJECTION_BLOCK_ENTRIES = 1 << 22
 # Bytes of gradient chunks `gradient_inner_products` keeps for reuse.
 _RESIDENT_BYTES = 1 << 30
-# Examples per traced call: the best statistics/gradient ratio on ResNet-20
-# in benchmarks/gradients.py (256 is a little faster on an MLP but needs
-# about 1.5x the memory of 128 on ResNet-20 at n = 1024).
-DEFAULT_CHUNK_SIZE = 128
+# Examples per traced call (see the package's docstring).
+DEFAULT_CHUNK_SIZE = gradients.DEFAULT_CHUNK_SIZE
 # `inner_products` joins all chunks into one product up to this many bytes.
 _JOIN_BYTES = 1 << 26
 # Columns of one float32 product in G; longer ones are summed in float64.

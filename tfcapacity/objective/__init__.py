@@ -25,6 +25,9 @@ LOSSES = ("cross_entropy", "squared")
 # Batch-norm statistics inside a measured loss: the moving statistics, those
 # of each batch, or those of fixed sub-batches ("ghost" batches).
 BN_MODES = ("inference", "batch", "ghost")
+# Examples per batch of a measured loss when none is named: the whole set in
+# one batch up to this many (memory; m = 500 in papers/003), else several.
+MAX_BATCH_SIZE = 500
 # Hessian-vector products: nested tapes, or forward-over-reverse.
 HVP_METHODS = ("reverse", "forward")
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
+from tfcapacity import objective as names
 from tfcapacity.errors import UserError
 
 
@@ -85,7 +86,8 @@ class FixedExamples:
 
     Args:
       x, y: inputs and integer labels (numpy), in the order they are batched.
-      batch_size: global examples per batch (default: all, at most 512),
+      batch_size: global examples per batch (default: all, at most
+        `objective.MAX_BATCH_SIZE`),
         rounded down to a multiple of the replicas.
       strategy: default the current one.
       full_batches: when set, the batch size must divide the examples (no
@@ -99,7 +101,7 @@ class FixedExamples:
     self.strategy = strategy or tf.distribute.get_strategy()
     replicas = self.strategy.num_replicas_in_sync
     n = len(y)
-    batch_size = int(batch_size or min(n, 512))
+    batch_size = int(batch_size or min(n, names.MAX_BATCH_SIZE))
     self.batch_size = max(replicas, batch_size - batch_size % replicas)
     if full_batches and n % self.batch_size:
       raise UserError(

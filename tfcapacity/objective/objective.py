@@ -66,7 +66,8 @@ class Objective:
       x, y: the examples (numpy), in the order they are batched.
       loss: a name of `losses.LOSSES`.
       bn_mode: inference | batch | ghost (`objective.BN_MODES`).
-      batch_size: global examples per batch (default: all, at most 512).
+      batch_size: global examples per batch (default: all, at most
+        `objective.MAX_BATCH_SIZE`).
         With `batch` or `ghost` statistics it must divide the examples
         (padding rows would enter the statistics).
       params: the variables (default: every trainable variable); see

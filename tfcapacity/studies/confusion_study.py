@@ -245,7 +245,7 @@ def measure_at_init(cfg, *, calibrate_bn: bool = True, cache=None) -> dict:
     xs, _ = train.examples(np.arange(info.num_examples))
     calibrated = function_lib.recompute_batch_norm(model, xs)
   gram = per_example.gradient_inner_products(
-      model, x, y, chunk_size=cfg.gradients_chunk_size)
+      model, x, y, chunk_size=cfg.gradients_chunk_size, loss=cfg.loss)
   out = flat_statistics(gram)
   out["num_parameters"] = int(sum(int(np.prod(v.shape))
                                   for v in model.trainable_variables))

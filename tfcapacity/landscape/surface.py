@@ -54,12 +54,13 @@ from __future__ import annotations
 import numpy as np
 
 from tfcapacity import figures
+from tfcapacity import landscape
 from tfcapacity.errors import UserError
 from tfcapacity.models import layers as layers_lib
 from tfcapacity.objective import function as function_lib
 from tfcapacity.objective import objective as objective_lib
 
-BN_STATS = ("recompute", "interpolate", "keep")
+BN_STATS = landscape.BN_STATS
 
 
 # --- Weights -----------------------------------------------------------------
