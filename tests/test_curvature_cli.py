@@ -365,14 +365,11 @@ def first_examples(run_dir, n):
   return data_lib.get(cfg.dataset, "train", cfg).examples(np.arange(n))
 
 
-def test_hessian_measures_the_runs_own_loss(squared_run, tmp_path):
+def test_hessian_measures_the_runs_own_loss(squared_run):
   x, y = first_examples(squared_run, N)
-  out = tmp_path / "hessian.json"
-  proc = run_tool("tfcapacity.hessian", f"--model_dir={squared_run}",
-                  f"--num_examples={N}", "--noshuffle", "--tol=1e-6",
-                  "--max_iterations=3000", f"--output={out}")
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  result = json.loads(out.read_text())
+  result = compute(hessian, f"--model_dir={squared_run}",
+                   f"--num_examples={N}", "--noshuffle", "--tol=1e-6",
+                   "--max_iterations=3000")
   assert result["loss"] == "squared" and result["converged"] is True
   squared = np.linalg.eigvalsh(mlp_hessian64(squared_run, x, y, "squared"))
   entropy = np.linalg.eigvalsh(mlp_hessian64(squared_run, x, y,

@@ -96,7 +96,7 @@ def dense_hessian64(model64, x, y, training):
 @pytest.mark.parametrize("key", sorted(MODELS))
 def test_squared_loss_top_eigenvalues_equal_a_float64_dense_hessian(key):
   model = build(key)
-  x, y = data(key)
+  x, y = data(key, n=6)
   bn_mode = MODELS[key][3]
   op = hvp.HessianOperator(model, x, y, loss="squared", bn_mode=bn_mode)
   assert op.describe()["loss"] == "squared"
@@ -128,12 +128,12 @@ def looped_gradients(model, x, y):
 @pytest.mark.parametrize("key", sorted(MODELS))
 def test_squared_loss_per_example_statistics_equal_a_loop_of_tapes(key):
   model = build(key)
-  x, y = data(key, n=10)
+  x, y = data(key, n=7)
   if key == "bn_resnet":  # Statistics that are not the identity map.
     function_lib.recompute_batch_norm(model, x)
   rows = looped_gradients(model, x, y)
   got = per_example.per_example_gradients(model, x, y, loss="squared",
-                                          chunk_size=4)
+                                          chunk_size=4)  # 2 chunks, padded.
   scale = np.abs(rows).max()
   np.testing.assert_allclose(got.matrix, rows, rtol=0, atol=1e-4 * scale)
   gram = per_example.gradient_inner_products(model, x, y, loss="squared",

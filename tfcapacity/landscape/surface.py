@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from tfcapacity import data as data_lib
 from tfcapacity import figures
 from tfcapacity import landscape
 from tfcapacity.errors import UserError
@@ -354,7 +355,7 @@ def plane_figure(result: dict, path: str, title: str | None = None) -> str:
   plt = figures.pyplot()
   fig, axes = plt.subplots(1, 2, figsize=(10, 4.3))
   a, b = np.meshgrid(result["alphas"], result["betas"], indexing="ij")
-  for ax, split in zip(axes, ("train", "test")):
+  for ax, split in zip(axes, data_lib.SPLITS):
     loss = np.log10(np.maximum(np.asarray(result[f"{split}_loss"],
                                           np.float64), 1e-12))
     finite = np.isfinite(loss)

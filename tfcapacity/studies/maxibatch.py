@@ -47,6 +47,7 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
+from tfcapacity import data as data_lib
 from tfcapacity import figures as figures_lib
 from tfcapacity.errors import UserError
 from tfcapacity.studies import common
@@ -552,7 +553,7 @@ def figures(report: Report, interpolations: dict | None = None
 
   out = {}
   fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-  for ax, split in zip(axes, ("train", "test")):
+  for ax, split in zip(axes, data_lib.SPLITS):
     key = f"{split}_top1_error"
     for i, lr in enumerate(report.learning_rates):
       pts = [(m, 100 * r.final(key)) for (m, glr), r in sorted(

@@ -45,6 +45,7 @@ from typing import Callable, Iterable, Sequence
 
 from absl import logging
 
+from tfcapacity import data as data_lib
 from tfcapacity import config as config_lib
 from tfcapacity.errors import UserError
 from tfcapacity import rundir
@@ -364,7 +365,7 @@ def write_hparams_config(sweep_dir: str, grid, configs) -> None:
     else:  # Lists or None: the dashboard shows the values, no domain.
       hparams.append(hp.HParam(key))
   metrics = [hp.Metric(f"{split}/{name}", group="eval")
-             for split in ("train", "test")
+             for split in data_lib.SPLITS
              for name in ("top1_error", "top5_error", "loss")]
   writer = tf.summary.create_file_writer(sweep_dir)
   with writer.as_default(step=0):

@@ -667,7 +667,7 @@ class Trainer:
         value = ",".join(str(v) for v in value)
       hparams[key] = "" if value is None else value
     metrics = [hp.Metric(f"{split}/{name}", group="eval")
-               for split in ("train", "test")
+               for split in data_lib.SPLITS
                for name in ("loss", "top1_error", "top5_error")]
     writer = tf.summary.create_file_writer(model_dir)
     with writer.as_default(step=0):
