@@ -83,15 +83,15 @@ def select_params(model, layers: Sequence[str] | None = None, *,
     chosen = list(model.trainable_variables)
     picked_layers = every
   else:
-    names_ = [layer.name for layer in every]
+    layer_names = [layer.name for layer in every]
     picked_layers = []
     for name in layers:
       match = [l for l in every if l.name == name or
                l.name.startswith(name + "_")]
       if not match:
         raise UserError(f"no layer named {name!r} (or starting with "
-                        f"'{name}_'); layers: {', '.join(names_[:20])}"
-                        + (" ..." if len(names_) > 20 else ""))
+                        f"'{name}_'); layers: {', '.join(layer_names[:20])}"
+                        + (" ..." if len(layer_names) > 20 else ""))
       picked_layers += match
     for layer in picked_layers:
       for var in layer.trainable_weights:
