@@ -103,21 +103,30 @@ def test_cli_end_points_are_the_two_models(runs, tmp_path):
       assert result[f"{split}_top1_error"][index] == pytest.approx(error)
 
 
+def plain_thetas(runs):
+  """The float64 weights of the two plain MLP runs, A then B."""
+  return [[np.asarray(v.numpy(), np.float64) for v in
+           rundir.load_run_model(runs[name])[0].weights]
+          for name in ("plain_a", "plain_b")]
+
+
+def interpolated_logits(thetas, alpha, x):
+  """The one-hidden-layer ReLU MLP at (1 - alpha) A + alpha B, in numpy."""
+  k0, b0, k1, b1 = ((1 - alpha) * a + alpha * b for a, b in zip(*thetas))
+  return np.maximum(x @ k0 + b0, 0.0) @ k1 + b1
+
+
 def test_midpoints_match_numpy(runs):
   result = compute(f"--from={runs['plain_a']}", f"--to={runs['plain_b']}",
                    "--num_points=5", "--alpha_range=-0.5,1.5")
   assert result["alphas"] == [-0.5, 0.0, 0.5, 1.0, 1.5]
   assert result["batch_norm_layers"] == 0
-  thetas = [[np.asarray(v.numpy(), np.float64) for v in
-             rundir.load_run_model(runs[name])[0].weights]
-            for name in ("plain_a", "plain_b")]
+  thetas = plain_thetas(runs)
   data = {"train": examples(runs["plain_b"], "train"),
           "test": examples(runs["plain_b"], "test")}
   for i, alpha in enumerate(result["alphas"]):
-    k0, b0, k1, b1 = ((1 - alpha) * a + alpha * b
-                      for a, b in zip(*thetas))
     for split, (x, y) in data.items():
-      logits = np.maximum(x @ k0 + b0, 0.0) @ k1 + b1
+      logits = interpolated_logits(thetas, alpha, x)
       loss, error = np_loss_error(logits, y)
       assert result[f"{split}_loss"][i] == pytest.approx(loss, rel=1e-5)
       assert result[f"{split}_top1_error"][i] == pytest.approx(error)
@@ -131,15 +140,11 @@ def test_loss_flag_sets_the_loss_evaluated(runs):
                    "--num_points=3", "--alpha_range=0,1", "--loss=squared",
                    f"--num_examples={n}", "--noshuffle")
   assert result["loss"] == "squared"
-  thetas = [[np.asarray(v.numpy(), np.float64) for v in
-             rundir.load_run_model(runs[name])[0].weights]
-            for name in ("plain_a", "plain_b")]
+  thetas = plain_thetas(runs)
   x, y = examples(runs["plain_b"], "train", n)
   onehot = np.eye(10)[y]
   for i, alpha in enumerate(result["alphas"]):
-    k0, b0, k1, b1 = ((1 - alpha) * a + alpha * b
-                      for a, b in zip(*thetas))
-    logits = np.maximum(x @ k0 + b0, 0.0) @ k1 + b1
+    logits = interpolated_logits(thetas, alpha, x)
     squared = np.mean(0.5 * np.sum((logits - onehot) ** 2, axis=1))
     assert result["train_loss"][i] == pytest.approx(squared, rel=1e-5)
     # Errors come from the logits whatever the loss.
