@@ -49,7 +49,7 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
       seed="the random starts of the eigen-solvers (--trace probes use "
       "seed + 1, --density seed + 2)",
       batch_size=f"Hessian-vector-product batch (default: all the examples, "
-      f"at most {report.MAX_BATCH_SIZE}; with --bn_mode=batch/ghost the "
+      f"at most {objective.MAX_BATCH_SIZE}; with --bn_mode=batch/ghost the "
       f"run's training batch if it divides --num_examples, since batch-norm "
       f"statistics are per batch)",
       per_layer="Also lambda_max of each layer's diagonal Hessian block "

@@ -30,6 +30,7 @@ from absl import flags  # noqa: E402
 from tfcapacity import cli  # noqa: E402
 from tfcapacity.curvature import report  # noqa: E402
 from tfcapacity.curvature import sharpness as sharpness_lib  # noqa: E402
+from tfcapacity import objective  # noqa: E402
 from tfcapacity import rundir  # noqa: E402
 
 PROG = "tfcapacity.sharpness"
@@ -43,7 +44,7 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
       seed="the random subspace (--subspace_dim) and the search's random "
       "start",
       batch_size=f"batch of the loss and gradient evaluations (default: all "
-      f"the examples, at most {report.MAX_BATCH_SIZE}; with "
+      f"the examples, at most {objective.MAX_BATCH_SIZE}; with "
       f"--bn_mode=batch/ghost the run's training batch if it divides "
       f"--num_examples, since batch-norm statistics are per batch)",
       max_iterations=(10, "Iterations of the inner maximisation's "

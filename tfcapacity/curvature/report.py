@@ -35,9 +35,6 @@ from tfcapacity.errors import UserError, choices_error
 from tfcapacity.progress import Progress
 from tfcapacity import rundir
 
-# Examples per Hessian-vector-product batch when the tool names none.
-MAX_BATCH_SIZE = objective.MAX_BATCH_SIZE
-
 
 # --- The loss as an operator --------------------------------------------------
 
@@ -57,8 +54,8 @@ def make_operator(loaded: rundir.Loaded, *, bn_mode: str = "inference",
     ghost_batch_size: default the run's, when it trained with ghost batch
       norm (else the model's own).
     batch_size: examples per batch; default all of them, at most
-      `MAX_BATCH_SIZE`, or in batch/ghost mode the run's training batch when
-      it divides them (the batch-norm statistics are per batch).
+      `objective.MAX_BATCH_SIZE`, or in batch/ghost mode the run's training
+      batch when it divides them (the batch-norm statistics are per batch).
     layers, include_slopes: the parameter block
       (`objective.function.select_params`).
     method: reverse | forward.
@@ -71,7 +68,7 @@ def make_operator(loaded: rundir.Loaded, *, bn_mode: str = "inference",
   n = len(loaded.y)
   cfg = loaded.config
   if batch_size is None:
-    batch_size = min(n, MAX_BATCH_SIZE)
+    batch_size = min(n, objective.MAX_BATCH_SIZE)
     if bn_mode != "inference" and cfg is not None and not cfg.full_batch:
       run_batch = int(cfg.batch_size)
       if run_batch <= n and n % run_batch == 0:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from tfcapacity import gradients
 from tfcapacity.gradients import features
 from tfcapacity.gradients import per_example
 from tfcapacity.gradients import statistics
@@ -25,7 +26,7 @@ class Measurement:
 
 
 def measure(model, x, y, *, params=None,
-            chunk_size: int = per_example.DEFAULT_CHUNK_SIZE,
+            chunk_size: int = gradients.DEFAULT_CHUNK_SIZE,
             projection_dim: int | None = None, seed: int = 0, strategy=None,
             per_layer: bool = False, ntk: bool = False,
             feature_layer: str | None = None,

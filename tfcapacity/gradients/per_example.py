@@ -4,8 +4,9 @@ The object of Sankararaman, De, Xu, Huang & Goldstein (2020), "The impact of
 neural network overparameterization on gradient confusion and stochastic
 gradient descent" (Sec. 2): f_i is the loss of example i (`--loss`: the
 softmax cross-entropy of the paper, or the squared loss of Du et al.,
-`tfcapacity.objective.losses`), and every statistic of `tfcapacity.gradients.statistics` is a function of
-the rows g_i of the n x P matrix M or of its Gram matrix G = M M^T.
+`tfcapacity.objective.losses`), and every statistic of
+`tfcapacity.gradients.statistics` is a function of the rows g_i of the
+n x P matrix M or of its Gram matrix G = M M^T.
 
 How they are computed: one batched pass where the layer allows it,
 `tf.vectorized_map` for the rest.
@@ -100,8 +101,6 @@ from tfcapacity.objective import losses
 _PROJECTION_BLOCK_ENTRIES = 1 << 22
 # Bytes of gradient chunks `gradient_inner_products` keeps for reuse.
 _RESIDENT_BYTES = 1 << 30
-# Examples per traced call (see the package's docstring).
-DEFAULT_CHUNK_SIZE = gradients.DEFAULT_CHUNK_SIZE
 # `inner_products` joins all chunks into one product up to this many bytes.
 _JOIN_BYTES = 1 << 26
 # Columns of one float32 product in G; longer ones are summed in float64.
@@ -456,7 +455,8 @@ class PerExampleGradients:
   """
 
   def __init__(self, model, input_shape: Sequence[int], *, params=None,
-               bn_mode: str = "inference", chunk_size: int = DEFAULT_CHUNK_SIZE,
+               bn_mode: str = "inference",
+               chunk_size: int = gradients.DEFAULT_CHUNK_SIZE,
                projection_dim: int | None = None,
                strategy: tf.distribute.Strategy | None = None,
                output: str = "loss", loss: str = "cross_entropy"):
@@ -827,7 +827,7 @@ _CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 def get_computation(model, input_shape, *, params=None,
                     bn_mode: str = "inference",
-                    chunk_size: int = DEFAULT_CHUNK_SIZE,
+                    chunk_size: int = gradients.DEFAULT_CHUNK_SIZE,
                     projection_dim: int | None = None,
                     strategy=None, output: str = "loss",
                     loss: str = "cross_entropy") -> PerExampleGradients:
@@ -848,7 +848,7 @@ def get_computation(model, input_shape, *, params=None,
 
 def per_example_gradients(model, x, y, *, params=None,
                           bn_mode: str = "inference",
-                          chunk_size: int = DEFAULT_CHUNK_SIZE,
+                          chunk_size: int = gradients.DEFAULT_CHUNK_SIZE,
                           projection_dim: int | None = None, seed: int = 0,
                           strategy=None, output: str = "loss",
                           loss: str = "cross_entropy") -> PerExample:
@@ -885,7 +885,7 @@ def per_example_gradients(model, x, y, *, params=None,
 
 def gradient_inner_products(model, x, y, *, params=None,
                             bn_mode: str = "inference",
-                            chunk_size: int = DEFAULT_CHUNK_SIZE,
+                            chunk_size: int = gradients.DEFAULT_CHUNK_SIZE,
                             projection_dim: int | None = None, seed: int = 0,
                             strategy=None, per_layer: bool = False,
                             output: str = "loss",

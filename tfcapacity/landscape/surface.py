@@ -55,14 +55,11 @@ import numpy as np
 
 from tfcapacity import data as data_lib
 from tfcapacity import figures
-from tfcapacity import landscape
+from tfcapacity import objective
 from tfcapacity.errors import UserError
 from tfcapacity.models import layers as layers_lib
 from tfcapacity.objective import function as function_lib
 from tfcapacity.objective import objective as objective_lib
-
-BN_STATS = landscape.BN_STATS
-
 
 # --- Weights -----------------------------------------------------------------
 
@@ -114,7 +111,8 @@ def _bn_stat_ids(model) -> set[int]:
 
 
 def _variance_ids(model) -> set[int]:
-  return {id(layer.moving_variance) for layer in layers_lib.batch_norm_layers(model)}
+  return {id(layer.moving_variance)
+          for layer in layers_lib.batch_norm_layers(model)}
 
 
 def interpolate(model, theta_a, theta_b, alpha: float, *,
@@ -190,7 +188,7 @@ class Evaluator:
   values and calling again evaluates the new point without retracing.
   """
 
-  def __init__(self, model, batch_size: int = 500,
+  def __init__(self, model, batch_size: int = objective.MAX_BATCH_SIZE,
                loss: str = "cross_entropy"):
     self.model = model
     self.batch_size = int(batch_size)

@@ -178,7 +178,8 @@ def check_bn_mode(model, bn_mode: str, ghost_batch_size: int | None,
   return None
 
 
-def recompute_batch_norm(model, x: np.ndarray, batch_size: int = 500,
+def recompute_batch_norm(model, x: np.ndarray,
+                         batch_size: int = names.MAX_BATCH_SIZE,
                          moments=None) -> int:
   """Sets each batch norm's moving statistics to those of its inputs on `x`.
 

@@ -219,11 +219,12 @@ class Objective:
     A Keras model is evaluated on tensors; a SavedModel's variables are set
     for the call and restored after it.
     """
-    current = self.parameters()
-    flat = current if flat is None else tf.convert_to_tensor(flat,
-                                                             self.dtype)
+    if flat is None:
+      return fn(self.parameters())
+    flat = tf.convert_to_tensor(flat, self.dtype)
     if self.function.replaces_values:
       return fn(flat)
+    current = self.parameters()  # Restored after the call.
     self._assign(flat)
     try:
       return fn(flat)

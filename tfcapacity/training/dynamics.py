@@ -53,7 +53,6 @@ from tfcapacity.errors import UserError
 from tfcapacity.training import hooks as hooks_lib
 from tfcapacity import rundir
 
-NOISE_KINDS = training.NOISE_KINDS
 _NOISE_SALT = 0x6E01
 
 
@@ -149,9 +148,9 @@ class GradientNoise(hooks_lib.StepHook):
   name = "grad_noise"
 
   def __init__(self, cfg, variables, steps_per_epoch: int, num_replicas: int):
-    if cfg.grad_noise not in NOISE_KINDS:
+    if cfg.grad_noise not in training.NOISE_KINDS:
       raise UserError(f"--grad_noise={cfg.grad_noise}: choose one of "
-                      f"{', '.join(NOISE_KINDS)}")
+                      f"{', '.join(training.NOISE_KINDS)}")
     self.kind = cfg.grad_noise
     self.variables = list(variables)
     self.steps_per_epoch = int(steps_per_epoch)
