@@ -36,6 +36,7 @@ OPERATIONAL_FLAGS = frozenset({
     "curvature_test_batches", "curvature_top_k", "curvature_method",
     "curvature_trace_probes", "curvature_bn_mode", "curvature_tol",
     "curvature_max_iterations", "curvature_batch_size",
+    "curvature_around_drop", "eval_recompute_bn",
     "gradients_every_epochs", "gradients_every_steps", "gradients_examples",
     "gradients_projection_dim", "gradients_chunk_size", "gradients_per_layer",
     "gradients_ntk", "gradients_feature_layer",
@@ -239,6 +240,12 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
   flags.DEFINE_integer("eval_every", 1,
                        "Evaluate on the whole train and test sets every N "
                        "epochs (and at the end).", flag_values=fv)
+  flags.DEFINE_bool(
+      "eval_recompute_bn", True,
+      "With batch norm, also evaluate with its statistics recomputed "
+      "exactly over the training set (history keys *_recomputed_bn, "
+      "TensorBoard run eval_recomputed_bn), beside the moving statistics.",
+      flag_values=fv)
   flags.DEFINE_integer("eval_batch_size", 1024, "Batch size of evaluation.",
                        flag_values=fv)
   flags.DEFINE_integer(
@@ -290,6 +297,12 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
       "Gaussian noise added to the gradients: fixed std, annealed variance "
       "eta/(1+t)^gamma, or per-variable variances recorded by a reference "
       "run.", flag_values=fv)
+  flags.DEFINE_enum(
+      "grad_noise_scope", "conv", list(training.NOISE_SCOPES),
+      "Which gradients get --grad_noise: conv = the kernels of convolution "
+      "and dense layers (papers/003 Sec. 2.4), all = every trainable "
+      "variable (batch-norm scales and offsets, biases too).",
+      flag_values=fv)
   flags.DEFINE_float("grad_noise_std", 0.0,
                      "Standard deviation of --grad_noise=fixed.",
                      flag_values=fv)
@@ -353,8 +366,16 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
       "Also estimate the Hessian's trace with N Hutchinson probes (0: off).",
       flag_values=fv)
   flags.DEFINE_enum(
-      "curvature_bn_mode", "inference", list(objective.BN_MODES),
-      "Batch-norm statistics inside the measured loss.", flag_values=fv)
+      "curvature_bn_mode", "auto", list(objective.BN_MODE_CHOICES),
+      "Batch-norm statistics inside the measured loss: auto = those the "
+      "training steps use (batch statistics for --normalization=batch, "
+      "ghost batches for ghost, none without batch norm); inference = the "
+      "moving statistics.", flag_values=fv)
+  flags.DEFINE_integer(
+      "curvature_around_drop", 0,
+      "Also measure at the end of every epoch within N epochs of each "
+      "--lr_drop_epochs drop (1: the epoch before the drop, the first "
+      "epoch after it and the next).", flag_values=fv)
   flags.DEFINE_float(
       "curvature_tol", 1e-3,
       "Stop power iteration when ||Hv - lambda v|| <= tol |lambda|.",
@@ -415,7 +436,8 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
                "checkpoint_every_steps", "leaky_slope",
                "curvature_every_epochs", "curvature_every_steps",
                "curvature_trace_probes", "curvature_batch_size",
-               "gradients_every_epochs", "gradients_every_steps",
+               "curvature_around_drop", "gradients_every_epochs",
+               "gradients_every_steps",
                "gradients_projection_dim"):
     flags.register_validator(name, *_non_negative(name), flag_values=fv)
   flags.register_validator(

@@ -25,11 +25,45 @@ LOSSES = ("cross_entropy", "squared")
 # Batch-norm statistics inside a measured loss: the moving statistics, those
 # of each batch, or those of fixed sub-batches ("ghost" batches).
 BN_MODES = ("inference", "batch", "ghost")
+# `auto` follows the run: the mode its training steps use (`training_bn_mode`).
+BN_MODE_CHOICES = ("auto", *BN_MODES)
 # Examples per batch of a measured loss when none is named: the whole set in
 # one batch up to this many (memory; m = 500 in papers/003), else several.
 MAX_BATCH_SIZE = 500
 # Hessian-vector products: nested tapes, or forward-over-reverse.
 HVP_METHODS = ("reverse", "forward")
+
+
+
+def training_bn_mode(normalization: str | None) -> str:
+  """The batch-norm mode a run's training steps use (what `auto` means).
+
+  `--normalization=batch` trains on the statistics of each batch, `ghost`
+  on those of its ghost sub-batches; without batch norm (or with no run to
+  follow, `None`) the mode is `inference`, which then changes nothing.
+  """
+  return {"batch": "batch", "ghost": "ghost"}.get(normalization or "",
+                                                  "inference")
+
+
+def measurement_batch_size(num_examples: int, bn_mode: str,
+                           train_batch: int | None) -> int:
+  """Examples per batch of a measured loss when none is named.
+
+  Inference mode: all the examples in one batch, up to `MAX_BATCH_SIZE`.
+  Batch/ghost mode follows the optimiser: the run's global training batch
+  `train_batch` when it divides `num_examples` (the loss is then the mean
+  over training-sized batches, each with its own statistics); otherwise
+  (no run, a training batch larger than the set, or no divisor) the same
+  as inference mode. The curvature callback and the analysis tools both
+  use this rule, so they measure the same loss.
+  """
+  size = min(num_examples, MAX_BATCH_SIZE)
+  if bn_mode != "inference" and train_batch and (
+      train_batch <= num_examples and num_examples % train_batch == 0):
+    size = train_batch
+  return size
+
 
 _LAZY = {"Objective": "objective", "FixedExamples": "examples",
          "ModelFunction": "function"}

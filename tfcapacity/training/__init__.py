@@ -19,6 +19,8 @@ import importlib
 
 # Noise added to the gradients a step applies (`dynamics.GradientNoise`).
 NOISE_KINDS = ("none", "fixed", "annealed", "empirical")
+# The variables that get it: convolution and dense kernels, or all.
+NOISE_SCOPES = ("conv", "all")
 
 _LAZY = {"Callback": "callbacks", "Context": "callbacks", "StepHook": "hooks",
          "Trainer": "loop", "train": "loop"}
