@@ -182,9 +182,11 @@ def define_analysis_flags(fv: flags.FlagValues = flags.FLAGS, *,
       "||logits - one_hot(label)||^2. Default: with --model_dir the run's "
       "own --loss (its flags.txt), else cross_entropy.", flag_values=fv)
   flags.DEFINE_enum(
-      "bn_mode", "inference", list(objective.BN_MODES),
-      "Batch-norm statistics in the loss: moving (inference), per batch, or "
-      "per ghost sub-batch.", flag_values=fv)
+      "bn_mode", "auto", list(objective.BN_MODE_CHOICES),
+      "Batch-norm statistics in the loss: auto = those the run's training "
+      "steps used (per batch for --normalization=batch, per ghost sub-batch "
+      "for ghost; inference without a run directory or batch norm), or "
+      "moving (inference), per batch, per ghost sub-batch.", flag_values=fv)
   flags.DEFINE_integer(
       "ghost_batch_size", None,
       "Sub-batch of --bn_mode=ghost (default: the run's).", flag_values=fv)

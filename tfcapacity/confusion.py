@@ -35,9 +35,9 @@ The model and the examples come from `tfcapacity.rundir`
 over exactly the file's rows, each with its own label. A SavedModel
 (`--saved_model`) is differentiated through its `serve` function and
 restored variables (no per-layer parameter choice, no `--feature_layer`).
-Per-example gradients need batch norm's moving statistics
-(`--bn_mode=inference`: a single example's batch statistics are
-ill-defined).
+Per-example gradients need batch norm's moving statistics (a single
+example's batch statistics are ill-defined): `--bn_mode=auto`, the default,
+means `inference` here, and `batch`/`ghost` are refused.
 
 `--at_init` measures the run's model as training initialised it: rebuilt
 from the run's flags.txt with its seed, no checkpoint restored, so a run
@@ -105,7 +105,7 @@ def check_flags(fv: flags.FlagValues = flags.FLAGS):
     UserError: bad input.
   """
   request = cli.request_from_flags(fv)
-  if fv.bn_mode != "inference":
+  if fv.bn_mode not in ("auto", "inference"):
     raise UserError(
         f"--bn_mode={fv.bn_mode}: per-example gradients need "
         f"--bn_mode=inference (the batch statistics of a single example are "

@@ -48,10 +48,11 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
       fv,
       seed="the random starts of the eigen-solvers (--trace probes use "
       "seed + 1, --density seed + 2)",
-      batch_size=f"Hessian-vector-product batch (default: all the examples, "
-      f"at most {objective.MAX_BATCH_SIZE}; with --bn_mode=batch/ghost the "
-      f"run's training batch if it divides --num_examples, since batch-norm "
-      f"statistics are per batch)",
+      batch_size=f"Hessian-vector-product batch (default: all the examples, at "
+      f"most {objective.MAX_BATCH_SIZE}, or, with batch-norm statistics per "
+      f"batch (--bn_mode=auto on a batch-norm run, batch, ghost), the run's "
+      f"training batch if it divides --num_examples, as the curvature "
+      f"callback measures)",
       per_layer="Also lambda_max of each layer's diagonal Hessian block "
       "(where the curvature lives).",
       max_iterations=(100, "Power-iteration products per eigenvalue, at "

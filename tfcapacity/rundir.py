@@ -534,7 +534,7 @@ def _examples(request: Request, data_cfg):
   else:
     n = wanted
   if request.shuffle:
-    indices = np.random.default_rng(request.seed).permutation(total)[:n]
+    indices = data_lib.draw_indices(request.seed, total, n)
   else:
     indices = np.arange(n)
   x, y = ds.examples(indices)

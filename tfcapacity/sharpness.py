@@ -11,8 +11,9 @@ sign ascent, in the full space or a random `--subspace_dim`-dimensional one:
 
 The loss is the mean `--loss` (the run's own by default: cross_entropy or
 squared) over fixed examples, chosen as for `tfcapacity.hessian` (see
-`tfcapacity.rundir`), with batch norm in inference mode unless `--bn_mode`
-says otherwise. The model is never changed: a Keras model is evaluated on
+`tfcapacity.rundir`), with the batch-norm statistics the run trained with
+(`--bn_mode=auto`, the default: per batch for a batch-norm run) unless
+`--bn_mode` says otherwise. The model is never changed: a Keras model is evaluated on
 tensors, a SavedModel's variables are put back after each evaluation. The
 JSON (`sharpness`, `"loss"` the loss function, `loss_value` and `max_loss`
 its values at the centre and the box's worst point, ...) is written once,
@@ -43,10 +44,12 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
       fv,
       seed="the random subspace (--subspace_dim) and the search's random "
       "start",
-      batch_size=f"batch of the loss and gradient evaluations (default: all "
-      f"the examples, at most {objective.MAX_BATCH_SIZE}; with "
-      f"--bn_mode=batch/ghost the run's training batch if it divides "
-      f"--num_examples, since batch-norm statistics are per batch)",
+      batch_size=f"batch of the loss and gradient evaluations (default: "
+      f"all the examples, at "
+      f"most {objective.MAX_BATCH_SIZE}, or, with batch-norm statistics per "
+      f"batch (--bn_mode=auto on a batch-norm run, batch, ghost), the run's "
+      f"training batch if it divides --num_examples, as the curvature "
+      f"callback measures)",
       max_iterations=(10, "Iterations of the inner maximisation's "
                       "optimiser (10 in the paper)."))
   # --help lists the shared flags with the tool's own.

@@ -1,55 +1,89 @@
 """lambda_max during training: the maxi-batch study's Figures 3 and 4.
 
-Every `--curvature_every_epochs` epochs (or `--curvature_every_steps` steps)
-the callback measures the Hessian's largest eigenvalue by power iteration on
-Hessian-vector products (papers/003, Sec. 2.3):
+Every `--curvature_every_epochs` epochs (or `--curvature_every_steps` steps,
+and at the end of every epoch within `--curvature_around_drop` epochs of a
+learning-rate drop) the callback measures the Hessian's largest eigenvalue
+by power iteration on Hessian-vector products (papers/003, Sec. 2.3):
   * on a fixed set of `--curvature_examples` training examples (m = 500 in
     the paper, "to reduce the variance of the estimate"), drawn once with the
-    run's seed, so successive values differ only because the model moved;
+    run's seed by `tfcapacity.data.draw_indices`, the draw of the analysis
+    tools: `python -m tfcapacity.hessian --model_dir=RUN --seed=SEED
+    --num_examples=N` on a checkpoint measures the same loss on the same
+    examples as the callback did there;
   * on `--curvature_test_batches` test batches of the same size, averaged
-    (Fig. 4: "average lambda_max over the test set"; -1 takes every batch).
-Each power iteration starts from the eigenvector the previous measurement
-found (a warm start: between nearby models it converges in a few products).
-Optionally the top-k eigenvalues (`--curvature_top_k`, by deflation or with
-`--curvature_method=lanczos`) and the trace (`--curvature_trace_probes`).
+    (Fig. 4: "average lambda_max over the test set"; -1 takes every batch),
+    consecutive slices of one seeded permutation of the test set (the first
+    is what the tools draw from the test split).
+The batch-norm statistics inside the loss are those the optimiser's steps
+use (`--curvature_bn_mode=auto`, the default: batch statistics over batches
+of the training batch size, `objective.measurement_batch_size`), or the
+moving statistics (`inference`). Each power iteration starts from the
+eigenvector the previous measurement found (a warm start: between nearby
+models it converges in a few products). Optionally the top-k eigenvalues
+(`--curvature_top_k`, by deflation or with `--curvature_method=lanczos`)
+and the trace (`--curvature_trace_probes`).
 
 Scalars, logged to TensorBoard and to results.json's `measurements` rows
 (`rundir.series` reads one over a run):
   curvature/lambda_max, curvature/relative_residual, curvature/iterations,
   curvature/eigenvalue_2 ..., curvature/trace, curvature/trace_stderr,
-  curvature/lambda_max_test, curvature/lambda_max_test_std.
-The loop logs the callback's wall time as `timing/curvature_seconds`, apart
-from the training throughput. The measurement never changes the model
-(`hvp.HessianOperator` works on tensors).
+  curvature/lambda_max_test, curvature/lambda_max_test_std,
+  curvature/stability_threshold: the largest curvature on which the
+    optimiser's iteration is stable at the learning rate of the last step
+    (`optim.stability_threshold`: 2(1+beta)/eta for heavy-ball momentum,
+    2/eta for plain SGD; absent for Adam),
+  curvature/lambda_max_over_threshold: their ratio (1 = the edge).
+results.json's `callbacks.curvature` records how it measured (batch-norm
+mode, batch size, examples). The loop logs the callback's wall time as
+`timing/curvature_seconds`, apart from the training throughput. The
+measurement never changes the model (`hvp.HessianOperator` works on
+tensors).
 """
 
 from __future__ import annotations
 
-import functools
-
 from absl import logging
 import numpy as np
 
+from tfcapacity import data as data_lib
+from tfcapacity import objective
 from tfcapacity.curvature import eigen
 from tfcapacity.curvature import hvp
 from tfcapacity.training import callbacks as callbacks_lib
-
-# Salts the example draw so it differs from the data order of the same seed.
-_SALT = 0xC0A7
+from tfcapacity.training import optim
 
 
-# The training examples measured throughout a run (sorted indices).
-fixed_indices = functools.partial(callbacks_lib.fixed_indices, salt=_SALT)
+def fixed_indices(seed: int, num_examples: int, size: int) -> np.ndarray:
+  """The training examples measured throughout a run (in drawn order)."""
+  return data_lib.draw_indices(seed, num_examples, size)
 
 
 def test_batches(seed: int, num_examples: int, size: int, batches: int
                  ) -> list[np.ndarray]:
-  """Disjoint test batches of `size` (`batches=-1`: as many as fit)."""
+  """Disjoint test batches of `size` (`batches=-1`: as many as fit).
+
+  Consecutive slices of `data.draw_indices(seed, num_examples,
+  num_examples)`, so the first is the tools' draw of `size` test examples.
+  """
   size = min(size, num_examples)
   available = num_examples // size
   batches = available if batches < 0 else min(batches, available)
-  order = np.random.default_rng([seed, _SALT, 1]).permutation(num_examples)
-  return [np.sort(order[b * size:(b + 1) * size]) for b in range(batches)]
+  order = data_lib.draw_indices(seed, num_examples, num_examples)
+  return [order[b * size:(b + 1) * size] for b in range(batches)]
+
+
+def epochs_around_drops(drop_epochs, window: int) -> frozenset[int]:
+  """Epoch counts within `window` of a drop: measured besides the schedule.
+
+  A drop at epoch d takes effect at the first step of epoch d (0-based), so
+  the end of epoch count d - 1 is the last measurement before it and d the
+  first after one epoch at the new rate.
+  """
+  out = set()
+  for drop in drop_epochs or ():
+    d = int(round(float(drop)))
+    out.update(range(max(d - window, 0), d + window + 1))
+  return frozenset(out) if window > 0 else frozenset()
 
 
 class CurvatureCallback(callbacks_lib.Callback):
@@ -68,14 +102,31 @@ class CurvatureCallback(callbacks_lib.Callback):
     self._holds = None  # Which examples the shared operator holds.
     self._vectors = None  # Warm starts: the last eigenvectors found.
     self._test_vectors = []
+    self.bn_mode = (objective.training_bn_mode(cfg.normalization)
+                    if cfg.curvature_bn_mode == "auto"
+                    else cfg.curvature_bn_mode)
+    self.around_drop = epochs_around_drops(
+        cfg.lr_drop_epochs if cfg.lr_schedule == "step" else (),
+        cfg.curvature_around_drop)
+    self._info = {}
+
+  def due(self, step: int, epoch: int, epoch_end: bool) -> bool:
+    return super().due(step, epoch, epoch_end) or bool(
+        epoch_end and epoch in self.around_drop)
 
   def _operator(self, ctx, x, y):
     cfg = self.cfg
+    batch_size = cfg.curvature_batch_size or objective.measurement_batch_size(
+        len(y), self.bn_mode, ctx.global_batch_size)
     return hvp.HessianOperator(
-        ctx.model, x, y, loss=cfg.loss, bn_mode=cfg.curvature_bn_mode,
-        batch_size=cfg.curvature_batch_size or None, strategy=ctx.strategy,
+        ctx.model, x, y, loss=cfg.loss, bn_mode=self.bn_mode,
+        batch_size=batch_size, strategy=ctx.strategy,
         ghost_batch_size=(cfg.ghost_batch_size
                           if cfg.normalization == "ghost" else None))
+
+  def info(self) -> dict:
+    """How lambda_max is measured (results.json's `callbacks.curvature`)."""
+    return dict(self._info)
 
   def on_train_begin(self, ctx):
     cfg = self.cfg
@@ -95,11 +146,20 @@ class CurvatureCallback(callbacks_lib.Callback):
       self.test_op = (self.train_op if len(self.test_examples[0][1]) == m
                       else self._operator(ctx, *self.test_examples[0]))
       self._test_vectors = [None] * len(self.test_examples)
+    self._info = {
+        "bn_mode": self.bn_mode, "bn_mode_flag": cfg.curvature_bn_mode,
+        "batch_size": int(self.train_op.batch_size), "examples": int(m),
+        "test_batches": len(self.test_examples), "seed": int(cfg.seed),
+        "loss": self.train_op.loss,
+        "extra_epochs": sorted(self.around_drop)}
     logging.info("curvature: lambda_max over %d training examples and %d "
-                 "test batches of %d, bn_mode=%s, every %s", m,
-                 len(self.test_examples), m, cfg.curvature_bn_mode,
+                 "test batches of %d, bn_mode=%s (batches of %d), every %s%s",
+                 m, len(self.test_examples), m, self.bn_mode,
+                 self.train_op.batch_size,
                  f"{self.every_epochs} epochs" if self.every_epochs
-                 else f"{self.every_steps} steps")
+                 else f"{self.every_steps} steps",
+                 f" and after epochs {sorted(self.around_drop)}"
+                 if self.around_drop else "")
 
   def _top(self, op, vectors, seed):
     """The top eigenvalues of `op` and their vectors (warm-started)."""
@@ -137,6 +197,11 @@ class CurvatureCallback(callbacks_lib.Callback):
     out = {"curvature/lambda_max": values[0],
            "curvature/relative_residual": residual,
            "curvature/iterations": iterations}
+    threshold = optim.threshold_from_optimizer(ctx.optimizer,
+                                               ctx.learning_rate)
+    if threshold is not None:
+      out["curvature/stability_threshold"] = threshold
+      out["curvature/lambda_max_over_threshold"] = values[0] / threshold
     for i, value in enumerate(values[1:], start=2):
       out[f"curvature/eigenvalue_{i}"] = value
     if self.cfg.curvature_trace_probes:

@@ -39,7 +39,7 @@ from tfcapacity import rundir
 # --- The loss as an operator --------------------------------------------------
 
 
-def make_operator(loaded: rundir.Loaded, *, bn_mode: str = "inference",
+def make_operator(loaded: rundir.Loaded, *, bn_mode: str = "auto",
                   ghost_batch_size: int | None = None,
                   batch_size: int | None = None,
                   layers: list[str] | None = None,
@@ -50,12 +50,16 @@ def make_operator(loaded: rundir.Loaded, *, bn_mode: str = "inference",
 
   Args:
     loaded: from `rundir.load`.
-    bn_mode: inference | batch | ghost.
+    bn_mode: auto | inference | batch | ghost; `auto` is the mode the run
+      trained with (`objective.training_bn_mode`; inference for a model
+      without a run directory).
     ghost_batch_size: default the run's, when it trained with ghost batch
       norm (else the model's own).
-    batch_size: examples per batch; default all of them, at most
-      `objective.MAX_BATCH_SIZE`, or in batch/ghost mode the run's training
-      batch when it divides them (the batch-norm statistics are per batch).
+    batch_size: examples per batch; default `objective.
+      measurement_batch_size`: all of them up to `objective.MAX_BATCH_SIZE`,
+      or in batch/ghost mode the run's training batch when it divides them
+      (the batch-norm statistics are per batch), as the curvature callback
+      measures.
     layers, include_slopes: the parameter block
       (`objective.function.select_params`).
     method: reverse | forward.
@@ -67,12 +71,11 @@ def make_operator(loaded: rundir.Loaded, *, bn_mode: str = "inference",
   from tfcapacity.objective import function as function_lib
   n = len(loaded.y)
   cfg = loaded.config
+  bn_mode = resolve_bn_mode(loaded, bn_mode)
   if batch_size is None:
-    batch_size = min(n, objective.MAX_BATCH_SIZE)
-    if bn_mode != "inference" and cfg is not None and not cfg.full_batch:
-      run_batch = int(cfg.batch_size)
-      if run_batch <= n and n % run_batch == 0:
-        batch_size = run_batch
+    run_batch = (None if cfg is None or cfg.full_batch
+                 else int(cfg.batch_size))
+    batch_size = objective.measurement_batch_size(n, bn_mode, run_batch)
   if ghost_batch_size is None and cfg is not None and (
       cfg.normalization == "ghost"):
     ghost_batch_size = cfg.ghost_batch_size
@@ -88,6 +91,14 @@ def make_operator(loaded: rundir.Loaded, *, bn_mode: str = "inference",
       loaded.model, loaded.x, loaded.y, loss=loaded.loss, bn_mode=bn_mode,
       batch_size=batch_size, params=params, method=method,
       strategy=loaded.strategy, ghost_batch_size=ghost_batch_size)
+
+
+def resolve_bn_mode(loaded: rundir.Loaded, bn_mode: str) -> str:
+  """`bn_mode`, with `auto` replaced by the mode the run trained with."""
+  if bn_mode != "auto":
+    return bn_mode
+  cfg = loaded.config
+  return objective.training_bn_mode(cfg.normalization if cfg else None)
 
 
 class LossObjective:
@@ -123,7 +134,7 @@ def hessian_report(loaded: rundir.Loaded, *, top_k: int = 1,
                    trace_probes: int = 100, density: bool = False,
                    density_runs: int = 4, density_steps: int = 30,
                    density_figure: str | None = None,
-                   bn_mode: str = "inference",
+                   bn_mode: str = "auto",
                    ghost_batch_size: int | None = None,
                    batch_size: int | None = None,
                    layers: list[str] | None = None,
@@ -245,7 +256,7 @@ def hessian_report(loaded: rundir.Loaded, *, top_k: int = 1,
 def sharpness_report(loaded: rundir.Loaded, *, epsilon: float = 1e-3,
                      optimizer: str = "lbfgsb",
                      subspace_dim: int | None = None,
-                     max_iterations: int = 10, bn_mode: str = "inference",
+                     max_iterations: int = 10, bn_mode: str = "auto",
                      ghost_batch_size: int | None = None,
                      batch_size: int | None = None,
                      layers: list[str] | None = None,

@@ -33,6 +33,20 @@ def __getattr__(name):
   raise AttributeError(name)
 
 
+def draw_indices(seed: int, num_examples: int, size: int):
+  """`size` examples of `num_examples` drawn with `seed`, in drawn order.
+
+  The one draw of fixed examples that the curvature measurements share: the
+  analysis tools (`tfcapacity.rundir.load`, `--seed`, `--num_examples`) and
+  the curvature callback (the run's `--seed`, `--curvature_examples`) pick
+  the same examples for the same seed and count. The order is the draw's,
+  not storage order, so that batches of a class-sorted file mix classes.
+  """
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  size = min(int(size), int(num_examples))
+  return np.random.default_rng(int(seed)).permutation(int(num_examples))[:size]
+
+
 def names() -> list[str]:
   return [n + ("<path>" if n == "hdf5:" else "<name>" if n == "tfds:" else "")
           for n in _SOURCES]
