@@ -75,6 +75,9 @@ def test_callback_moves_slopes_by_the_dense_eigenvector():
     assert out[f"linearization/slope/{layer.name}"] == pytest.approx(slope)
     assert out[f"linearization/component/{layer.name}"] == pytest.approx(
         comp, abs=1e-3)
+  logged = [out[f"linearization/slope/{layer.name}"] for layer in layers]
+  assert out["linearization/mean_slope"] == pytest.approx(np.mean(logged))
+  assert out["linearization/mean_slope"] == pytest.approx(np.mean(want))
 
 
 def test_training_with_linearization(tmp_path):
@@ -93,6 +96,12 @@ def test_training_with_linearization(tmp_path):
   for before, after in zip(slopes, slopes[1:]):
     assert after == pytest.approx(before - 0.1) or after == pytest.approx(
         before + 0.05)
+  second = [v for _, _, v in rundir.series(
+      results, "linearization/slope/hidden_1_act")]
+  means = [v for _, _, v in rundir.series(results,
+                                          "linearization/mean_slope")]
+  np.testing.assert_allclose(means, np.mean([slopes[1:], second], axis=0),
+                             rtol=1e-6)
 
 
 def test_needs_leaky_relu():

@@ -10,7 +10,8 @@ s = 1 the identity. The slopes are not trained by the optimizer. Every
      to every trainable variable AND the slopes, as extra coordinates;
   2. finds its dominant eigenvector v by power iteration on Hessian-vector
      products (warm-started from the previous one; `--curvature_tol`,
-     `--curvature_max_iterations`, `--curvature_bn_mode`);
+     `--curvature_max_iterations`, `--curvature_bn_mode`, whose `auto`
+     and batches follow the run as in the curvature callback);
   3. moves each layer's slope by the sign of its component v_l:
      s <- clip(s - delta_minus, 0, 1) when v_l > 0, else
      s <- clip(s + delta_plus, 0, 1) (`--delta_minus`, `--delta_plus`).
@@ -21,7 +22,9 @@ coordinates); when v . grad L = 0 exactly, so that its largest-magnitude
 component is positive. The paper leaves the orientation unstated.
 
 Logged: `linearization/slope/<layer>`, `linearization/component/<layer>`,
-`linearization/eigenvalue`, `linearization/iterations`. Unlike the
+`linearization/mean_slope` (the mean of the layers' slopes after the
+update: how far the network as a whole has moved from ReLU, 0, towards
+linear, 1), `linearization/eigenvalue`, `linearization/iterations`. Unlike the
 measurement callbacks, this one changes the model, so its flags are part
 of the run's identity.
 """
@@ -32,6 +35,7 @@ import functools
 
 import numpy as np
 
+from tfcapacity import objective
 from tfcapacity.curvature import eigen
 from tfcapacity.curvature import hvp
 from tfcapacity.errors import UserError
@@ -100,9 +104,14 @@ class LinearizationCallback(callbacks_lib.Callback):
                           cfg.linearize_examples)
     x, y = ctx.train_data.examples(index)
     params = function_lib.select_params(ctx.model, None, include_slopes=True)
+    # The same batch-norm mode and batches as the curvature callback.
+    bn_mode = (objective.training_bn_mode(cfg.normalization)
+               if cfg.curvature_bn_mode == "auto" else cfg.curvature_bn_mode)
+    batch_size = cfg.curvature_batch_size or objective.measurement_batch_size(
+        len(y), bn_mode, ctx.global_batch_size)
     self.operator = hvp.HessianOperator(
-        ctx.model, x, y, params=params, loss=cfg.loss,
-        bn_mode=cfg.curvature_bn_mode, strategy=ctx.strategy,
+        ctx.model, x, y, params=params, loss=cfg.loss, bn_mode=bn_mode,
+        batch_size=batch_size, strategy=ctx.strategy,
         ghost_batch_size=(cfg.ghost_batch_size
                           if cfg.normalization == "ghost" else None))
 
@@ -119,7 +128,8 @@ class LinearizationCallback(callbacks_lib.Callback):
     slopes = update_slopes([float(l.slope.numpy()) for l in self.layers],
                            components, cfg.delta_minus, cfg.delta_plus)
     out = {"linearization/eigenvalue": float(result.eigenvalue),
-           "linearization/iterations": float(result.iterations)}
+           "linearization/iterations": float(result.iterations),
+           "linearization/mean_slope": float(np.mean(slopes))}
     for layer, slope, component in zip(self.layers, slopes, components):
       layer.slope.assign(float(slope))
       out[f"linearization/slope/{layer.name}"] = float(slope)
