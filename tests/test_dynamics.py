@@ -1,7 +1,9 @@
 """Distance travelled, gradient noise and recorded gradient variances."""
 
+import collections
 import json
 import os
+import zlib
 
 import keras
 import numpy as np
@@ -54,6 +56,17 @@ def test_distance_and_path_length_against_checkpoints(tmp_path):
   thetas = [checkpoint_weights(trainer, os.path.join(ckpt, f"ckpt-{s}"))
             for s in range(5)]
   paths = [v.path for v in trainer.model.trainable_variables]
+
+  def norm(weights):
+    return np.sqrt(sum(np.sum(np.square(w.astype(np.float64)))
+                       for w in weights))
+
+  # ||theta_t||: the initial weights at step 0, the final ones at the end.
+  assert rows[0]["distance/norm"] == pytest.approx(norm(thetas[0]), rel=1e-6)
+  assert rows[0]["distance/norm"] > 0
+  assert rows[-1]["distance/norm"] == pytest.approx(
+      norm(final_weights(trainer)), rel=1e-6)
+  assert rows[-1]["distance/norm"] != pytest.approx(rows[0]["distance/norm"])
   for step in range(1, 5):
     row = rows[step]
     delta = [a - b for a, b in zip(thetas[step], thetas[0])]
@@ -67,6 +80,7 @@ def test_distance_and_path_length_against_checkpoints(tmp_path):
                          zip(thetas[t + 1], thetas[t])))
              for t in range(step)]
     assert row["path_length/total"] == pytest.approx(sum(steps), rel=1e-5)
+    assert row["distance/norm"] == pytest.approx(norm(thetas[step]), rel=1e-6)
   # With momentum the path is longer than the straight line.
   assert rows[-1]["path_length/total"] > rows[-1]["distance/total"]
 
@@ -95,7 +109,7 @@ def test_distance_survives_a_resume(tmp_path):
 
 
 def make_noise(kind, steps_per_epoch=10, replicas=1, **flags):
-  cfg = config.make(grad_noise=kind, **flags)
+  cfg = config.make(grad_noise=kind, **{"grad_noise_scope": "all", **flags})
   variables = [keras.Variable(np.zeros((300, 400), np.float32), name="w"),
                keras.Variable(np.zeros((7,), np.float32), name="b")]
   return dynamics.GradientNoise(cfg, variables, steps_per_epoch, replicas)
@@ -202,7 +216,11 @@ def test_empirical_noise_uses_the_reference_variances(tmp_path):
     # The std logged at the end of epoch e is that of epoch e's next steps.
     source = recorded[min(row["epoch"] + 1, 3)]
     for v in run.model.trainable_variables:
-      assert row[f"grad_noise/std/{v.path}"] == pytest.approx(
+      key = f"grad_noise/std/{v.path}"
+      if not v.path.endswith("/kernel"):  # --grad_noise_scope=conv
+        assert key not in row
+        continue
+      assert row[key] == pytest.approx(
           np.sqrt(source[f"grad_variance/{v.path}"]), rel=1e-5)
 
 
@@ -224,7 +242,7 @@ def test_bad_noise_flags(tmp_path):
 
 
 def test_hooks_from_config_record_before_adding_noise():
-  variables = [keras.Variable(np.zeros((50,), np.float32), name="w")]
+  variables = [keras.Variable(np.zeros((5, 10), np.float32), name="w")]
   assert dynamics.hooks_from_config(config.make(), variables, 1, 1) == []
   cfg = config.make(track_distance=True, record_grad_variance=True,
                     grad_noise="fixed", grad_noise_std=0.5)
@@ -234,11 +252,94 @@ def test_hooks_from_config_record_before_adding_noise():
                                       dynamics.GradientNoise]
   assert [h.name for h in hooks if h.trackables()] == ["distance",
                                                       "grad_variance"]
-  grads = [tf.constant(np.arange(50, dtype=np.float32))]
+  grads = [tf.constant(np.arange(50, dtype=np.float32).reshape(5, 10))]
   step = tf.constant(3, tf.int64)
   out = hooks_lib.adjust_gradients(hooks, grads, step)
-  noise = hooks[2].add([tf.zeros([50])], step)[0].numpy()
+  noise = hooks[2].add([tf.zeros([5, 10])], step)[0].numpy()
   assert np.std(noise) > 0.1
   np.testing.assert_array_equal(out[0].numpy(), grads[0].numpy() + noise)
   # The recorder saw the gradient, not the noisy one.
   np.testing.assert_array_equal(hooks[1].sums[0].numpy(), grads[0].numpy())
+
+
+# -- --grad_noise_scope --------------------------------------------------------
+
+
+def tiny_model(name, **flags):
+  cfg = config.make(model=name, normalization="batch",
+                    **{**models.tiny_kwargs(name), **flags})
+  shape = (8, 8, 1) if name == "resnet" else (6,)
+  keras.utils.set_random_seed(0)
+  return cfg, models.from_config(cfg, shape, 3)
+
+
+def kinds_of(model):
+  """Variable path -> 'kernel', 'batch_norm' or 'bias', from the layers'
+  own attributes."""
+  kinds = {}
+  for layer in models.layers.batch_norm_layers(model):
+    kinds[layer.gamma.path] = kinds[layer.beta.path] = "batch_norm"
+  for layer in models.layers.all_layers(model):
+    if isinstance(layer, (keras.layers.Conv2D, keras.layers.Dense)):
+      kinds[layer.kernel.path] = "kernel"
+      if layer.bias is not None:
+        kinds[layer.bias.path] = "bias"
+  return kinds
+
+
+@pytest.mark.parametrize("scope", training.NOISE_SCOPES)
+def test_noise_scope_on_a_resnet_with_batch_norm(scope):
+  cfg, model = tiny_model("resnet", grad_noise="fixed", grad_noise_std=0.3,
+                          grad_noise_scope=scope, seed=7)
+  variables = model.trainable_variables
+  kinds = kinds_of(model)
+  assert sorted(kinds) == sorted(v.path for v in variables)
+  # depth 8: a stem and 3 x 2 convolutions, each with batch norm and no
+  # bias, and the dense classifier with its bias.
+  assert sorted(collections.Counter(kinds.values()).items()) == [
+      ("batch_norm", 14), ("bias", 1), ("kernel", 8)]
+  [noise] = dynamics.hooks_from_config(cfg, variables, 10, 1, model=model)
+  step = 5
+  out = noise.adjust_gradients([tf.zeros(v.shape) for v in variables],
+                               tf.constant(step, tf.int64))
+  out = [o.numpy() for o in out]
+  noisy = [v.path for v, o in zip(variables, out) if np.all(o != 0)]
+  clean = [v.path for v, o in zip(variables, out) if np.all(o == 0)]
+  assert len(noisy) + len(clean) == len(variables)
+  want = [v.path for v in variables
+          if scope == "all" or kinds[v.path] == "kernel"]
+  assert noisy == want
+  pooled = np.concatenate([o.ravel() for o in out if np.any(o)])
+  assert pooled.std() == pytest.approx(0.3, rel=0.05)
+  assert abs(pooled.mean()) < 0.02
+  # The documented seed: (crc32 of "<seed>:28161", step * L + l), l the
+  # classifier kernel's place among the L noised variables.
+  k = [v.path for v in variables].index("classifier/kernel")
+  place = want.index("classifier/kernel")
+  seed = [zlib.crc32(b"7:28161"), step * len(want) + place]
+  expected = tf.random.stateless_normal(variables[k].shape, seed=seed) * 0.3
+  np.testing.assert_array_equal(out[k], expected.numpy())
+
+
+@pytest.mark.parametrize("name", models.names())
+def test_kernels_by_rank_are_the_kernels_of_the_layers(name):
+  # The loop passes only the variables; their ranks must pick the same
+  # kernels that the layers name.
+  _, model = tiny_model(name)
+  variables = model.trainable_variables
+  by_layers = dynamics.noise_indices(variables, "conv", model)
+  by_rank = dynamics.noise_indices(variables, "conv")
+  assert by_layers == by_rank
+  kinds = kinds_of(model)
+  assert [variables[i].path for i in by_layers] == [
+      v.path for v in variables if kinds[v.path] == "kernel"]
+  assert dynamics.noise_indices(variables, "all") == list(
+      range(len(variables)))
+
+
+def test_noise_scope_errors():
+  variables = [keras.Variable(np.zeros((4,), np.float32), name="b")]
+  with pytest.raises(UserError, match="selects no variable"):
+    dynamics.GradientNoise(config.make(grad_noise="fixed"), variables, 1, 1)
+  with pytest.raises(UserError, match="--grad_noise_scope=x: choose one"):
+    dynamics.noise_indices(variables, "x")

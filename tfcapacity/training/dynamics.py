@@ -4,12 +4,13 @@ Three pieces the training loop wires into its steps when their flags ask:
 
   * `DistanceTracker` (`--track_distance`, Fig. 5 of the study): the
     distance ||theta_t - theta_0|| of the parameters from their initial
-    values, per layer and in total, and the path length
-    sum_t ||theta_{t+1} - theta_t||, accumulated after every step inside
-    the training graph. A layer is the set of variables whose paths share
-    a prefix (`hidden_0/kernel` and `hidden_0/bias` form `hidden_0`).
+    values, per layer and in total, the norm ||theta_t|| of all of them,
+    and the path length sum_t ||theta_{t+1} - theta_t||, accumulated after
+    every step inside the training graph. A layer is the set of variables
+    whose paths share a prefix (`hidden_0/kernel` and `hidden_0/bias` form
+    `hidden_0`).
   * `GradientNoise` (`--grad_noise`, Sec. 2.4): Gaussian noise added to
-    every variable's gradient before the optimizer sees it:
+    the gradients before the optimizer sees them:
       - `fixed`: N(0, s^2) per coordinate with s = `--grad_noise_std`;
       - `annealed`: variance eta / (1 + t)^gamma at step t (Neelakantan et
         al. 2015, "Adding gradient noise improves learning for very deep
@@ -17,11 +18,17 @@ Three pieces the training loop wires into its steps when their flags ask:
       - `empirical`: each variable gets the variance that a reference run
         (`--grad_noise_reference=RUN`) recorded for it in the same epoch
         (the last recorded epoch after the reference ends).
-    The noise of step t and variable l is `tf.random.stateless_normal` with
-    seed (hash(seed), t * L + l): the same on every replica (each adds 1/R
-    of it to its share of the gradient the optimizer sums) and after a
-    resume. It is added to the gradient, L2 term included, that the
-    optimizer applies.
+    `--grad_noise_scope` picks the variables that get it. The study adds
+    noise to the gradients entering each convolutional layer; `conv` (the
+    default) takes the kernels of the convolution and dense layers
+    (`noise_indices`), not the batch-norm scales and offsets, the biases or
+    the rectifier slopes; `all` takes every trainable variable. The noise of
+    step t and the l-th of the L chosen variables (in the order of the
+    model's trainable variables) is `tf.random.stateless_normal` with seed
+    (zlib.crc32(b"<seed>:28161"), t * L + l), <seed> the run's `--seed`:
+    the same on every replica (each adds 1/R of it to its share of the
+    gradient the optimizer sums) and after a resume. It is added to the
+    gradient, L2 term included, that the optimizer applies.
   * `GradientVarianceRecorder` (`--record_grad_variance`): for each
     variable, the variance over an epoch's steps of its mini-batch
     gradients, averaged over its coordinates (the unbiased variance over
@@ -33,9 +40,9 @@ step through that interface and knows none of them; `hooks_from_config`
 builds the ones the flags ask for. Their accumulators are variables of the
 run's checkpoint, so a resumed run continues them. Their scalars are logged
 at step 0 and at the end of every epoch (results.json's `measurements`):
-`distance/total`, `distance/<layer>`, `path_length/total`,
+`distance/total`, `distance/norm`, `distance/<layer>`, `path_length/total`,
 `path_length/<layer>`, `grad_noise/std` (or `grad_noise/std/<variable>`
-for `empirical`) and `grad_variance/<variable>`.
+for `empirical`, one per noised variable) and `grad_variance/<variable>`.
 """
 
 from __future__ import annotations
@@ -45,15 +52,22 @@ import json
 import os
 import zlib
 
+from absl import logging
+import keras
 import numpy as np
 import tensorflow as tf
 
 from tfcapacity import training
 from tfcapacity.errors import UserError
+from tfcapacity.models import layers as layers_lib
 from tfcapacity.training import hooks as hooks_lib
 from tfcapacity import rundir
 
-_NOISE_SALT = 0x6E01
+_NOISE_SALT = 0x6E01  # 28161, as the module docstring writes it.
+
+# The layers whose kernels get noise under --grad_noise_scope=conv.
+_KERNEL_LAYERS = (keras.layers.Conv1D, keras.layers.Conv2D,
+                  keras.layers.Conv3D, keras.layers.Dense)
 
 
 def layer_of(path: str) -> str:
@@ -70,7 +84,8 @@ def _groups(variables):
 
 
 class DistanceTracker(hooks_lib.StepHook):
-  """||theta_t - theta_0|| and the path length, per layer and in total.
+  """||theta_t - theta_0|| and the path length, per layer and in total, and
+  ||theta_t|| in total.
 
   Build it under the strategy's scope right after the model, so that its
   copy of the initial values is theta_0.
@@ -110,7 +125,10 @@ class DistanceTracker(hooks_lib.StepHook):
         v.numpy().astype(np.float64) - i.numpy().astype(np.float64))))
           for v, i in zip(self.variables, self.initial)]
     path = self.path.numpy()
+    norm_sq = sum(float(np.sum(np.square(v.numpy().astype(np.float64))))
+                  for v in self.variables)
     out = {"distance/total": float(np.sqrt(sum(sq))),
+           "distance/norm": float(np.sqrt(norm_sq)),
            "path_length/total": float(path[-1])}
     for k, (layer, idx) in enumerate(self.groups.items()):
       out[f"distance/{layer}"] = float(np.sqrt(sum(sq[i] for i in idx)))
@@ -142,17 +160,71 @@ def read_reference_variances(run_dir: str) -> dict[int, dict[str, float]]:
   return table
 
 
+def noise_indices(variables, scope: str, model=None) -> list[int]:
+  """Indices of the `variables` that `--grad_noise_scope=scope` noises.
+
+  `all`: every variable. `conv`: the kernels of the convolution (Conv1D,
+  Conv2D, Conv3D) and dense layers. With `model`, those are its layers'
+  `kernel` weights, found by walking its layers; without, they are the
+  variables of rank 2 or more, the same set in tfcapacity's models, where
+  the other trainable variables (batch-norm scales and offsets, biases) are
+  vectors and the rectifier slopes are not trainable (tested on every
+  registered model).
+
+  Raises:
+    UserError: an unknown scope.
+  """
+  variables = list(variables)
+  if scope not in training.NOISE_SCOPES:
+    raise UserError(f"--grad_noise_scope={scope}: choose one of "
+                    f"{', '.join(training.NOISE_SCOPES)}")
+  if scope == "all":
+    return list(range(len(variables)))
+  if model is None:
+    return [i for i, v in enumerate(variables) if len(v.shape) >= 2]
+  kernels = {id(layer.kernel) for layer in layers_lib.all_layers(model)
+             if isinstance(layer, _KERNEL_LAYERS)}
+  return [i for i, v in enumerate(variables) if id(v) in kernels]
+
+
 class GradientNoise(hooks_lib.StepHook):
-  """Seeded Gaussian gradient noise of a fixed, annealed or recorded scale."""
+  """Seeded Gaussian gradient noise of a fixed, annealed or recorded scale.
+
+  Attributes:
+    variables: the variables whose gradients `add` receives, in order.
+    noised: the indices of those that get noise (`noise_indices`).
+  """
 
   name = "grad_noise"
 
-  def __init__(self, cfg, variables, steps_per_epoch: int, num_replicas: int):
+  def __init__(self, cfg, variables, steps_per_epoch: int, num_replicas: int,
+               model=None):
+    """Checks the flags and picks the noised variables.
+
+    Args:
+      cfg: the run's `config.Config`.
+      variables: the model's trainable variables, in the order of the
+        gradients the step passes.
+      steps_per_epoch: steps in an epoch (the `empirical` schedule's).
+      num_replicas: the strategy's replicas; each adds 1/R of the noise.
+      model: the model owning `variables`, if known: its layers then say
+        which variables are convolution and dense kernels.
+
+    Raises:
+      UserError: bad noise flags, an unusable `--grad_noise_reference`, or
+        no variable in scope.
+    """
     if cfg.grad_noise not in training.NOISE_KINDS:
       raise UserError(f"--grad_noise={cfg.grad_noise}: choose one of "
                       f"{', '.join(training.NOISE_KINDS)}")
     self.kind = cfg.grad_noise
+    self.scope = cfg.grad_noise_scope
     self.variables = list(variables)
+    self.noised = noise_indices(self.variables, self.scope, model)
+    if not self.noised:
+      raise UserError(f"--grad_noise_scope={self.scope} selects no variable "
+                      f"of this model (it has no convolution or dense "
+                      f"kernel); use --grad_noise_scope=all")
     self.steps_per_epoch = int(steps_per_epoch)
     self.num_replicas = int(num_replicas)
     self.base_seed = zlib.crc32(f"{cfg.seed}:{_NOISE_SALT}".encode())
@@ -167,13 +239,18 @@ class GradientNoise(hooks_lib.StepHook):
     self.table = None
     if self.kind == "empirical":
       self.table = self._variance_table(cfg.grad_noise_reference)
+    sizes = [int(np.prod(v.shape)) for v in self.variables]
+    logging.info(
+        "Gradient noise (%s, --grad_noise_scope=%s) on %d of %d variables, "
+        "%d of %d parameters.", self.kind, self.scope, len(self.noised),
+        len(self.variables), sum(sizes[i] for i in self.noised), sum(sizes))
 
   def _variance_table(self, reference):
     if not reference:
       raise UserError("--grad_noise=empirical needs --grad_noise_reference="
                       "RUN (a run trained with --record_grad_variance)")
     recorded = read_reference_variances(reference)
-    paths = [v.path for v in self.variables]
+    paths = [self.variables[i].path for i in self.noised]
     epochs = sorted(recorded)
     missing = [p for p in paths if p not in recorded[epochs[-1]]]
     if missing:
@@ -192,31 +269,33 @@ class GradientNoise(hooks_lib.StepHook):
   # -- the scale -------------------------------------------------------------
 
   def stddevs(self, step):
-    """Per-variable standard deviations at `step` (a tensor or a number)."""
+    """Standard deviations at `step` (a tensor or a number), one per noised
+    variable."""
     if self.kind == "fixed":
-      return tf.fill([len(self.variables)], tf.constant(self.std, tf.float32))
+      return tf.fill([len(self.noised)], tf.constant(self.std, tf.float32))
     if self.kind == "annealed":
       t = tf.cast(step, tf.float32)
       sd = tf.sqrt(self.eta / tf.pow(1.0 + t, self.gamma))
-      return tf.fill([len(self.variables)], sd)
+      return tf.fill([len(self.noised)], sd)
     epoch = tf.cast(step, tf.int64) // self.steps_per_epoch
     row = tf.minimum(epoch, len(self.table) - 1)
     return tf.sqrt(tf.gather(tf.constant(self.table), row))
 
   def add(self, grads, step):
-    """`grads` + this replica's 1/R share of step `step`'s noise."""
+    """`grads` + this replica's 1/R share of step `step`'s noise (the
+    gradients of variables out of scope pass unchanged)."""
     sds = self.stddevs(step)
-    count = len(self.variables)
+    count = len(self.noised)
     step = tf.cast(step, tf.int64)
-    out = []
-    for i, (g, v) in enumerate(zip(grads, self.variables)):
+    out = list(grads)
+    for l, i in enumerate(self.noised):
       seed = tf.stack([tf.constant(self.base_seed, tf.int64),
-                       step * count + i])
-      noise = tf.random.stateless_normal(v.shape, seed=seed,
-                                         dtype=tf.float32) * sds[i]
+                       step * count + l])
+      noise = tf.random.stateless_normal(self.variables[i].shape, seed=seed,
+                                         dtype=tf.float32) * sds[l]
       if self.num_replicas > 1:
         noise = noise / self.num_replicas
-      out.append(g + tf.cast(noise, g.dtype))
+      out[i] = out[i] + tf.cast(noise, out[i].dtype)
     return out
 
   def adjust_gradients(self, grads, step):
@@ -226,8 +305,8 @@ class GradientNoise(hooks_lib.StepHook):
     sds = self.stddevs(step).numpy()
     if self.kind != "empirical":
       return {"grad_noise/std": float(sds[0])}
-    return {f"grad_noise/std/{v.path}": float(s)
-            for v, s in zip(self.variables, sds)}
+    return {f"grad_noise/std/{self.variables[i].path}": float(s)
+            for i, s in zip(self.noised, sds)}
 
 
 class GradientVarianceRecorder(hooks_lib.StepHook):
@@ -291,11 +370,14 @@ class GradientVarianceRecorder(hooks_lib.StepHook):
 
 
 def hooks_from_config(cfg, variables, steps_per_epoch: int,
-                      num_replicas: int) -> list[hooks_lib.StepHook]:
+                      num_replicas: int,
+                      model=None) -> list[hooks_lib.StepHook]:
   """The step hooks the flags in `cfg` ask for, in the order they act.
 
   Build them under the strategy's scope right after the model. The variance
   is recorded before noise is added: it is the mini-batch gradients'.
+  `model`, the owner of `variables`, lets the noise find the convolution
+  and dense kernels from its layers (`noise_indices`).
 
   Raises:
     UserError: bad noise flags, or an unusable `--grad_noise_reference`.
@@ -307,5 +389,6 @@ def hooks_from_config(cfg, variables, steps_per_epoch: int,
   if cfg.record_grad_variance:
     out.append(GradientVarianceRecorder(variables, num_replicas))
   if cfg.grad_noise != "none":
-    out.append(GradientNoise(cfg, variables, steps_per_epoch, num_replicas))
+    out.append(GradientNoise(cfg, variables, steps_per_epoch, num_replicas,
+                             model=model))
   return out
