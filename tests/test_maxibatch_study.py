@@ -149,6 +149,62 @@ def test_variants_that_name_variants_run_in_rounds():
   assert [v.name for v in left] == ["orphan"]
 
 
+GRID_SEEDS = GRID + [("seed", ["0", "1"])]
+
+
+def test_variants_expand_over_the_seed_axis():
+  lines = VARIANT_LINES + (
+      "# maxibatch.variant: follow grad_noise_reference=@big_lr1\n"
+      "# maxibatch.variant: pinned seed=1 grad_noise_reference="
+      "@learning_rate=0.1,batch_size=1400\n")
+  grid_cells = sweep.cells(GRID_SEEDS)
+  assert maxibatch.seed_axis(grid_cells) == ["0", "1"]
+  variants = maxibatch.parse_variants(lines, grid_cells, "S")
+  names = [v.name for v in variants]
+  assert names == ["big_noise,seed=0", "big_noise,seed=1", "big_lr1,seed=0",
+                   "big_lr1,seed=1", "follow,seed=0", "follow,seed=1",
+                   "pinned"]
+  # Run directories: names the sweep keeps as they are, none a grid cell's.
+  assert all(sweep.cell_name([("x", n)]) == "x=" + n for n in names)
+  assert not set(names) & {c.name for c in grid_cells}
+  by_name = {v.name: v for v in variants}
+  for seed in ("0", "1"):
+    noise = by_name[f"big_noise,seed={seed}"]
+    assert noise.group == "big_noise"
+    assert noise.depends_on == (
+        f"batch_size=50,learning_rate=0.1,seed={seed}",)
+    assert f"--seed={seed}" in noise.args()
+    assert ("--grad_noise_reference=" + os.path.join(
+        "S", f"batch_size=50,learning_rate=0.1,seed={seed}")) in noise.args()
+    assert by_name[f"follow,seed={seed}"].depends_on == (
+        f"big_lr1,seed={seed}",)
+  pinned = by_name["pinned"]
+  assert pinned.depends_on == ("batch_size=1400,learning_rate=0.1,seed=1",)
+  assert pinned.args().count("--seed=1") == 1
+  # Every reference exists, so the rounds can run.
+  first, second = maxibatch.run_order(grid_cells, variants)
+  assert {d for v in second for d in v.depends_on} <= set(
+      c.name for c in first) | set(names)
+
+
+def test_quick_tier_keeps_the_first_seed():
+  grid = maxibatch.first_seed_only(GRID_SEEDS)
+  assert grid == GRID + [("seed", ["0"])]
+  assert maxibatch.first_seed_only(GRID) == GRID
+  grid_cells = sweep.cells(grid)
+  variants = maxibatch.parse_variants(VARIANT_LINES, grid_cells, "S")
+  assert [v.name for v in variants] == ["big_noise,seed=0", "big_lr1,seed=0"]
+  assert len(grid_cells) == 4
+
+
+def test_a_reference_at_a_seed_off_the_axis_fails():
+  line = ("# maxibatch.variant: odd seed=7 grad_noise_reference="
+          "@batch_size=50,learning_rate=0.1\n")
+  with pytest.raises(UserError, match="names no cell of this study at "
+                     "seed 7"):
+    maxibatch.parse_variants(line, sweep.cells(GRID_SEEDS), "S")
+
+
 @pytest.mark.parametrize("line, match", [
     ("# maxibatch.variant: lonely", "write '# maxibatch.variant: NAME"),
     ("# maxibatch.variant: a=b batch_size=5", "may hold only"),

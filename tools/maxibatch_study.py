@@ -8,7 +8,9 @@
 give the grid (batch size x learning rate) and its `# maxibatch.variant: NAME
 flag=value ...` lines single runs beyond it (gradient noise, linearisation);
 `@CELL` in a value is that cell's run directory, and the variant waits for
-it. Each run is trained by the sweep library (tfcapacity.studies.sweep) in
+it. With a `seed` axis in the grid, a variant line without `seed=` runs
+once per seed (`NAME,seed=S`) and its `@CELL` references resolve at that
+seed; `--quick` keeps only the axis's first seed (the 1-seed tier). Each run is trained by the sweep library (tfcapacity.studies.sweep) in
 STUDY_DIR/<cell>: rerunning the same command skips finished runs and resumes
 interrupted ones.
 
@@ -47,6 +49,9 @@ common.define_study_flags()
 flags.DEFINE_integer("interpolation_points", 25,
                      "Points on each interpolation line (Fig. 2).",
                      lower_bound=2)
+flags.DEFINE_bool("quick", False,
+                  "The 1-seed tier: only the first seed of the grid's seed "
+                  "axis, for the grid and the variants.")
 flags.DEFINE_integer("interpolation_examples", -1,
                      "Examples per split for the interpolation (-1: all).",
                      lower_bound=-1)
@@ -87,7 +92,8 @@ def main(argv):
       raise UserError(f"{FLAGS.base_flagfile} has no '# sweep.grid: "
                       f"flag=v1,v2' lines; add the study's grid there")
     grid = sweep.parse_grid(spec)
-    grid_cells = sweep.cells(grid)
+    grid_cells = sweep.cells(maxibatch.first_seed_only(grid) if FLAGS.quick
+                             else grid)
     variants = maxibatch.parse_variants(text, grid_cells, FLAGS.study_dir)
     all_cells = [*grid_cells, *variants]
     base_args = [f"--flagfile={FLAGS.base_flagfile}"]

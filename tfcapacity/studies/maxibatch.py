@@ -59,6 +59,7 @@ _VARIANT_NAME = re.compile(r"^[A-Za-z0-9._+-]+$")
 LAMBDA_TRAIN = "curvature/lambda_max"
 LAMBDA_TEST = "curvature/lambda_max_test"
 DISTANCE = "distance/total"
+SEED = "seed"
 INTERPOLATION_DIR = "interpolation"
 INTERPOLATION_KEYS = ("alphas", "train_loss", "train_top1_error",
                       "test_loss", "test_top1_error")
@@ -69,18 +70,90 @@ INTERPOLATION_KEYS = ("alphas", "train_loss", "train_top1_error",
 
 @dataclasses.dataclass(frozen=True)
 class Variant(sweep.Cell):
-  """A run beyond the grid: named by its flagfile line, not its values."""
+  """A run beyond the grid: named by its flagfile line, not its values.
+
+  `group` is the line's NAME; `label` (the run directory's name) is NAME,
+  or `NAME,seed=S` when the line is expanded over the grid's seeds.
+  """
   label: str = ""
   depends_on: tuple[str, ...] = ()
+  group: str = ""
 
   @property
   def name(self) -> str:
     return self.label
 
 
+def seed_axis(grid_cells: Sequence[sweep.Cell]) -> list[str]:
+  """The values of the grid's `seed` axis in grid order ([]: no such axis)."""
+  return list(dict.fromkeys(dict(c.overrides)[SEED] for c in grid_cells
+                            if SEED in dict(c.overrides)))
+
+
+def first_seed_only(grid: Sequence[tuple[str, Sequence[str]]]
+                    ) -> list[tuple[str, list[str]]]:
+  """The grid with its seed axis cut to its first value (--quick's tier)."""
+  return [(key, list(values[:1]) if key == SEED else list(values))
+          for key, values in grid]
+
+
+def variant_label(name: str, seed: str) -> str:
+  """The run directory of variant `name` expanded at `seed`."""
+  return f"{name},{SEED}={seed}"
+
+
+def _variant_lines(text: str) -> list[tuple[str, list[tuple[str, str]]]]:
+  """(NAME, [(flag, value), ...]) of each `# maxibatch.variant:` line."""
+  lines = [m.group(1) for m in map(VARIANT_COMMENT.match, text.splitlines())
+           if m]
+  out = []
+  for line in lines:
+    tokens = line.split()
+    if len(tokens) < 2:
+      raise UserError(f"bad '# maxibatch.variant: {line}' line; write "
+                      f"'# maxibatch.variant: NAME flag=value ...'")
+    name = tokens[0]
+    if not _VARIANT_NAME.match(name) or "=" in name:
+      raise UserError(f"variant name {name!r} may hold only letters, digits "
+                      f"and ._+- (no '='), so it cannot clash with a grid "
+                      f"cell")
+    if name in [n for n, _ in out]:
+      raise UserError(f"variant name {name!r} is used twice; give each "
+                      f"variant its own name")
+    pairs = []
+    for token in tokens[1:]:
+      key, sep, value = token.partition("=")
+      key = key.lstrip("-")
+      if not sep or not key or not value:
+        raise UserError(f"variant {name}: bad token {token!r}; write "
+                        f"flag=value")
+      if key in ("model_dir", "flagfile", "overwrite"):
+        raise UserError(f"variant {name} may not set --{key}; the study sets "
+                        f"it")
+      pairs.append((key, value))
+    out.append((name, pairs))
+  return out
+
+
+def _grid_values(target: str) -> dict | None:
+  """`a=1,b=2` -> {"a": "1", "b": "2"}; None if not of that form."""
+  parts = [p.partition("=") for p in target.split(",")]
+  if not all(sep and key and value for key, sep, value in parts):
+    return None
+  return {key: value for key, _, value in parts}
+
+
 def parse_variants(text: str, grid_cells: Sequence[sweep.Cell],
                    study_dir: str) -> list[Variant]:
   """The flagfile's `# maxibatch.variant:` lines as cells.
+
+  When the grid has a `seed` axis, a line that sets no `seed=` becomes one
+  variant per seed of the axis, named `NAME,seed=S` (the `=` no user name
+  may hold keeps it apart from grid cells), and its `@CELL` references
+  resolve at the same seed: `@batch_size=50,learning_rate=0.1` names the
+  grid cell with those values and `seed=S`, `@OTHER` the variant OTHER's
+  run at S. A line with `seed=` is one run, references resolved at its
+  seed. Without a seed axis each line is one run named NAME.
 
   Args:
     text: the base flagfile.
@@ -91,48 +164,57 @@ def parse_variants(text: str, grid_cells: Sequence[sweep.Cell],
     UserError: a line without a name or flags, a bad name or `flag=value`
       token, a repeated name, a flag the sweep sets, or @ naming no cell.
   """
+  lines = _variant_lines(text)
   known = {c.name for c in grid_cells}
-  lines = [m.group(1) for m in map(VARIANT_COMMENT.match, text.splitlines())
-           if m]
-  names = [line.split()[0] for line in lines if line.split()]
+  seeds = seed_axis(grid_cells)
+  instances = []  # (NAME, label, seed or None, pairs)
+  for name, pairs in lines:
+    own = dict(pairs).get(SEED)
+    if seeds and own is None:
+      instances += [(name, variant_label(name, s), s, pairs + [(SEED, s)])
+                    for s in seeds]
+    else:
+      instances.append((name, name, own, pairs))
+  labels = {label for _, label, _, _ in instances}
+  expanded = {(name, seed): label for name, label, seed, _ in instances
+              if label != name}
+  single = {name for name, label, _, _ in instances if label == name}
+
+  def resolve(seed: str | None, value: str) -> str | None:
+    target = value[1:]
+    if target in labels or target in known or target in single:
+      return target
+    if (target, seed) in expanded:
+      return expanded[(target, seed)]
+    wanted = _grid_values(target)
+    if wanted is None:
+      return None
+    if seeds and SEED not in wanted and seed is not None:
+      wanted[SEED] = seed
+    for cell in grid_cells:
+      if dict(cell.overrides) == wanted:
+        return cell.name
+    return None
+
   out = []
-  for number, line in enumerate(lines):
-    tokens = line.split()
-    if len(tokens) < 2:
-      raise UserError(f"bad '# maxibatch.variant: {line}' line; write "
-                      f"'# maxibatch.variant: NAME flag=value ...'")
-    name = tokens[0]
-    if not _VARIANT_NAME.match(name) or "=" in name:
-      raise UserError(f"variant name {name!r} may hold only letters, digits "
-                      f"and ._+- (no '='), so it cannot clash with a grid "
-                      f"cell")
-    if name in known or name in names[:number]:
-      raise UserError(f"variant name {name!r} is used twice; give each "
-                      f"variant its own name")
+  for number, (name, label, seed, pairs) in enumerate(instances):
     overrides, depends = [], []
-    for token in tokens[1:]:
-      key, sep, value = token.partition("=")
-      key = key.lstrip("-")
-      if not sep or not key or not value:
-        raise UserError(f"variant {name}: bad token {token!r}; write "
-                        f"flag=value")
-      if key in ("model_dir", "flagfile", "overwrite"):
-        raise UserError(f"variant {name} may not set --{key}; the study sets "
-                        f"it")
+    for key, value in pairs:
       if value.startswith("@"):
-        target = value[1:]
-        if target == name:
+        if value[1:] in (name, label):
           raise UserError(f"variant {name} names itself in {key}={value}; "
                           f"name the run it should wait for")
-        if target not in known and target not in names:
+        target = resolve(seed, value)
+        if target is None:
+          at = f" at seed {seed}" if seeds and seed is not None else ""
           raise UserError(f"variant {name}: {value} names no cell of this "
-                          f"study; use a grid cell name such as "
+                          f"study{at}; use a grid cell name such as "
                           f"{sorted(known)[0] if known else 'batch_size=50'}")
         depends.append(target)
         value = os.path.join(study_dir, target)
       overrides.append((key, value))
     out.append(Variant(len(grid_cells) + number, tuple(overrides),
-                       label=name, depends_on=tuple(depends)))
+                       label=label, depends_on=tuple(depends), group=name))
   return out
 
 
