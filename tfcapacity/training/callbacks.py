@@ -11,7 +11,10 @@ and knows none: the measurements live with what they measure
 builds those that the flags ask for.
 
 The loop times each callback and logs `timing/<name>_seconds`, so training
-throughput stays honest when measurements are expensive.
+throughput stays honest when measurements are expensive. A callback may also
+say how it measures (`Callback.info()`: its batch-norm mode, batch, number of
+examples, ...); the loop writes that to results.json's `callbacks`, keyed by
+the callback's name, so that a result carries its method.
 
 Measurements leave the model alone, which is why their flags may change when
 a run resumes. The one intervention, adaptive linearisation
@@ -60,6 +63,14 @@ class Callback:
 
   def on_train_begin(self, ctx: Context) -> None:
     """Called once, after the model is built or restored."""
+
+  def info(self) -> dict:
+    """How the callback measures, for results.json's `callbacks` ({}: none).
+
+    Called after `on_train_begin`, whenever results.json is written. The
+    values must be JSON-ready (str, bool, int, float, None, lists, dicts).
+    """
+    return {}
 
   def __call__(self, ctx: Context) -> dict[str, float]:
     raise NotImplementedError

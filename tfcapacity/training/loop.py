@@ -25,8 +25,34 @@ The loop knows no measurement: it runs the callbacks it is given
 (`tfcapacity.training.callbacks`) at its stops and the step hooks its flags
 ask for (`tfcapacity.training.hooks`, built by `dynamics.hooks_from_config`)
 inside every step. `tfcapacity.measurements` adds the callbacks that
-measurement flags ask for. In results.json, `history` holds one row per
-evaluation and `measurements` one row per stop at which a callback ran.
+measurement flags ask for.
+
+With batch norm and `--eval_recompute_bn` (the default), every evaluation
+also runs with the batch-norm statistics recomputed exactly over the
+training set (`objective.function.recompute_batch_norm`: inference mode then
+computes what one training-mode batch of the whole training set computes).
+The moving statistics a run trains with are an exponential average over
+past batches and past weights, so the two evaluations can differ much early
+in training or with a large learning rate. The recomputation changes only
+the moving statistics, which are saved before it and restored exactly after
+it, so training is bitwise the same with and without the flag.
+
+results.json holds:
+  * `history`: one row per evaluation: the loss and top-1/top-5 errors of
+    the train and test sets (`train_loss`, `test_top1_error`, ...), with the
+    recomputed statistics the same keys ending in `_recomputed_bn` (batch
+    norm and `--eval_recompute_bn` only), the learning rate and wall time;
+  * `final`: the last row of `history`;
+  * `measurements`: one row per stop at which a callback ran;
+  * `callbacks`: per callback name, how it measures (`Callback.info()`), for
+    the callbacks that say;
+  * the flags, the loss, throughput, the number of parameters, replicas and
+    steps, and the run's status.
+
+TensorBoard holds the training scalars and the callbacks' in the `train`
+run, the evaluations in the `eval` run and those with recomputed statistics
+in the `eval_recomputed_bn` run under the same tags (`train/top1_error`,
+`test/loss`, ...), so that one chart overlays the two.
 """
 
 from __future__ import annotations
@@ -49,6 +75,8 @@ from tfcapacity import data as data_lib
 from tfcapacity import distribute
 from tfcapacity import models as models_lib
 from tfcapacity.errors import UserError
+from tfcapacity.models import layers as layers_lib
+from tfcapacity.objective import function as function_lib
 from tfcapacity.objective import losses
 from tfcapacity.training import callbacks as callbacks_lib
 from tfcapacity.training import dynamics
@@ -58,6 +86,10 @@ from tfcapacity import rundir
 
 EVAL_KEYS = ("train_loss", "train_top1_error", "train_top5_error",
              "test_loss", "test_top1_error", "test_top5_error")
+# The suffix of the evaluation keys with recomputed batch-norm statistics,
+# and the TensorBoard run that holds them under the `eval` run's tags.
+RECOMPUTED_BN_SUFFIX = "_recomputed_bn"
+RECOMPUTED_BN_RUN = "eval_recomputed_bn"
 
 
 def distribute_batches(strategy, dataset, global_batch_size, **batch_kwargs):
@@ -96,7 +128,8 @@ class Trainer:
 
   Attributes after construction: `strategy`, `train_data`, `test_data`,
   `model`, `optimizer`, `hooks`, `callbacks`, `global_batch_size`,
-  `steps_per_epoch`, `total_steps`, `num_replicas`.
+  `steps_per_epoch`, `total_steps`, `num_replicas`, `recompute_bn` (whether
+  evaluations also run with recomputed batch-norm statistics).
   """
 
   def __init__(self, cfg, strategy: tf.distribute.Strategy | None = None,
@@ -128,6 +161,8 @@ class Trainer:
       self.callbacks.append(hooks_lib.HookScalars(self.hooks))
     self._build_train_steps()
     self._build_evaluation()
+    self.recompute_bn = bool(
+        cfg.eval_recompute_bn and layers_lib.batch_norm_layers(self.model))
     if self.accumulate:
       self._build_full_batch_step()
 
@@ -381,13 +416,26 @@ class Trainer:
     self.eval_sums = eval_sums
 
   def evaluate(self) -> dict[str, float]:
-    """Loss and top-1/top-5 error over the whole train and test sets."""
+    """Loss and top-1/top-5 error over the whole train and test sets.
+
+    With `recompute_bn`, also the same with the batch-norm statistics
+    recomputed over the training set (keys ending in `_recomputed_bn`); the
+    model's moving statistics are restored exactly afterwards.
+    """
     if not hasattr(self, "_eval_sets"):
       self._eval_sets = {
           split: distribute_batches(self.strategy, ds, self.eval_batch_size,
                                     pad=True)
           for split, ds in (("train", self.eval_train_data),
                             ("test", self.test_data))}
+    metrics = self._evaluate_sets()
+    if self.recompute_bn:
+      recomputed = self._evaluate_recomputed_bn()
+      metrics.update({key + RECOMPUTED_BN_SUFFIX: value
+                      for key, value in recomputed.items()})
+    return metrics
+
+  def _evaluate_sets(self) -> dict[str, float]:
     metrics = {}
     for split, dist in self._eval_sets.items():
       loss, top1, top5, count = self.eval_sums(dist).numpy().tolist()
@@ -395,6 +443,34 @@ class Trainer:
       metrics[f"{split}_top1_error"] = 1.0 - top1 / count
       metrics[f"{split}_top5_error"] = 1.0 - top5 / count
     return metrics
+
+  def _evaluate_recomputed_bn(self) -> dict[str, float]:
+    """The evaluation with batch-norm statistics recomputed over the
+    training set as the evaluation sees it (no augmentation).
+
+    The recomputation assigns the statistics from cross-replica context,
+    which sets every replica's copy under a strategy. Every replica's copy
+    is saved before and assigned back after, each on its own, so the model
+    leaves bitwise as it came, whatever the recomputation gives (NaN
+    included).
+    """
+    norms = layers_lib.batch_norm_layers(self.model)
+    if not hasattr(self, "_bn_moments"):  # Traced once, reused.
+      self._bn_moments = function_lib.batch_norm_moments(self.model)
+    copies = [self.strategy.experimental_local_results(v.value)
+              for layer in norms
+              for v in (layer.moving_mean, layer.moving_variance)]
+    saved = [[c.numpy() for c in local] for local in copies]
+    try:
+      n = self.eval_train_data.info.num_examples
+      x, _ = self.eval_train_data.examples(np.arange(n))
+      function_lib.recompute_batch_norm(self.model, x,
+                                        moments=self._bn_moments)
+      return self._evaluate_sets()
+    finally:
+      for local, values in zip(copies, saved):
+        for copy, value in zip(local, values):
+          copy.assign(value)
 
   # -- callbacks -----------------------------------------------------------
 
@@ -509,12 +585,14 @@ class Trainer:
     return run, previous
 
   def _summary_writers(self) -> dict:
-    """TensorBoard writers of the train/ and eval/ runs (the chief's)."""
+    """TensorBoard writers of the train/, eval/ and (with `recompute_bn`)
+    eval_recomputed_bn/ runs (the chief's)."""
+    names = ["train", "eval"] + ([RECOMPUTED_BN_RUN] if self.recompute_bn
+                                 else [])
     if not self.chief:
-      return {name: tf.summary.create_noop_writer()
-              for name in ("train", "eval")}
+      return {name: tf.summary.create_noop_writer() for name in names}
     return {name: tf.summary.create_file_writer(
-        os.path.join(self.model_dir, name)) for name in ("train", "eval")}
+        os.path.join(self.model_dir, name)) for name in names}
 
   def _train_until_next_stop(self, run: _Run) -> bool:
     """Trains up to the next stop; False if the loss became non-finite.
@@ -585,12 +663,21 @@ class Trainer:
     return True
 
   def _evaluation_row(self, run: _Run) -> dict:
-    """The evaluation at `run.step` as a history row, also to TensorBoard."""
+    """The evaluation at `run.step` as a history row, also to TensorBoard.
+
+    The evaluation with recomputed batch-norm statistics goes to the
+    eval_recomputed_bn run under the tags of the eval run.
+    """
     metrics = self.evaluate()
-    with run.writers["eval"].as_default(step=run.step):
-      for key, value in metrics.items():
-        split, name = key.split("_", 1)
-        tf.summary.scalar(f"{split}/{name}", value)
+    for run_name, suffix in (("eval", ""),
+                             (RECOMPUTED_BN_RUN, RECOMPUTED_BN_SUFFIX)):
+      if run_name not in run.writers:
+        continue
+      with run.writers[run_name].as_default(step=run.step):
+        for key in EVAL_KEYS:
+          if key + suffix in metrics:
+            split, name = key.split("_", 1)
+            tf.summary.scalar(f"{split}/{name}", metrics[key + suffix])
     return {"epoch": run.step // self.steps_per_epoch, "step": run.step,
             **metrics,
             "learning_rate": float(self.schedule(max(run.step - 1, 0))),
@@ -604,7 +691,8 @@ class Trainer:
     run.manager.save(checkpoint_number=run.step)
 
   def _results(self, run: _Run, status: str) -> dict:
-    """The contents of results.json."""
+    """The contents of results.json (the module docstring lists them)."""
+    infos = {cb.name: cb.info() for cb in self.callbacks}
     return {
         "status": status, "flags": self.cfg.to_dict(), "loss": self.cfg.loss,
         "history": run.history,
@@ -616,6 +704,7 @@ class Trainer:
         "total_steps": self.total_steps,
         "steps_per_epoch": self.steps_per_epoch,
         "global_batch_size": self.global_batch_size,
+        "callbacks": {name: info for name, info in infos.items() if info},
     }
 
   def _save_results(self, run: _Run, status: str, **extra) -> dict:
@@ -650,12 +739,19 @@ class Trainer:
     return results
 
   def _log_epoch(self, row):
+    recomputed = ""
+    train, test = (f"{split}_top1_error{RECOMPUTED_BN_SUFFIX}"
+                   for split in ("train", "test"))
+    if train in row:
+      recomputed = (f" | recomputed BN top1 train {row[train]:.4f} test "
+                    f"{row[test]:.4f}")
     logging.info(
         "epoch %d step %d: train loss %.4f top1 %.4f top5 %.4f | test loss "
-        "%.4f top1 %.4f top5 %.4f | lr %.4g | %.0fs", row["epoch"],
+        "%.4f top1 %.4f top5 %.4f%s | lr %.4g | %.0fs", row["epoch"],
         row["step"], row["train_loss"], row["train_top1_error"],
         row["train_top5_error"], row["test_loss"], row["test_top1_error"],
-        row["test_top5_error"], row["learning_rate"], row["wall_seconds"])
+        row["test_top5_error"], recomputed, row["learning_rate"],
+        row["wall_seconds"])
 
   def _write_run_summaries(self, model_dir):
     """HParams (so sweeps compare in its dashboard) and the flags as text."""
@@ -684,7 +780,7 @@ class Trainer:
 class _Run:
   """What one call of `Trainer.run` carries from stop to stop."""
   step: int
-  writers: dict            # "train", "eval": summary writers
+  writers: dict            # "train", "eval" (, "eval_recomputed_bn")
   manager: tf.train.CheckpointManager
   save_dir: str            # where `manager` writes
   throughput: _Throughput
