@@ -6,17 +6,22 @@ them atomically and as TensorBoard images with `write_figures`. The tools (tools
 tools/*_study.py) take the training runs' base flagfile as `--flagfile`
 (`base_flagfile_arg`), exit cleanly on SIGTERM (`exit_on_sigterm`), split
 the CPU between parallel training processes (`threads_per_cell`), and end
-with status 1 when some run did not finish (`exit_if_unfinished`).
+with status 1 when some run did not finish (`exit_if_unfinished`). Runs
+repeated over seeds are summarised by `spread` (values) and `band` (curves
+over epochs); `fill_markers` writes generated text into a docs page.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 import signal
 import sys
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Iterable, Mapping, Sequence
 
 from absl import flags
+import numpy as np
 
 from tfcapacity import cli
 from tfcapacity.errors import UserError
@@ -79,6 +84,133 @@ def load_runs(study_dir: str, cells: Iterable, load: Callable
     else:
       runs.append(run)
   return runs, unfinished
+
+
+# --- Repeats over seeds ------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Spread:
+  """The finite values of a quantity over repeats (seeds), summarised."""
+  values: tuple[float, ...]
+
+  @property
+  def n(self) -> int:
+    return len(self.values)
+
+  @property
+  def mean(self) -> float:
+    return float(np.mean(self.values)) if self.values else math.nan
+
+  @property
+  def std(self) -> float:
+    """The sample standard deviation (n - 1); NaN below two values."""
+    return float(np.std(self.values, ddof=1)) if self.n > 1 else math.nan
+
+  @property
+  def min(self) -> float:
+    return float(np.min(self.values)) if self.values else math.nan
+
+  @property
+  def max(self) -> float:
+    return float(np.max(self.values)) if self.values else math.nan
+
+  @property
+  def range(self) -> float:
+    """max - min (0 for one value, NaN for none)."""
+    return self.max - self.min
+
+  def text(self, digits: int = 2) -> str:
+    """`mean ± std [min, max]`; one value alone; "" for none."""
+    if not self.values:
+      return ""
+    if self.n == 1:
+      return f"{self.mean:.{digits}f}"
+    return (f"{self.mean:.{digits}f} ± {self.std:.{digits}f} "
+            f"[{self.min:.{digits}f}, {self.max:.{digits}f}]")
+
+  def to_json(self) -> dict:
+    return {"mean": self.mean, "std": self.std, "min": self.min,
+            "max": self.max, "n": self.n}
+
+
+def spread(values: Iterable[float]) -> Spread:
+  """A `Spread` of the finite numbers among `values` (NaN/inf dropped)."""
+  return Spread(tuple(float(v) for v in values
+                      if v is not None and math.isfinite(float(v))))
+
+
+def band(curves: Sequence[tuple[Sequence[float], Sequence[float]]]
+         ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray,
+                    np.ndarray]:
+  """Curves (x, y) of several repeats, aligned on x: (x, mean, min, max, n).
+
+  x is the sorted union of the curves' x; at each x the statistics are over
+  the curves with a finite y there (n of them); x where none has one is
+  dropped.
+  """
+  xs = np.unique(np.concatenate([np.asarray(x, float) for x, _ in curves])
+                 ) if curves else np.zeros(0)
+  table = np.full((len(curves), len(xs)), np.nan)
+  for i, (x, y) in enumerate(curves):
+    table[i, np.searchsorted(xs, np.asarray(x, float))] = np.asarray(y, float)
+  table[~np.isfinite(table)] = np.nan
+  n = np.sum(np.isfinite(table), axis=0)
+  keep = n > 0
+  table, xs, n = table[:, keep], xs[keep], n[keep]
+  if not xs.size:
+    empty = np.zeros(0)
+    return empty, empty, empty, empty, np.zeros(0, int)
+  return (xs, np.nanmean(table, axis=0), np.nanmin(table, axis=0),
+          np.nanmax(table, axis=0), n)
+
+
+# --- Docs pages --------------------------------------------------------------
+
+
+def _marked(path: str, text: str, name: str) -> tuple[int, int]:
+  """Where NAME's generated text goes: (end of begin marker, end marker)."""
+  begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+  i = text.find(begin)
+  j = text.find(end, i + len(begin)) if i >= 0 else -1
+  if j < 0:
+    raise UserError(f"{path} lacks the markers {begin} ... {end}; put them "
+                    f"where the generated text goes")
+  return i + len(begin), j
+
+
+def _read_page(path: str) -> str:
+  try:
+    with open(path) as f:
+      return f.read()
+  except OSError as e:
+    raise UserError(f"cannot read docs page {path}: {e.strerror}") from None
+
+
+def check_markers(path: str, names: Iterable[str]) -> None:
+  """Fails unless the page has `<!-- NAME:begin/end -->` for every NAME.
+
+  Raises:
+    UserError: unreadable page or a missing pair of markers.
+  """
+  text = _read_page(path)
+  for name in names:
+    _marked(path, text, name)
+
+
+def fill_markers(path: str, sections: Mapping[str, str]) -> None:
+  """Replaces the text between `<!-- NAME:begin -->` and `<!-- NAME:end -->`
+  in the file at `path` with `sections[NAME]`, for every NAME; atomic.
+
+  Raises:
+    UserError: the file is unreadable, or a pair of markers is missing or
+      out of order (nothing is written then).
+  """
+  text = _read_page(path)
+  for name, content in sections.items():
+    i, j = _marked(path, text, name)
+    text = text[:i] + "\n" + content.strip("\n") + "\n" + text[j:]
+  rundir.atomic_write(path, text)
 
 
 # --- Tool scaffolding --------------------------------------------------------

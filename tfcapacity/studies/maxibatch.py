@@ -5,35 +5,48 @@ CIFAR-10 with batch sizes m from 50 to 10000 for the same number of epochs
 and finds that large m gives worse *training* and test error, sharper
 minima (a larger top Hessian eigenvalue lambda_max, on training examples and
 averaged over the test set), and parameters that travel less far from their
-initial values. Gradient noise (Sec. 2.4) and adaptive linearisation of the
-rectifiers (Sec. 2.5) do not repair it. This module turns a study directory
-into the paper's figures:
-  Fig. 1  final training and test error against m, one curve per learning
-          rate and the best rate per m (best: lowest final training error);
-  Fig. 2  loss and error along the line from a small-m model to large-m
-          models, alpha in [-0.5, 1.5] (tfcapacity.interpolate);
-  Fig. 3  lambda_max on fixed training examples over epochs
-          (`curvature/lambda_max`), per m, and per rate at the largest m;
-  Fig. 4  the same averaged over test batches (`curvature/lambda_max_test`);
-  Fig. 5  ||theta_t - theta_0|| over epochs (`distance/total`);
-  Fig. 6  the largest m with gradient noise and linearisation against its
-          plain run: training and test error and lambda_max over epochs.
+initial values. Ghost batch norm (Sec. 2.1), gradient noise (Sec. 2.4) and
+adaptive linearisation of the rectifiers (Sec. 2.5) do not repair it.
 
 A study is a sweep (tfcapacity.studies.sweep) over the base flagfile's
-`# sweep.grid:` lines (batch size x learning rate) plus *variants*: single
+`# sweep.grid:` lines (batch size x learning rate x seed) plus *variants*:
 runs beyond the grid, one per flagfile line
 
   # maxibatch.variant: NAME flag=value flag=value ...
 
-A value `@CELL` stands for the run directory of another cell or variant of
-the same study, which must finish first; this is how an empirical-noise run
-names the small-batch run whose gradient variances it adds
-(`grad_noise_reference=@batch_size=50,learning_rate=0.1`).
+expanded once per seed of the grid's seed axis (`NAME,seed=S`) unless the
+line sets `seed=`. A value `@CELL` stands for the run directory of another
+cell or variant at the same seed, which must finish first; this is how an
+empirical-noise run names the small-batch run whose gradient variances it
+adds (`grad_noise_reference=@batch_size=50,learning_rate=0.1`).
+
+The report groups the runs of one (m, lr), and the seeds of one variant,
+into a `Group`: means and spreads (min-max and std) over seeds. Errors are
+those with batch-norm statistics recomputed over the training set
+(`*_recomputed_bn`) when every run logged them, else the moving ones. Its
+figures, each a mean over seeds with a min-max band:
+  Fig. 1   final training and test error against m, per learning rate and
+           at the best rate per m;
+  Fig. 2   loss and error along the line from the smallest m's best model
+           to each largest-m model (same seed), with batch-norm statistics
+           recomputed and interpolated (tfcapacity.interpolate); Fig. 2b
+           the training loss on a filter-normalised plane around two models;
+  Fig. 3   lambda_max on fixed training examples over epochs per m (best
+           rate) and per rate at the largest m, with the stability
+           threshold 2(1+beta)/eta and the learning-rate drop;
+  Fig. 4   the same on test examples;
+  Fig. 5   ||theta_t - theta_0||, ||theta_t|| and the path length per m;
+  Fig. 6   the variants against the plain largest-m run: errors and
+           lambda_max over epochs, final test error per variant, the
+           rectifier slopes and the gradient-noise scale.
+The paper's claims, each with its rule and verdict, are checked in
+tfcapacity.studies.maxibatch_claims.
 
 Deviation from the paper: the best learning rate of a batch size is chosen
-by final training error, ties broken by final training loss (the paper
-reports its best model by test accuracy without saying how rates were
-picked).
+by mean final training error over seeds, ties broken by mean final training
+loss, a rate that diverged in some seed ranked after every rate that did
+not (the paper reports its best model by test accuracy without saying how
+rates were picked).
 """
 
 from __future__ import annotations
@@ -58,9 +71,22 @@ VARIANT_COMMENT = re.compile(r"^\s*#\s*maxibatch\.variant:\s*(.*?)\s*$")
 _VARIANT_NAME = re.compile(r"^[A-Za-z0-9._+-]+$")
 LAMBDA_TRAIN = "curvature/lambda_max"
 LAMBDA_TEST = "curvature/lambda_max_test"
+THRESHOLD = "curvature/stability_threshold"
+RATIO = "curvature/lambda_max_over_threshold"
 DISTANCE = "distance/total"
+NORM = "distance/norm"
+PATH = "path_length/total"
+SLOPE = "linearization/mean_slope"
+GRAD_NOISE_STD = "grad_noise/std"
+RECOMPUTED = "_recomputed_bn"  # History keys with recomputed BN statistics.
 SEED = "seed"
+REFERENCE_M = 50  # The paper's best batch size: the claims' small m.
+EARLY_EPOCHS = 5  # Sec. 2.5's "early" lambda_max: epochs (0, 5].
+BARRIER_MARGIN = 0.1
+NOISE, LINEARIZATION, GHOST = "noise", "linearization", "ghost"
+LINE_BN_STATS = ("recompute", "interpolate")
 INTERPOLATION_DIR = "interpolation"
+SHARPNESS_DIR = "sharpness"
 INTERPOLATION_KEYS = ("alphas", "train_loss", "train_top1_error",
                       "test_loss", "test_top1_error")
 
@@ -264,6 +290,8 @@ class Run:
   history: list[dict]  # evaluation rows
   variant: bool = False
   measurements: list[dict] = dataclasses.field(default_factory=list)
+  group: str = ""  # a variant's NAME ("" for a grid run)
+  callbacks: dict = dataclasses.field(default_factory=dict)
 
   @property
   def batch_size(self) -> int:
@@ -273,10 +301,22 @@ class Run:
   def learning_rate(self) -> float:
     return float(self.flags["learning_rate"])
 
+  @property
+  def seed(self) -> int:
+    return int(self.flags.get(SEED, 0))
+
+  @property
+  def completed(self) -> bool:
+    return self.state == sweep.COMPLETED
+
   def series(self, key: str) -> list[tuple[int, int, float]]:
     """(step, epoch, value) of an evaluation or callback scalar."""
     return rundir.series({"history": self.history,
                           "measurements": self.measurements}, key)
+
+  def has(self, key: str) -> bool:
+    """Whether the run logged a finite value of `key`."""
+    return any(math.isfinite(v) for _, _, v in self.series(key))
 
   def final(self, key: str) -> float:
     """The last logged value of `key` (NaN if never logged)."""
@@ -293,6 +333,24 @@ class Run:
     return (np.array([float(epoch) for _, epoch, _ in points]),
             np.array([value for _, _, value in points]))
 
+  def mean_over(self, key: str, low: float, high: float) -> float:
+    """The mean of `key`'s finite values at epochs in (low, high]."""
+    epochs, values = self.curve(key)
+    kept = values[(epochs > low) & (epochs <= high) & np.isfinite(values)]
+    return float(kept.mean()) if kept.size else math.nan
+
+  def around(self, key: str, epoch: float) -> tuple[float, float]:
+    """`key` at the last measurement at or before `epoch` and the first
+    after it (NaN where there is none). A row's epoch is its step //
+    steps_per_epoch, so the row at epoch D of a drop at D was taken before
+    any step at the dropped rate."""
+    epochs, values = self.curve(key)
+    ok = np.isfinite(values)
+    before = values[ok & (epochs <= epoch)]
+    after = values[ok & (epochs > epoch)]
+    return (float(before[-1]) if before.size else math.nan,
+            float(after[0]) if after.size else math.nan)
+
 
 def _float(value) -> float:
   try:
@@ -301,7 +359,13 @@ def _float(value) -> float:
     return math.nan  # "nan"/"inf" strings from rundir.write_json.
 
 
-def load_run(cell_dir: str, variant: bool = False) -> Run | None:
+def _group_of(name: str) -> str:
+  """A variant's NAME from its run directory's name (`NAME,seed=S`)."""
+  return re.sub(rf",{SEED}=[^,]*$", "", name)
+
+
+def load_run(cell_dir: str, variant: bool = False,
+             group: str | None = None) -> Run | None:
   """The cell's finished run, or None while it is not finished.
 
   Raises:
@@ -334,8 +398,13 @@ def load_run(cell_dir: str, variant: bool = False) -> Run | None:
     for row in rows:
       if "epoch" not in row or "step" not in row:
         raise UserError(f"{path}: a {name} row has no 'epoch' or 'step'")
-  return Run(os.path.basename(os.path.normpath(cell_dir)), results["flags"],
-             state, results["history"], variant, measurements)
+  name = os.path.basename(os.path.normpath(cell_dir))
+  if group is None:
+    group = _group_of(name) if variant else ""
+  callbacks = results.get("callbacks")
+  return Run(name, results["flags"], state, results["history"], variant,
+             measurements, group,
+             callbacks if isinstance(callbacks, dict) else {})
 
 
 def load_runs(study_dir: str, cells: Iterable[sweep.Cell]
@@ -346,7 +415,73 @@ def load_runs(study_dir: str, cells: Iterable[sweep.Cell]
     UserError: `study_dir` is not a directory.
   """
   return common.load_runs(study_dir, cells, lambda cell: load_run(
-      os.path.join(study_dir, cell.name), isinstance(cell, Variant)))
+      os.path.join(study_dir, cell.name), isinstance(cell, Variant),
+      cell.group if isinstance(cell, Variant) else None))
+
+
+# --- Groups over seeds -------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Group:
+  """The runs of one grid point (m, lr) or one variant, over seeds."""
+  name: str
+  runs: list  # Runs, by seed
+
+  @property
+  def completed(self) -> list[Run]:
+    return [r for r in self.runs if r.completed]
+
+  @property
+  def diverged(self) -> int:
+    return sum(r.state == sweep.DIVERGED for r in self.runs)
+
+  @property
+  def batch_size(self) -> int:
+    return self.runs[0].batch_size
+
+  @property
+  def learning_rate(self) -> float:
+    return self.runs[0].learning_rate
+
+  @property
+  def flags(self) -> dict:
+    return self.runs[0].flags
+
+  def run_at(self, seed: int) -> Run | None:
+    """The completed run of `seed`, if any."""
+    return next((r for r in self.completed if r.seed == seed), None)
+
+  def by_seed(self, value: Callable[[Run], float]) -> dict[int, float]:
+    """{seed: value(run)} over completed runs with a finite value."""
+    out = {r.seed: value(r) for r in self.completed}
+    return {s: v for s, v in out.items() if math.isfinite(v)}
+
+  def stat(self, value: Callable[[Run], float]) -> common.Spread:
+    return common.spread(self.by_seed(value).values())
+
+  def final(self, key: str, scale: float = 1.0) -> common.Spread:
+    """The last logged value of `key` over seeds (times `scale`)."""
+    return self.stat(lambda r: scale * r.final(key))
+
+  def has(self, key: str) -> bool:
+    return any(r.has(key) for r in self.completed)
+
+  def band(self, key: str, scale: float = 1.0):
+    """(epochs, mean, min, max, n) of `key` over the completed seeds."""
+    return common.band([(x, scale * y) for x, y in
+                        (r.curve(key) for r in self.completed)])
+
+
+def _kind(run: Run) -> str:
+  """noise, linearization, ghost or other: what a variant changes."""
+  if str(run.flags.get("grad_noise") or "none") != "none":
+    return NOISE
+  if _float(run.flags.get("linearize_every_steps")) > 0:
+    return LINEARIZATION
+  if run.flags.get("normalization") == "ghost":
+    return GHOST
+  return "other"
 
 
 # --- Summary -----------------------------------------------------------------
@@ -354,11 +489,19 @@ def load_runs(study_dir: str, cells: Iterable[sweep.Cell]
 
 @dataclasses.dataclass
 class Report:
-  grid: dict  # (batch size, learning rate) -> Run
-  best: dict  # batch size -> Run of the best rate (None: all diverged)
-  variants: list  # Runs
+  """The study's groups, and what the tool adds (lines, planes, phi)."""
+  grid: dict  # (batch size, learning rate) -> Group
+  best: dict  # batch size -> Group of the best rate (None: all diverged)
+  variants: dict  # NAME -> Group, in flagfile order
   unfinished: list
   lr_drop_epochs: list
+  seeds: list  # the seeds of the finished runs
+  quick: bool = False
+  recomputed: bool = False  # errors with recomputed batch-norm statistics
+  lines: list = dataclasses.field(default_factory=list)  # Lines
+  planes: list = dataclasses.field(default_factory=list)  # (Run, data)
+  sharpness: dict = dataclasses.field(default_factory=dict)  # name -> phi
+  training_seconds: float | None = None  # of this invocation
 
   @property
   def batch_sizes(self) -> list[int]:
@@ -368,85 +511,231 @@ class Report:
   def learning_rates(self) -> list[float]:
     return sorted({lr for _, lr in self.grid})
 
-  def baseline(self) -> Run | None:
-    """The grid run at the largest m with the variants' learning rate."""
-    if not self.batch_sizes:
+  @property
+  def ms(self) -> list[int]:
+    """The batch sizes with a best rate (some run completed)."""
+    return [m for m in self.batch_sizes if self.best[m] is not None]
+
+  @property
+  def small_m(self) -> int | None:
+    """The claims' small batch size: the paper's best m=50 if the grid has
+    it, else the smallest."""
+    if REFERENCE_M in self.ms:
+      return REFERENCE_M
+    return self.ms[0] if self.ms else None
+
+  @property
+  def large_m(self) -> int | None:
+    return self.ms[-1] if self.ms else None
+
+  @property
+  def tier(self) -> str:
+    seeds = ", ".join(str(s) for s in self.seeds)
+    n = len(self.seeds)
+    return (f"{'quick (1-seed tier, --quick)' if self.quick else 'full'}: "
+            f"{n} seed{'s' if n != 1 else ''} ({seeds})")
+
+  def error_key(self, split: str) -> str:
+    base = f"{split}_top1_error"
+    return base + RECOMPUTED if self.recomputed else base
+
+  def loss_key(self, split: str) -> str:
+    base = f"{split}_loss"
+    return base + RECOMPUTED if self.recomputed else base
+
+  @property
+  def bn_eval(self) -> str:
+    return ("batch-norm statistics recomputed over the training set"
+            if self.recomputed else "moving batch-norm statistics")
+
+  def runs(self) -> list[Run]:
+    return ([r for g in self.grid.values() for r in g.runs]
+            + [r for g in self.variants.values() for r in g.runs])
+
+  def baseline(self) -> Group | None:
+    """The grid group at the largest m with the variants' learning rate
+    (else the best rate there)."""
+    if self.large_m is None:
       return None
-    m = self.batch_sizes[-1]
-    lrs = {v.learning_rate for v in self.variants if v.batch_size == m}
+    lrs = {g.learning_rate for g in self.variants.values()
+           if g.batch_size == self.large_m}
     for lr in sorted(lrs):
-      if (m, lr) in self.grid:
-        return self.grid[(m, lr)]
-    return self.best.get(m)
+      if (self.large_m, lr) in self.grid:
+        return self.grid[(self.large_m, lr)]
+    return self.best.get(self.large_m)
+
+  def variants_of(self, kind: str) -> list[Group]:
+    return [g for g in self.variants.values() if _kind(g.runs[0]) == kind]
+
+  def curvature_bn_modes(self) -> dict[str, int]:
+    """How lambda_max was measured: batch-norm mode -> number of runs."""
+    modes = {}
+    for run in self.runs():
+      mode = (run.callbacks.get("curvature") or {}).get("bn_mode")
+      if mode:
+        modes[str(mode)] = modes.get(str(mode), 0) + 1
+    return dict(sorted(modes.items()))
+
+  def wall_seconds(self) -> float:
+    """The sum of the finished runs' training wall times."""
+    return float(sum(w for w in (r.final("wall_seconds")
+                                 for r in self.runs()) if math.isfinite(w)))
 
 
-def _rank(run: Run) -> tuple:
-  """Best first: lower final training error, then (ties are common once
-  training error reaches 0) lower final training loss; diverged last."""
-  if run.state == sweep.DIVERGED:
-    return (1, math.inf, math.inf, run.learning_rate)
-  error, loss = run.final("train_top1_error"), run.final("train_loss")
-  return (0, error if math.isfinite(error) else math.inf,
-          loss if math.isfinite(loss) else math.inf, run.learning_rate)
+def _rank(group: Group, error: str, loss: str) -> tuple:
+  """Best first: no seed diverged, then the lower mean final training
+  error over seeds, then (ties are common once training error reaches 0)
+  the lower mean final training loss; all seeds diverged last."""
+  if not group.completed:
+    return (2, math.inf, math.inf, group.learning_rate)
+  e, l = group.final(error).mean, group.final(loss).mean
+  return (1 if group.diverged else 0, e if math.isfinite(e) else math.inf,
+          l if math.isfinite(l) else math.inf, group.learning_rate)
 
 
-def summarize(runs: Sequence[Run], unfinished: Sequence[str] = ()) -> Report:
-  """Grid runs by (m, lr), the best rate per m, and the variants.
+def summarize(runs: Sequence[Run], unfinished: Sequence[str] = (),
+              quick: bool = False) -> Report:
+  """Grid runs grouped by (m, lr) over seeds, the best rate per m, and the
+  variants grouped by NAME.
 
   Raises:
-    UserError: no finished grid run, or two grid runs with one (m, lr).
+    UserError: no finished grid run, or two grid runs with one (m, lr,
+      seed).
   """
   grid_runs = [r for r in runs if not r.variant]
   if not grid_runs:
     raise UserError(f"no finished grid runs yet ({len(unfinished)} "
                     f"unfinished); run or wait for the study")
-  grid = {}
+  grid, seen = {}, {}
   for run in grid_runs:
-    key = (run.batch_size, run.learning_rate)
-    if key in grid:
-      raise UserError(f"runs {grid[key].name} and {run.name} both have "
-                      f"batch size {key[0]} and learning rate {key[1]:g}; "
-                      f"the grid must vary only --batch_size and "
-                      f"--learning_rate")
-    grid[key] = run
+    key = (run.batch_size, run.learning_rate, run.seed)
+    if key in seen:
+      raise UserError(f"runs {seen[key].name} and {run.name} both have "
+                      f"batch size {key[0]}, learning rate {key[1]:g} and "
+                      f"seed {key[2]}; the grid must vary only "
+                      f"--batch_size, --learning_rate and --seed")
+    seen[key] = run
+    grid.setdefault(key[:2], []).append(run)
+  grid = {key: Group(f"m={key[0]}, lr={key[1]:g}",
+                     sorted(rs, key=lambda r: r.seed))
+          for key, rs in sorted(grid.items())}
+  variants = {}
+  for run in (r for r in runs if r.variant):
+    variants.setdefault(run.group, []).append(run)
+  variants = {name: Group(name, sorted(rs, key=lambda r: r.seed))
+              for name, rs in variants.items()}
+  done = [r for r in runs if r.completed]
+  recomputed = bool(done) and all(
+      r.has("train_top1_error" + RECOMPUTED) for r in done)
+  error = "train_top1_error" + (RECOMPUTED if recomputed else "")
+  loss = "train_loss" + (RECOMPUTED if recomputed else "")
   best = {}
   for m in sorted({m for m, _ in grid}):
-    choice = min((r for (gm, _), r in grid.items() if gm == m), key=_rank)
-    best[m] = None if choice.state == sweep.DIVERGED else choice
+    choice = min((g for (gm, _), g in grid.items() if gm == m),
+                 key=lambda g: _rank(g, error, loss))
+    best[m] = choice if choice.completed else None
   drops = grid_runs[0].flags.get("lr_drop_epochs") or []
   if isinstance(drops, str):
     drops = [d for d in drops.split(",") if d]
-  return Report(grid, best, [r for r in runs if r.variant], list(unfinished),
-                [float(d) for d in drops])
+  return Report(grid, best, variants, list(unfinished),
+                [float(d) for d in drops],
+                sorted({r.seed for r in runs}), quick, recomputed)
+
+
+# --- Interpolation, planes, sharpness ---------------------------------------
+
+
+@dataclasses.dataclass
+class Line:
+  """One interpolation of Fig. 2: its end points and the tool's JSON."""
+  start: Run
+  end: Run
+  bn_stats: str
+  data: dict
+
+  @property
+  def seed(self) -> int:
+    return self.start.seed
 
 
 def interpolation_pairs(report: Report) -> list[tuple[Run, Run]]:
-  """Fig. 2's pairs: the smallest m's best run to every finished run of the
-  largest m that differs from the grid's runs there only in its learning
-  rate (grid runs and such variants: the paper's top and bottom panels)."""
-  ms = [m for m in report.batch_sizes if report.best[m] is not None]
+  """Fig. 2's pairs, per seed: the smallest m's best run to every completed
+  run of the largest m at the same seed that differs from the grid's runs
+  there only in its learning rate (grid runs and such variants: the paper's
+  top and bottom panels)."""
+  ms = report.ms
   if len(ms) < 2:
     return []
   start, last = report.best[ms[0]], ms[-1]
-  ends = [run for (m, _), run in sorted(report.grid.items()) if m == last]
-  reference = ends[0]
-  ends += [v for v in report.variants if v.batch_size == last and set(
-      _changes(v, reference)) <= {"learning_rate"}]
-  return [(start, run) for run in ends if run.state == sweep.COMPLETED]
+  pairs = []
+  for a in start.completed:
+    ends = [g.run_at(a.seed) for (m, _), g in report.grid.items()
+            if m == last]
+    ends = [r for r in ends if r is not None]
+    if not ends:
+      continue
+    ends += [r for g in report.variants.values() for r in g.completed
+             if r.seed == a.seed and r.batch_size == last
+             and set(_changes(r, ends[0])) <= {"learning_rate"}]
+    pairs += [(a, b) for b in ends]
+  return pairs
 
 
 def _changes(run: Run, base: Run) -> list[str]:
   return [k for k in sorted(set(run.flags) | set(base.flags))
-          if k != "model_dir" and run.flags.get(k) != base.flags.get(k)]
+          if k not in ("model_dir", SEED)
+          and run.flags.get(k) != base.flags.get(k)]
 
 
-def interpolation_path(study_dir: str, a: Run, b: Run) -> str:
+def interpolation_path(study_dir: str, a: Run, b: Run,
+                       bn_stats: str = "recompute") -> str:
+  """The cached line A -> B with `bn_stats` (a name per statistic)."""
   return os.path.join(study_dir, INTERPOLATION_DIR,
-                      f"{a.name}__to__{b.name}.json")
+                      f"{a.name}__to__{b.name}__{bn_stats}.json")
 
 
-def read_interpolation(path: str) -> dict:
-  """An interpolation JSON, checked.
+def plane_runs(report: Report) -> list[Run]:
+  """The planes' centres: the smallest m's best run and the largest m's run
+  at the variants' rate (`baseline`), first seed only."""
+  if len(report.ms) < 2 or not report.seeds:
+    return []
+  seed = report.seeds[0]
+  out = [report.best[report.ms[0]].run_at(seed)]
+  base = report.baseline()
+  out.append(base.run_at(seed) if base is not None else None)
+  return [r for r in out if r is not None]
+
+
+def plane_path(study_dir: str, run: Run) -> str:
+  return os.path.join(study_dir, INTERPOLATION_DIR, f"plane__{run.name}.json")
+
+
+def sharpness_runs(report: Report) -> list[Run]:
+  """Every completed seed of every m's best rate."""
+  return [r for m in report.ms for r in report.best[m].completed]
+
+
+def sharpness_path(study_dir: str, run: Run) -> str:
+  return os.path.join(study_dir, SHARPNESS_DIR, f"{run.name}.json")
+
+
+def read_sharpness(path: str) -> float:
+  """phi (%) of a cached `tfcapacity.sharpness` JSON.
+
+  Raises:
+    UserError: unreadable, or no number under "sharpness".
+  """
+  try:
+    with open(path) as f:
+      data = json.load(f)
+    return float(data["sharpness"])
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise UserError(f"cannot read sharpness {path} ({e.__class__.__name__}"
+                    f"); delete it and rerun the study") from None
+
+
+def read_interpolation(path: str, plane: bool = False) -> dict:
+  """An interpolation JSON (a line, or with `plane` a plane), checked.
 
   Raises:
     UserError: unreadable, or keys missing or of unequal lengths.
@@ -459,7 +748,8 @@ def read_interpolation(path: str) -> dict:
                     f"); delete it and rerun the study") from None
   if not isinstance(data, dict):
     raise UserError(f"interpolation {path} is not a JSON object")
-  missing = [k for k in INTERPOLATION_KEYS if k not in data]
+  keys = INTERPOLATION_KEYS + (("betas",) if plane else ())
+  missing = [k for k in keys if k not in data]
   if missing:
     raise UserError(f"interpolation {path} lacks {', '.join(missing)}; "
                     f"delete it and rerun the study")
@@ -469,15 +759,45 @@ def read_interpolation(path: str) -> dict:
   return data
 
 
+def line_summary(data: dict, key: str = "train_loss") -> dict:
+  """`key` along a line: at alpha 0 and 1, its maximum for alpha strictly
+  between, and its rise over the half-length beyond each end point (from
+  alpha 0 to the range's low end, from 1 to its high end)."""
+  alphas = np.asarray(data["alphas"], float)
+  values = np.asarray(data[key], float)
+  at0, at1 = (float(np.interp(a, alphas, values)) for a in (0.0, 1.0))
+  inside = (alphas > 0) & (alphas < 1)
+  peak = float(values[inside].max()) if inside.any() else math.nan
+  return {"at_0": at0, "at_1": at1, "max_between": peak,
+          "barrier_ratio": peak / max(at0, at1) if max(at0, at1) > 0
+          else math.nan,
+          "rise_beyond_0": float(values[0]) - at0 if alphas[0] < 0
+          else math.nan,
+          "rise_beyond_1": float(values[-1]) - at1 if alphas[-1] > 1
+          else math.nan}
+
+
+def has_barrier(data: dict) -> bool | None:
+  """BARRIER_RULE on one line (None if it cannot be applied)."""
+  s = line_summary(data)
+  if not (math.isfinite(s["max_between"]) and math.isfinite(s["at_0"])
+          and math.isfinite(s["at_1"])):
+    return None
+  return s["max_between"] > (1 + BARRIER_MARGIN) * max(s["at_0"], s["at_1"])
+
+
+# --- Tables ------------------------------------------------------------------
+
+
 def _changed_flags(run: Run, base: Run | None) -> str:
   if base is None:
     return ""
   out = []
   for key, value in sorted(run.flags.items()):
-    if key in ("model_dir",) or base.flags.get(key) == value:
+    if key in ("model_dir", SEED) or base.flags.get(key) == value:
       continue
     if key == "grad_noise_reference" and value:
-      value = "@" + os.path.basename(os.path.normpath(str(value)))
+      value = "@" + _group_of(os.path.basename(os.path.normpath(str(value))))
     out.append(f"{key}={value}")
   return " ".join(out)
 
@@ -488,272 +808,551 @@ def max_after(run: Run, key: str, epoch: float) -> float:
   return float(kept.max()) if kept.size else math.nan
 
 
-def row(run: Run) -> dict:
-  """A run's final numbers (errors in %)."""
-  return {
-      "run": run.name, "status": run.state,
+def row(run: Run, report: Report | None = None) -> dict:
+  """A run's final numbers (errors in %; with recomputed batch-norm
+  statistics where logged, and with the moving ones)."""
+  out = {
+      "run": run.name, "group": run.group, "seed": run.seed,
+      "status": run.state,
       "batch_size": run.batch_size, "learning_rate": run.learning_rate,
       "epoch": run.last_evaluation("epoch"),
-      "step": run.last_evaluation("step"),
-      "train_top1_error": 100 * run.final("train_top1_error"),
-      "test_top1_error": 100 * run.final("test_top1_error"),
-      "train_loss": run.final("train_loss"),
-      "test_loss": run.final("test_loss"),
+      "step": run.last_evaluation("step")}
+  for split in data_lib.SPLITS:
+    out[f"{split}_top1_error"] = 100 * run.final(f"{split}_top1_error")
+    out[f"{split}_top1_error{RECOMPUTED}"] = 100 * run.final(
+        f"{split}_top1_error{RECOMPUTED}")
+    out[f"{split}_loss"] = run.final(f"{split}_loss")
+    out[f"{split}_loss{RECOMPUTED}"] = run.final(f"{split}_loss{RECOMPUTED}")
+  out.update({
       "lambda_max": run.final(LAMBDA_TRAIN),
       "lambda_max_peak": max_after(run, LAMBDA_TRAIN, 0),
+      "lambda_max_early": run.mean_over(LAMBDA_TRAIN, 0, EARLY_EPOCHS),
       "lambda_max_test": run.final(LAMBDA_TEST),
-      "distance": run.final(DISTANCE),
-      "wall_seconds": run.final("wall_seconds"),
-  }
-
-
-def table_rows(report: Report) -> list[dict]:
-  """One row per grid run, best rates marked, then one per variant."""
-  base = report.baseline()
-  out = []
-  for (m, lr), run in sorted(report.grid.items()):
-    out.append({**row(run), "best_lr": report.best.get(m) is run,
-                "kind": "grid", "changes": ""})
-  for run in report.variants:
-    out.append({**row(run), "best_lr": "", "kind": "variant",
-                "changes": _changed_flags(run, base)})
+      "lambda_max_over_threshold": run.final(RATIO),
+      "distance": run.final(DISTANCE), "norm": run.final(NORM),
+      "path_length": run.final(PATH),
+      "sharpness": (report.sharpness.get(run.name, math.nan)
+                    if report else math.nan),
+      "wall_seconds": run.final("wall_seconds")})
   return out
 
 
-def _f(value: float, digits: int = 2) -> str:
-  return "" if value is None or (isinstance(value, float) and
-                                 math.isnan(value)) else f"{value:.{digits}f}"
+def table_rows(report: Report) -> list[dict]:
+  """One row per grid run, best rates marked, then one per variant run."""
+  base = report.baseline()
+  out = []
+  for (m, _), group in sorted(report.grid.items()):
+    for run in group.runs:
+      out.append({**row(run, report), "best_lr": report.best.get(m) is group,
+                  "kind": "grid", "changes": ""})
+  for group in report.variants.values():
+    for run in group.runs:
+      ref = base.run_at(run.seed) if base else None
+      out.append({**row(run, report), "best_lr": "", "kind": "variant",
+                  "changes": _changed_flags(run, ref)})
+  return out
 
 
-def markdown(report: Report) -> str:
-  """The best rate per m, every rate's errors, and the variants."""
-  lrs = report.learning_rates
-  head = ["m", "best lr", "train err %", "test err %", "gap", "lambda_max",
-          "lambda_max test", "distance"]
-  head += [f"train/test % at lr={lr:g}" for lr in lrs]
-  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+def _cell(spread: common.Spread, digits: int = 2) -> str:
+  return spread.text(digits) or "—"
+
+
+def variant_changes(report: Report, group: Group) -> str:
+  base = report.baseline()
+  ref = base.runs[0] if base else None
+  return _changed_flags(group.runs[0], ref) or "(none)"
+
+
+def tables(report: Report) -> str:
+  """The report's tables in Markdown (mean ± std [min, max] over seeds)."""
+  err = {s: report.error_key(s) for s in data_lib.SPLITS}
+  lines = [f"Tier: {report.tier}. Errors (%) with {report.bn_eval}; each "
+           f"cell is the mean ± std [min, max] over seeds. Best learning "
+           f"rate per m: the lowest mean final training error over seeds, "
+           f"ties broken by the lower mean final training loss; a rate "
+           f"that diverged in some seed ranks after those that did not."]
+  modes = report.curvature_bn_modes()
+  if modes:
+    lines.append("lambda_max measured with batch-norm mode "
+                 + ", ".join(f"{k} ({v} runs)" for k, v in modes.items())
+                 + ".")
+  lines.append(_timing(report))
+  head = ["m", "best lr", "seeds", "train err %", "test err %", "gap %",
+          "lambda_max", "lambda_max test", "||θ−θ0||", "||θ||",
+          "path length", "phi %"]
+  lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for m in report.batch_sizes:
-    run = report.best[m]
-    if run is None:
-      cells = [str(m), "all diverged", "", "", "", "", "", ""]
-    else:
-      r = row(run)
-      cells = [str(m), f"{run.learning_rate:g}", _f(r["train_top1_error"]),
-               _f(r["test_top1_error"]),
-               _f(r["test_top1_error"] - r["train_top1_error"]),
-               _f(r["lambda_max"], 1), _f(r["lambda_max_test"], 1),
-               _f(r["distance"], 1)]
+    g = report.best[m]
+    if g is None:
+      lines.append(f"| {m} | all diverged |" + " |" * (len(head) - 2))
+      continue
+    cells = [str(m), f"{g.learning_rate:g}", str(len(g.completed)),
+             _cell(g.final(err["train"], 100)),
+             _cell(g.final(err["test"], 100)),
+             _cell(g.stat(lambda r: 100 * (r.final(err["test"])
+                                           - r.final(err["train"])))),
+             _cell(g.final(LAMBDA_TRAIN), 1), _cell(g.final(LAMBDA_TEST), 1),
+             _cell(g.final(DISTANCE), 1), _cell(g.final(NORM), 1),
+             _cell(g.final(PATH), 1),
+             _cell(g.stat(lambda r: report.sharpness.get(r.name, math.nan)),
+                   3)]
+    lines.append("| " + " | ".join(cells) + " |")
+  lrs = report.learning_rates
+  head = ["m"] + [f"lr={lr:g}: train / test err %" for lr in lrs]
+  lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for m in report.batch_sizes:
+    cells = [str(m)]
     for lr in lrs:
-      other = report.grid.get((m, lr))
-      if other is None:
+      g = report.grid.get((m, lr))
+      if g is None:
         cells.append("")
-      elif other.state == sweep.DIVERGED:
-        cells.append("diverged")
-      else:
-        cells.append(f"{_f(100 * other.final('train_top1_error'))} / "
-                     f"{_f(100 * other.final('test_top1_error'))}")
+        continue
+      text = (f"{_cell(g.final(err['train'], 100))} / "
+              f"{_cell(g.final(err['test'], 100))}") if g.completed else ""
+      if g.diverged:
+        text += f" ({g.diverged} diverged)"
+      mark = "**" if report.best.get(m) is g else ""
+      cells.append(f"{mark}{text.strip()}{mark}")
     lines.append("| " + " | ".join(cells) + " |")
   if report.variants:
     base = report.baseline()
-    lines += ["", "| run | changes | train err % | test err % | lambda_max | "
-              "lambda_max test | distance |", "|---|---|---|---|---|---|---|"]
-    for run in ([base] if base else []) + report.variants:
-      r = row(run)
-      changes = ("(grid run)" if run is base
-                 else _changed_flags(run, base) or "(none)")
-      if run.state == sweep.DIVERGED:
-        lines.append(f"| {run.name} | {changes} | diverged | | | | |")
-        continue
-      lines.append(
-          f"| {run.name} | {changes} | {_f(r['train_top1_error'])} | "
-          f"{_f(r['test_top1_error'])} | {_f(r['lambda_max'], 1)} | "
-          f"{_f(r['lambda_max_test'], 1)} | {_f(r['distance'], 1)} |")
+    head = ["run", "changes", "seeds", "train err %", "test err %",
+            "lambda_max", f"lambda_max, epochs 1-{EARLY_EPOCHS}",
+            "||θ−θ0||"]
+    lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for g in ([base] if base else []) + list(report.variants.values()):
+      changes = "(grid run)" if g is base else variant_changes(report, g)
+      seeds = str(len(g.completed)) + (f" ({g.diverged} diverged)"
+                                       if g.diverged else "")
+      lines.append("| " + " | ".join([
+          g.name, changes, seeds, _cell(g.final(err["train"], 100)),
+          _cell(g.final(err["test"], 100)), _cell(g.final(LAMBDA_TRAIN), 1),
+          _cell(g.stat(lambda r: r.mean_over(LAMBDA_TRAIN, 0,
+                                             EARLY_EPOCHS)), 1),
+          _cell(g.final(DISTANCE), 1)]) + " |")
+  if report.lines:
+    head = ["line (seeds)", "bn_stats", "train loss at 0", "at 1",
+            "max for 0<α<1", "barrier (rule)"]
+    lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for (bn, label), group in _line_groups(report).items():
+      sums = [line_summary(ln.data) for ln in group]
+      barriers = [has_barrier(ln.data) for ln in group]
+      lines.append("| " + " | ".join([
+          f"{label} ({len(group)})", bn,
+          _cell(common.spread(s["at_0"] for s in sums), 3),
+          _cell(common.spread(s["at_1"] for s in sums), 3),
+          _cell(common.spread(s["max_between"] for s in sums), 3),
+          f"{sum(b is True for b in barriers)} of {len(group)} seeds"])
+                   + " |")
   if report.unfinished:
     lines += ["", f"{len(report.unfinished)} runs unfinished and left out: "
               + ", ".join(report.unfinished)]
   return "\n".join(lines) + "\n"
 
 
-def summary_json(report: Report, interpolations: dict) -> dict:
-  """Best rates, the paper's claims checked on these runs, interpolations."""
-  ms = [m for m in report.batch_sizes if report.best[m] is not None]
-  claims = {}
-  if len(ms) >= 2:
-    small, large = report.best[ms[0]], report.best[ms[-1]]
-    for key, label in ((
-        "train_top1_error", "train_error"), ("test_top1_error",
-                                             "test_error"),
-        (LAMBDA_TRAIN, "lambda_max"), (LAMBDA_TEST, "lambda_max_test"),
-        (DISTANCE, "distance")):
-      a, b = small.final(key), large.final(key)
-      claims[f"{label}_small_m"] = a
-      claims[f"{label}_large_m"] = b
-      claims[f"{label}_larger_at_large_m"] = bool(b > a) if (
-          math.isfinite(a) and math.isfinite(b)) else None
-    claims["small_m"], claims["large_m"] = ms[0], ms[-1]
-  return {"best_learning_rate": {str(m): (None if r is None else
-                                          r.learning_rate)
-                                 for m, r in report.best.items()},
-          "rows": table_rows(report), "claims": claims,
-          "interpolations": {os.path.basename(p): _interp_summary(d)
-                             for p, d in interpolations.items()},
-          "unfinished": report.unfinished}
+def line_label(line: Line) -> str:
+  return (f"m={line.start.batch_size} lr={line.start.learning_rate:g} → "
+          f"m={line.end.batch_size} lr={line.end.learning_rate:g}"
+          + (f" ({line.end.group})" if line.end.group else ""))
 
 
-def _interp_summary(data: dict) -> dict:
-  alphas = np.asarray(data["alphas"], float)
+def _line_groups(report: Report) -> dict:
+  """(bn_stats, label) -> the lines of each seed, in a stable order."""
   out = {}
-  for key in ("train_loss", "test_loss", "train_top1_error"):
-    values = np.asarray(data[key], float)
-    out[f"{key}_at_0"] = float(np.interp(0.0, alphas, values))
-    out[f"{key}_at_1"] = float(np.interp(1.0, alphas, values))
-    inside = (alphas >= 0) & (alphas <= 1)
-    out[f"{key}_max_between"] = float(values[inside].max()) if (
-        inside.any()) else math.nan
+  for line in sorted(report.lines, key=lambda ln: (
+      ln.bn_stats, ln.end.learning_rate, ln.end.group, ln.seed)):
+    out.setdefault((line.bn_stats, line_label(line)), []).append(line)
   return out
+
+
+def _timing(report: Report) -> str:
+  wall = report.wall_seconds()
+  text = (f"Training wall time: the runs' own {wall / 60:.1f} min "
+          f"(sum over {len(report.runs())} runs)")
+  if report.training_seconds is not None:
+    text += (f"; this invocation trained for "
+             f"{report.training_seconds / 60:.1f} min")
+  else:
+    text += "; this invocation trained nothing (--report_only)"
+  return text + "."
+
+
+def markdown(report: Report) -> str:
+  """The report page: the tables (and the unfinished runs)."""
+  return "# Maxi-batch study report\n\n" + tables(report)
+
+
+def summary_json(report: Report, claims: Sequence[dict] = ()) -> dict:
+  """Best rates, every group's numbers, the claims, lines and phi."""
+  err = {s: report.error_key(s) for s in data_lib.SPLITS}
+
+  def numbers(g: Group) -> dict:
+    return {"runs": [r.name for r in g.runs], "diverged": g.diverged,
+            "train_error": g.final(err["train"], 100).to_json(),
+            "test_error": g.final(err["test"], 100).to_json(),
+            "lambda_max": g.final(LAMBDA_TRAIN).to_json(),
+            "lambda_max_test": g.final(LAMBDA_TEST).to_json(),
+            "distance": g.final(DISTANCE).to_json(),
+            "norm": g.final(NORM).to_json(),
+            "path_length": g.final(PATH).to_json()}
+
+  return {
+      "tier": report.tier, "quick": report.quick, "seeds": report.seeds,
+      "errors_with": report.bn_eval,
+      "curvature_bn_modes": report.curvature_bn_modes(),
+      "best_learning_rate": {str(m): (None if g is None else g.learning_rate)
+                             for m, g in report.best.items()},
+      "grid": {g.name: numbers(g) for g in report.grid.values()},
+      "variants": {g.name: numbers(g) for g in report.variants.values()},
+      "rows": table_rows(report), "claims": list(claims),
+      "interpolations": [{"from": ln.start.name, "to": ln.end.name,
+                          "bn_stats": ln.bn_stats,
+                          "barrier": has_barrier(ln.data),
+                          **line_summary(ln.data)} for ln in report.lines],
+      "sharpness": dict(report.sharpness),
+      "runs_wall_seconds": report.wall_seconds(),
+      "training_seconds_this_invocation": report.training_seconds,
+      "unfinished": report.unfinished}
 
 
 # --- Figures -----------------------------------------------------------------
 
 
-def figures(report: Report, interpolations: dict | None = None
-            ) -> dict[str, bytes]:
-  """Figs. 1-6 as PNG bytes by file name (Fig. 2 only with interpolations,
-  Fig. 6 only with variants)."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  plt = figures_lib.pyplot()
-  ms = [m for m in report.batch_sizes if report.best[m] is not None]
-  cmap = plt.get_cmap("viridis")
+def _not_measured(ax, what: str) -> None:
+  ax.text(0.5, 0.5, f"not measured\n({what} not in these runs)",
+          ha="center", va="center", transform=ax.transAxes, color="0.4")
+  ax.set_xticks([])
+  ax.set_yticks([])
 
-  def color(m):
-    return cmap(ms.index(m) / max(1, len(ms) - 1)) if m in ms else "0.3"
 
-  def drops(ax):
-    for epoch in report.lr_drop_epochs:
-      ax.axvline(epoch, color="0.6", lw=0.8, ls=":")
+def _draw_band(ax, band, color, label=None, marker=".", ls="-",
+               alpha=0.18) -> None:
+  x, mean, lo, hi, _ = band
+  if not len(x):
+    return
+  ax.plot(x, mean, ls=ls, marker=marker, ms=4, color=color, label=label)
+  if np.any(hi > lo):
+    ax.fill_between(x, lo, hi, color=color, alpha=alpha, lw=0)
 
-  out = {}
-  fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+
+class _Style:
+  """Colours shared by a report's figures, and the lr-drop markers."""
+
+  def __init__(self, report: Report, plt):
+    self.report = report
+    self.ms = report.ms
+    self.lrs = report.learning_rates
+    self.cmap = plt.get_cmap("viridis")
+    self.tab = plt.get_cmap("tab20")
+
+  def m(self, m: int):
+    if m not in self.ms:
+      return "0.3"
+    return self.cmap(0.85 * self.ms.index(m) / max(1, len(self.ms) - 1))
+
+  def lr(self, lr: float):
+    return f"C{self.lrs.index(lr)}" if lr in self.lrs else "0.3"
+
+  def variant(self, j: int):
+    return self.tab((2 * j) % 20 / 20 + (0.05 if j >= 10 else 0))
+
+  def drops(self, ax, label: bool = True) -> None:
+    for i, epoch in enumerate(self.report.lr_drop_epochs):
+      ax.axvline(epoch, color="0.45", lw=1, ls=":",
+                 label=f"lr drop (epoch {epoch:g})" if label and i == 0
+                 else None)
+
+
+def _thresholds(ax, groups: Sequence[Group], color) -> None:
+  """The stability threshold 2(1+beta)/eta of each group's learning rate,
+  dashed and step-shaped (it changes when the rate drops)."""
+  for g in groups:
+    if not g.has(THRESHOLD):
+      continue
+    x, mean, _, _, _ = g.band(THRESHOLD)
+    ax.plot(x, mean, ls="--", lw=1.2, drawstyle="steps-post",
+            color=color(g), alpha=0.9,
+            label=f"2(1+β)/η, lr={g.learning_rate:g}")
+
+
+def _fig1(report: Report, style: _Style, plt) -> bytes:
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4.4))
+  lrs = report.learning_rates
   for ax, split in zip(axes, data_lib.SPLITS):
-    key = f"{split}_top1_error"
-    for i, lr in enumerate(report.learning_rates):
-      pts = [(m, 100 * r.final(key)) for (m, glr), r in sorted(
-          report.grid.items()) if glr == lr and r.state == sweep.COMPLETED]
-      if pts:
-        ax.plot(*zip(*pts), "--", marker=".", alpha=0.6, color=f"C{i}",
-                label=f"lr={lr:g}")
-    if ms:
-      ax.plot(ms, [100 * report.best[m].final(key) for m in ms], "k-o",
-              label="best lr per m (by training error)")
+    key = report.error_key(split)
+    for i, lr in enumerate(lrs):
+      groups = [g for (_, glr), g in sorted(report.grid.items())
+                if glr == lr and g.completed]
+      if not groups:
+        continue
+      stats = [g.final(key, 100) for g in groups]
+      shift = 1 + 0.05 * (i - (len(lrs) - 1) / 2)
+      mean = np.array([s.mean for s in stats])
+      ax.errorbar([g.batch_size * shift for g in groups], mean,
+                  yerr=[mean - [s.min for s in stats],
+                        [s.max for s in stats] - mean],
+                  fmt="--o", ms=4, capsize=3, alpha=0.75,
+                  color=style.lr(lr), label=f"lr={lr:g}")
+    if style.ms:
+      stats = [report.best[m].final(key, 100) for m in style.ms]
+      ax.plot(style.ms, [s.mean for s in stats], "k-s", ms=5,
+              label="best lr per m")
+      ax.fill_between(style.ms, [s.min for s in stats],
+                      [s.max for s in stats], color="k", alpha=0.12, lw=0)
+      for m, s in zip(style.ms, stats):
+        ax.annotate(f"lr {report.best[m].learning_rate:g}", (m, s.mean),
+                    textcoords="offset points", xytext=(0, 7), ha="center",
+                    fontsize=7)
     ax.set_xscale("log")
-    ax.set_xlabel("batch size m")
+    ax.set_xticks(style.ms or [1])
+    ax.set_xticklabels([str(m) for m in style.ms] or [""])
+    ax.minorticks_off()
+    ax.set_xlabel("batch size m (log scale)")
     ax.set_ylabel(f"final {split} top-1 error (%)")
-    ax.set_title(f"{split.capitalize()} error vs batch size")
+    ax.set_title(f"{split.capitalize()} error")
     ax.grid(alpha=0.3)
   axes[0].legend(fontsize=8)
-  fig.suptitle("Fig. 1: same epochs for every m")
-  out["maxibatch_fig1_error_vs_batch_size.png"] = figures_lib.png(fig)
+  fig.suptitle(f"Fig. 1: final error vs batch size, same epochs for every m "
+               f"({report.bn_eval})\nmean over seeds; bars and band: min–max "
+               f"over seeds; numbers: the best lr", fontsize=10)
+  return figures_lib.png(fig)
 
-  if interpolations:
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for i, (path, data) in enumerate(sorted(interpolations.items())):
-      label = (os.path.basename(path)[:-len(".json")]
-               .replace("__to__", " → ").replace("batch_size=", "m=")
-               .replace("learning_rate=", "lr="))
-      for ax, key in zip(axes, ("loss", "top1_error")):
-        scale = 100 if key == "top1_error" else 1
-        for split, style in (("train", "-"), ("test", "--")):
-          ax.plot(data["alphas"], scale * np.asarray(data[f"{split}_{key}"],
-                                                     float), style,
-                  color=f"C{i}", label=f"{split}: {label}" if key == "loss"
-                  else None)
-    for ax, name in zip(axes, ("cross-entropy loss", "top-1 error (%)")):
+
+def _fig2(report: Report, style: _Style, plt) -> bytes:
+  fig, axes = plt.subplots(2, 2, figsize=(12, 7.5), sharex=True)
+  groups = _line_groups(report)
+  for col, bn in enumerate(LINE_BN_STATS):
+    shown = [(label, lines) for (b, label), lines in groups.items()
+             if b == bn]
+    for ax in axes[:, col]:
       for x in (0, 1):
         ax.axvline(x, color="0.6", lw=0.8, ls=":")
-      ax.set_xlabel("alpha (0: small-m model, 1: large-m model)")
-      ax.set_ylabel(name)
       ax.grid(alpha=0.3)
-    axes[0].set_yscale("log")
-    axes[0].legend(fontsize=6)
-    fig.suptitle("Fig. 2: (1-alpha)·θ_small + alpha·θ_large")
-    out["maxibatch_fig2_interpolation.png"] = figures_lib.png(fig)
+    if not shown:
+      for ax in axes[:, col]:
+        _not_measured(ax, f"--bn_stats={bn} lines")
+      continue
+    for i, (label, lines) in enumerate(shown):
+      color = style.lr(lines[0].end.learning_rate) if not lines[0].end.group \
+          else style.variant(i + 4)
+      for row_, (key, scale) in enumerate((("loss", 1), ("top1_error", 100))):
+        ax = axes[row_, col]
+        for split, ls in (("train", "-"), ("test", "--")):
+          curves = [(ln.data["alphas"], scale * np.asarray(
+              ln.data[f"{split}_{key}"], float)) for ln in lines]
+          _draw_band(ax, common.band(curves), color, marker=None, ls=ls,
+                     label=(f"→ {label.split(' → ')[1]} ({len(lines)} "
+                            f"seeds)" if row_ == 0 and split == "train"
+                            else None),
+                     alpha=0.18 if split == "train" else 0.08)
+    axes[0, col].set_yscale("log")
+    start = shown[0][1][0].start
+    axes[0, col].set_title(f"--bn_stats={bn}; from m={start.batch_size}, "
+                           f"lr={start.learning_rate:g}", fontsize=10)
+    axes[0, col].legend(fontsize=7)
+  axes[0, 0].set_ylabel("cross-entropy loss (log scale)")
+  axes[1, 0].set_ylabel("top-1 error (%)")
+  for ax in axes[1]:
+    ax.set_xlabel("α (0: small-m model, 1: large-m model)")
+  fig.suptitle("Fig. 2: loss along (1−α)·θ_small + α·θ_large, mean over "
+               "seeds (band: min–max); solid: train, dashed: test\n"
+               "recompute: batch-norm statistics recomputed at every point; "
+               "interpolate: the end points' statistics interpolated",
+               fontsize=10)
+  return figures_lib.png(fig)
 
-  largest = ms[-1] if ms else None
-  for number, key, what in ((3, LAMBDA_TRAIN, "training examples"),
-                            (4, LAMBDA_TEST, "test batches (mean)")):
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
-    for m in ms:
-      run = report.best[m]
-      axes[0].plot(*run.curve(key), marker=".", color=color(m),
-                   label=f"m={m} (lr={run.learning_rate:g})")
-    if largest is not None:
-      for i, lr in enumerate(report.learning_rates):
-        run = report.grid.get((largest, lr))
-        if run is not None and run.state == sweep.COMPLETED:
-          axes[1].plot(*run.curve(key), marker=".", color=f"C{i}",
-                       label=f"lr={lr:g}")
-      for j, run in enumerate(report.variants):
-        if run.batch_size == largest and run.state == sweep.COMPLETED:
-          axes[1].plot(*run.curve(key), ls="--", color=f"C{j + 4}",
-                       label=run.name)
-    axes[0].set_title("best lr per m")
-    axes[1].set_title(f"m={largest}: learning rates and variants")
+
+def _fig2b(report: Report, plt) -> bytes:
+  fig, axes = plt.subplots(1, len(report.planes), figsize=(
+      5.6 * len(report.planes), 4.8), squeeze=False)
+  grids = [np.log10(np.maximum(np.asarray(data["train_loss"], float),
+                               1e-12)) for _, data in report.planes]
+  finite = np.concatenate([g[np.isfinite(g)] for g in grids])
+  levels = np.linspace(finite.min(), finite.max(), 21) if (
+      finite.size and finite.max() > finite.min()) else 20
+  for ax, (run, data), z in zip(axes[0], report.planes, grids):
+    a, b = np.asarray(data["alphas"], float), np.asarray(data["betas"], float)
+    filled = ax.contourf(a, b, z.T, levels=levels, cmap="magma_r")
+    ax.contour(a, b, z.T, levels=levels, colors="k", linewidths=0.3)
+    ax.plot(0, 0, "c*", ms=12, label="trained model")
+    ax.set_xlabel("α (filter-normalised direction 1)")
+    ax.set_ylabel("β (filter-normalised direction 2)")
+    ax.set_title(f"m={run.batch_size}, lr={run.learning_rate:g}, seed "
+                 f"{run.seed} ({data.get('bn_stats', 'recompute')} BN)",
+                 fontsize=9)
+    ax.legend(fontsize=7, loc="upper right")
+  fig.colorbar(filled, ax=axes[0][-1], label="log10 training loss",
+               format="%.2f")
+  fig.suptitle("Fig. 2b: training loss on a random plane around each model "
+               "(Li et al. 2018), same colour scale", fontsize=10)
+  buf = figures_lib.png(fig)
+  return buf
+
+
+def _fig_lambda(report: Report, style: _Style, plt, number: int, key: str,
+                what: str) -> bytes:
+  fig, axes = plt.subplots(1, 2, figsize=(12.5, 4.6), sharey=True)
+  large = report.large_m
+  groups_left = [report.best[m] for m in style.ms]
+  groups_right = [g for (m, _), g in sorted(report.grid.items())
+                  if m == large and g.completed]
+  if not any(g.has(key) for g in groups_left + groups_right):
     for ax in axes:
-      drops(ax)
+      _not_measured(ax, key)
+  else:
+    for g in groups_left:
+      _draw_band(axes[0], g.band(key), style.m(g.batch_size),
+                 label=f"m={g.batch_size} (lr={g.learning_rate:g})")
+    seen = {}
+    for g in groups_left:
+      seen.setdefault(g.learning_rate, g)
+    _thresholds(axes[0], list(seen.values()),
+                lambda g: style.lr(g.learning_rate))
+    for g in groups_right:
+      _draw_band(axes[1], g.band(key), style.lr(g.learning_rate),
+                 label=f"lr={g.learning_rate:g}")
+    _thresholds(axes[1], groups_right,
+                lambda g: style.lr(g.learning_rate))
+    for ax in axes:
+      style.drops(ax)
       ax.set_yscale("log")
       ax.set_xlabel("epoch")
       ax.grid(alpha=0.3)
-      ax.legend(fontsize=7)
-    axes[0].set_ylabel("lambda_max")
-    fig.suptitle(f"Fig. {number}: top Hessian eigenvalue on {what}")
-    name = "train" if key == LAMBDA_TRAIN else "test"
-    out[f"maxibatch_fig{number}_lambda_max_{name}.png"] = figures_lib.png(fig)
+      ax.legend(fontsize=7, ncol=2)
+    axes[0].set_ylabel("λ_max, top Hessian eigenvalue (log scale)")
+  axes[0].set_title("best lr per m")
+  axes[1].set_title(f"m={large}: every learning rate")
+  modes = report.curvature_bn_modes()
+  how = (f"; batch norm: {', '.join(modes)}" if modes else "")
+  fig.suptitle(f"Fig. {number}: λ_max on {what} over training, mean over "
+               f"seeds (band: min–max){how}\ndashed: stability threshold "
+               f"2(1+β)/η at the current rate; dotted: lr drop", fontsize=10)
+  return figures_lib.png(fig)
 
-  fig, ax = plt.subplots(figsize=(6.5, 4.2))
-  for m in ms:
-    run = report.best[m]
-    ax.plot(*run.curve(DISTANCE), color=color(m),
-            label=f"m={m} (lr={run.learning_rate:g})")
-  for j, run in enumerate(report.variants):
-    if run.state == sweep.COMPLETED:
-      ax.plot(*run.curve(DISTANCE), ls="--", color=f"C{j + 4}",
-              label=run.name)
-  drops(ax)
-  ax.set_xlabel("epoch")
-  ax.set_ylabel("||θ_t − θ_0||")
-  ax.set_title("Fig. 5: distance from the initial parameters")
-  ax.grid(alpha=0.3)
-  ax.legend(fontsize=7)
-  out["maxibatch_fig5_distance.png"] = figures_lib.png(fig)
 
-  base = report.baseline()
-  shown = [r for r in report.variants if r.state == sweep.COMPLETED]
-  if shown and base is not None:
-    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
-    for j, run in enumerate([base] + shown):
-      style = dict(color="k") if run is base else dict(color=f"C{j + 3}")
-      label = f"{run.name} (plain)" if run is base else run.name
-      axes[0].plot(*_scaled(run.curve("train_top1_error")), label=label,
-                   **style)
-      axes[1].plot(*_scaled(run.curve("test_top1_error")), **style)
-      axes[2].plot(*run.curve(LAMBDA_TRAIN), marker=".", **style)
-    for ax, name in zip(axes, ("training top-1 error (%)",
-                               "test top-1 error (%)", "lambda_max (train)")):
-      drops(ax)
-      ax.set_xlabel("epoch")
-      ax.set_ylabel(name)
-      ax.grid(alpha=0.3)
-    axes[2].set_yscale("log")
+def _fig5(report: Report, style: _Style, plt) -> bytes:
+  fig, axes = plt.subplots(1, 3, figsize=(14, 4.3))
+  for ax, (key, label) in zip(axes, (
+      (DISTANCE, "||θ_t − θ_0|| (distance from init)"),
+      (NORM, "||θ_t|| (parameter norm)"),
+      (PATH, "path length Σ||θ_{t+1} − θ_t||"))):
+    groups = [report.best[m] for m in style.ms]
+    if not any(g.has(key) for g in groups):
+      _not_measured(ax, key)
+      ax.set_title(label, fontsize=9)
+      continue
+    for g in groups:
+      _draw_band(ax, g.band(key), style.m(g.batch_size), marker=None,
+                 label=f"m={g.batch_size} (lr={g.learning_rate:g})")
+    style.drops(ax)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(label + " (L2, trainable weights)", fontsize=8)
+    ax.set_title(label, fontsize=9)
+    ax.grid(alpha=0.3)
+  if axes[0].get_legend_handles_labels()[0]:
     axes[0].legend(fontsize=7)
-    fig.suptitle(f"Fig. 6: m={base.batch_size} with gradient noise "
-                 f"(Sec. 2.4) and adaptive linearisation (Sec. 2.5)")
-    out["maxibatch_fig6_noise_linearization.png"] = figures_lib.png(fig)
+  fig.suptitle("Fig. 5: how far the parameters travel, best lr per m, mean "
+               "over seeds (band: min–max)", fontsize=10)
+  return figures_lib.png(fig)
+
+
+def _fig6(report: Report, style: _Style, plt) -> bytes | None:
+  base = report.baseline()
+  shown = [g for g in report.variants.values() if g.completed]
+  if not shown or base is None:
+    return None
+  fig, axes = plt.subplots(2, 4, figsize=(16, 8.5),
+                           width_ratios=(1, 1, 1, 0.42))
+  for ax in axes[:, 3]:
+    ax.axis("off")
+  colors = {g.name: style.variant(j) for j, g in enumerate(shown)}
+  colors[base.name] = "k"
+  for ax, key, name in ((axes[0, 0], report.error_key("train"),
+                         "training top-1 error (%)"),
+                        (axes[0, 1], report.error_key("test"),
+                         "test top-1 error (%)"),
+                        (axes[0, 2], LAMBDA_TRAIN,
+                         "λ_max on training examples (log)")):
+    scale = 1 if key == LAMBDA_TRAIN else 100
+    if not any(g.has(key) for g in [base] + shown):
+      _not_measured(ax, key)
+      continue
+    for g in [base] + shown:
+      _draw_band(ax, g.band(key, scale), colors[g.name],
+                 marker=None, alpha=0.1,
+                 label=(f"plain {g.name}" if g is base else g.name))
+    style.drops(ax, label=False)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(name)
+    ax.grid(alpha=0.3)
+    if key == LAMBDA_TRAIN:
+      ax.set_yscale("log")
+  # Final test error per variant, each seed a dot.
+  ax = axes[1, 0]
+  key = report.error_key("test")
+  small = report.best.get(report.small_m) if report.small_m else None
+  rows = ([small] if small is not None else []) + [base] + shown
+  for y, g in enumerate(rows):
+    s = g.final(key, 100)
+    if not s.n:
+      continue
+    ax.errorbar(s.mean, y, xerr=[[s.mean - s.min], [s.max - s.mean]],
+                fmt="o", color=colors.get(g.name, "C0"), capsize=3)
+    ax.plot(s.values, [y] * s.n, "x", color="0.4", ms=4)
+  if small is not None:
+    s = small.final(key, 100)
+    ax.axvspan(s.min, s.max, color="C0", alpha=0.12, lw=0)
+  ax.set_yticks(range(len(rows)))
+  ax.set_yticklabels([(f"m={g.batch_size} best (lr={g.learning_rate:g})"
+                       if g is small else f"plain {g.name}" if g is base
+                       else g.name) for g in rows], fontsize=7)
+  ax.invert_yaxis()
+  ax.set_xlabel(f"final test top-1 error (%); o: mean, bars: min–max, "
+                f"x: seeds", fontsize=8)
+  ax.grid(alpha=0.3, axis="x")
+  for ax, key, kind, name in (
+      (axes[1, 1], SLOPE, LINEARIZATION, "mean rectifier slope (x<0)"),
+      (axes[1, 2], GRAD_NOISE_STD, NOISE, "gradient-noise std")):
+    groups = [g for g in shown if _kind(g.runs[0]) == kind and g.has(key)]
+    if not groups:
+      _not_measured(ax, key)
+      ax.set_title(name, fontsize=9)
+      continue
+    for g in groups:
+      _draw_band(ax, g.band(key), colors[g.name], marker=None)
+    style.drops(ax, label=False)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(name)
+    ax.set_title(name, fontsize=9)
+    ax.grid(alpha=0.3)
+    if key == GRAD_NOISE_STD:
+      ax.set_yscale("log")
+  handles, labels = axes[0, 0].get_legend_handles_labels()
+  axes[0, 3].legend(handles, labels, loc="upper left", fontsize=8,
+                    title="runs (mean; band: min–max)", title_fontsize=8)
+  fig.suptitle(f"Fig. 6: m={base.batch_size} at lr={base.learning_rate:g} "
+               f"with ghost batch norm (Sec. 2.1), gradient noise "
+               f"(Sec. 2.4) and adaptive linearisation (Sec. 2.5); "
+               f"errors with {report.bn_eval}", fontsize=10)
+  return figures_lib.png(fig)
+
+
+def figures(report: Report) -> dict[str, bytes]:
+  """Figs. 1-6 as PNG bytes by file name (Fig. 2 with interpolation lines,
+  2b with planes, 6 with variants)."""
+  plt = figures_lib.pyplot()
+  style = _Style(report, plt)
+  out = {"maxibatch_fig1_error_vs_batch_size.png": _fig1(report, style, plt)}
+  if report.lines:
+    out["maxibatch_fig2_interpolation.png"] = _fig2(report, style, plt)
+  if report.planes:
+    out["maxibatch_fig2b_planes.png"] = _fig2b(report, plt)
+  out["maxibatch_fig3_lambda_max_train.png"] = _fig_lambda(
+      report, style, plt, 3, LAMBDA_TRAIN, "training examples")
+  out["maxibatch_fig4_lambda_max_test.png"] = _fig_lambda(
+      report, style, plt, 4, LAMBDA_TEST, "test examples")
+  out["maxibatch_fig5_distance.png"] = _fig5(report, style, plt)
+  fig6 = _fig6(report, style, plt)
+  if fig6 is not None:
+    out["maxibatch_fig6_variants.png"] = fig6
   return out
-
-
-def _scaled(curve):
-  return curve[0], 100 * curve[1]
-
-
-
