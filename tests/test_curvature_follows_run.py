@@ -124,3 +124,18 @@ def test_results_record_the_mode(bn_run):
   with open(os.path.join(cfg.model_dir, "results.json")) as f:
     saved = json.load(f)
   assert saved["callbacks"]["curvature"]["bn_mode"] == "batch"
+
+
+def test_stability_threshold_follows_the_learning_rate(bn_run):
+  """2(1 + beta)/eta at the rate of the last step: 0.05, then 0.005 after
+  the drop at epoch 2 (the first step of epoch 2)."""
+  _, results = bn_run
+  rows = {row["epoch"]: row for row in results["measurements"]
+          if "curvature/lambda_max" in row}
+  for epoch, rate in ((0, 0.05), (1, 0.05), (2, 0.005), (3, 0.005)):
+    row = rows[epoch]
+    assert row["curvature/stability_threshold"] == pytest.approx(
+        2 * 1.9 / rate, rel=1e-6)
+    assert row["curvature/lambda_max_over_threshold"] == pytest.approx(
+        row["curvature/lambda_max"] / row["curvature/stability_threshold"],
+        rel=1e-9)

@@ -46,6 +46,9 @@ class Context:
   epoch: int = 0
   global_batch_size: int = 0
   steps_per_epoch: int = 0
+  # The learning rate of the last step taken (of the first step at step 0):
+  # the rate the model at `step` was moving with.
+  learning_rate: float = 0.0
 
 
 class Callback:

@@ -245,7 +245,7 @@ class Trainer:
       # Right after the model: a distance hook copies theta_0.
       self.hooks = dynamics.hooks_from_config(
           cfg, self.model.trainable_variables, self.steps_per_epoch,
-          self.num_replicas)
+          self.num_replicas, model=self.model)
       if self.accumulate:
         self._accumulators = [
             tf.Variable(tf.zeros(v.shape, v.dtype), trainable=False,
@@ -482,7 +482,8 @@ class Trainer:
         model_dir=self.model_dir, step=step,
         epoch=step // self.steps_per_epoch,
         global_batch_size=self.global_batch_size,
-        steps_per_epoch=self.steps_per_epoch)
+        steps_per_epoch=self.steps_per_epoch,
+        learning_rate=float(self.schedule(max(step - 1, 0))))
 
   def run_callbacks(self, step: int, epoch_end: bool) -> dict[str, float]:
     """The scalars of the callbacks due at `step`, each timed."""
