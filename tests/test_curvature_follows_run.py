@@ -57,8 +57,9 @@ def test_measured_at_the_schedule_and_around_the_drop(bn_run):
   _, results = bn_run
   epochs = [row["epoch"] for row in results["measurements"]
             if "curvature/lambda_max" in row]
-  # Every 3 epochs (0, 3) and within one epoch of the drop at 2 (1, 2, 3).
-  assert epochs == [0, 1, 2, 3]
+  # Every 3 epochs (0, 3) and the last epoch before the drop at 2 and the
+  # first after it (2, 3).
+  assert epochs == [0, 2, 3]
 
 
 def test_hessian_tool_reproduces_the_callbacks_last_lambda_max(bn_run):
@@ -97,9 +98,8 @@ def test_callback_and_tools_draw_the_same_examples(bn_run):
 
 
 @pytest.mark.parametrize("drops,window,expected", [
-    ([20], 1, {19, 20, 21}), ([15, 30], 2, {13, 14, 15, 16, 17, 28, 29, 30,
-                                              31, 32}),
-    ([1], 2, {0, 1, 2, 3}), ([20], 0, set()), ([], 3, set())])
+    ([20], 1, {20, 21}), ([15, 30], 2, {14, 15, 16, 17, 29, 30, 31, 32}),
+    ([1], 3, {0, 1, 2, 3, 4}), ([20], 0, set()), ([], 3, set())])
 def test_epochs_around_drops(drops, window, expected):
   assert curvature.epochs_around_drops(drops, window) == expected
 
@@ -127,12 +127,13 @@ def test_results_record_the_mode(bn_run):
 
 
 def test_stability_threshold_follows_the_learning_rate(bn_run):
-  """2(1 + beta)/eta at the rate of the last step: 0.05, then 0.005 after
-  the drop at epoch 2 (the first step of epoch 2)."""
+  """2(1 + beta)/eta at the rate of the last step: 0.05 up to the end of
+  epoch count 2, 0.005 after the drop (the first step of epoch 2, 0-based)."""
   _, results = bn_run
   rows = {row["epoch"]: row for row in results["measurements"]
           if "curvature/lambda_max" in row}
-  for epoch, rate in ((0, 0.05), (1, 0.05), (2, 0.005), (3, 0.005)):
+  assert sorted(rows) == [0, 2, 3]
+  for epoch, rate in ((0, 0.05), (2, 0.05), (3, 0.005)):
     row = rows[epoch]
     assert row["curvature/stability_threshold"] == pytest.approx(
         2 * 1.9 / rate, rel=1e-6)

@@ -373,9 +373,10 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
       "moving statistics.", flag_values=fv)
   flags.DEFINE_integer(
       "curvature_around_drop", 0,
-      "Also measure at the end of every epoch within N epochs of each "
-      "--lr_drop_epochs drop (1: the epoch before the drop, the first "
-      "epoch after it and the next).", flag_values=fv)
+      "Also measure at the end of the last N epochs before each "
+      "--lr_drop_epochs drop and of the first N after it (a drop at epoch "
+      "d, N=2: after 1 and 2 epochs at the new rate, and after d - 1 and d "
+      "epochs at the old one).", flag_values=fv)
   flags.DEFINE_float(
       "curvature_tol", 1e-3,
       "Stop power iteration when ||Hv - lambda v|| <= tol |lambda|.",

@@ -75,14 +75,16 @@ def test_batches(seed: int, num_examples: int, size: int, batches: int
 def epochs_around_drops(drop_epochs, window: int) -> frozenset[int]:
   """Epoch counts within `window` of a drop: measured besides the schedule.
 
-  A drop at epoch d takes effect at the first step of epoch d (0-based), so
-  the end of epoch count d - 1 is the last measurement before it and d the
-  first after one epoch at the new rate.
+  A drop at epoch d takes effect at the first step of epoch d (0-based),
+  i.e. after d epochs: the end of epoch count d is the last measurement at
+  the old rate and d + 1 the first after an epoch at the new one. The
+  counts returned are the last `window` before the drop and the first
+  `window` after it, d - window + 1 ... d + window.
   """
   out = set()
   for drop in drop_epochs or ():
     d = int(round(float(drop)))
-    out.update(range(max(d - window, 0), d + window + 1))
+    out.update(range(max(d - window + 1, 0), d + window + 1))
   return frozenset(out) if window > 0 else frozenset()
 
 
