@@ -3,7 +3,10 @@
 Every `--curvature_every_epochs` epochs (or `--curvature_every_steps` steps,
 and at the end of every epoch within `--curvature_around_drop` epochs of a
 learning-rate drop) the callback measures the Hessian's largest eigenvalue
-by power iteration on Hessian-vector products (papers/003, Sec. 2.3):
+by power iteration on Hessian-vector products (papers/003, Sec. 2.3), the
+largest algebraic eigenvalue (`which="LA"`: when the largest in magnitude is
+negative, as in batch mode at initialisation, one spectral shift finds the
+top one; `--curvature_top_k` > 1 ranks by magnitude):
   * on a fixed set of `--curvature_examples` training examples (m = 500 in
     the paper, "to reduce the variance of the estimate"), drawn once with the
     run's seed by `tfcapacity.data.draw_indices`, the draw of the analysis
@@ -174,7 +177,7 @@ class CurvatureCallback(callbacks_lib.Callback):
     elif k == 1:
       one = eigen.power_iteration(op, v0=vectors[0] if vectors else None,
                                   max_iterations=cfg.curvature_max_iterations,
-                                  **kwargs)
+                                  which="LA", **kwargs)
       return ([one.eigenvalue], [one.eigenvector], one.relative_residual,
               one.iterations)
     else:
@@ -219,7 +222,8 @@ class CurvatureCallback(callbacks_lib.Callback):
         result = eigen.power_iteration(
             self.test_op, v0=self._test_vectors[j],
             tol=self.cfg.curvature_tol,
-            max_iterations=self.cfg.curvature_max_iterations, seed=seed)
+            max_iterations=self.cfg.curvature_max_iterations, seed=seed,
+            which="LA")
         self._test_vectors[j] = result.eigenvector
         tops.append(result.eigenvalue)
       out["curvature/lambda_max_test"] = float(np.mean(tops))
