@@ -1065,12 +1065,13 @@ class _Style:
 
 def _thresholds(ax, groups: Sequence[Group], color) -> None:
   """The stability threshold 2(1+beta)/eta of each group's learning rate,
-  dashed and step-shaped (it changes when the rate drops)."""
+  dashed and step-shaped: a row's value is that of the rate of the steps
+  before it, so it holds over the interval that ends at the row."""
   for g in groups:
     if not g.has(THRESHOLD):
       continue
     x, mean, _, _, _ = g.band(THRESHOLD)
-    ax.plot(x, mean, ls="--", lw=1.2, drawstyle="steps-post",
+    ax.plot(x, mean, ls="--", lw=1.2, drawstyle="steps-pre",
             color=color(g), alpha=0.9,
             label=f"2(1+β)/η, lr={g.learning_rate:g}")
 
@@ -1175,6 +1176,7 @@ def _fig2b(report: Report, plt) -> bytes:
     filled = ax.contourf(a, b, z.T, levels=levels, cmap="magma_r")
     ax.contour(a, b, z.T, levels=levels, colors="k", linewidths=0.3)
     ax.plot(0, 0, "c*", ms=12, label="trained model")
+    ax.locator_params(nbins=5)
     ax.set_xlabel("α (filter-normalised direction 1)")
     ax.set_ylabel("β (filter-normalised direction 2)")
     ax.set_title(f"m={run.batch_size}, lr={run.learning_rate:g}, seed "

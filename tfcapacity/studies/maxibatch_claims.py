@@ -213,8 +213,8 @@ class _Checker:
     rule = (f"a barrier exists if the maximum of the training loss for α "
             f"strictly in (0, 1) exceeds max(loss at α=0, loss at α=1) by "
             f"more than {100 * mb.BARRIER_MARGIN:.0f}%; agrees if it does in "
-            f"every seed (line to the largest m's best rate, "
-            f"--bn_stats={bn_stats})")
+            f"every seed (line from the smallest m's best run to the "
+            f"largest m's best rate, same seed, --bn_stats={bn_stats})")
     lines = self.lines_to(self.large, bn_stats)
     holds = {s: mb.has_barrier(d) for s, d in lines.items()}
     ratios = {s: mb.line_summary(d)["barrier_ratio"]
@@ -229,8 +229,9 @@ class _Checker:
   def sharper_along_line(self) -> Claim:
     rule = ("in every seed, the training loss rises more over the "
             "half-length beyond the large-m end (α 1 → 1.5) than beyond the "
-            "small-m end (α 0 → -0.5), on the line to the largest m's best "
-            "rate (--bn_stats=recompute)")
+            "small-m end (α 0 → -0.5), on the line from the smallest m's "
+            "best run to the largest m's best rate, same seed "
+            "(--bn_stats=recompute)")
     lines = self.lines_to(self.large, "recompute")
     sums = {s: mb.line_summary(d) for s, d in lines.items()}
     holds = {s: v["rise_beyond_1"] > v["rise_beyond_0"]
