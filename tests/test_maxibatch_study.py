@@ -14,6 +14,7 @@ from tfcapacity.errors import UserError
 from tfcapacity.studies import common
 from tfcapacity.studies import maxibatch
 from tfcapacity.studies import maxibatch_claims as claims_lib
+from tfcapacity.studies import maxibatch_figures
 from tfcapacity.studies import sweep
 import conftest  # tests/ is on sys.path (pytest rootdir conftest)
 
@@ -487,7 +488,7 @@ def test_figures_are_pngs(study):
   runs, _ = maxibatch.load_runs(study, cells(study))
   report = maxibatch.summarize(runs)
   add_analyses(report)
-  pngs = maxibatch.figures(report)
+  pngs = maxibatch_figures.figures(report)
   assert sorted(pngs) == FIGURES
   assert all(data.startswith(b"\x89PNG") for data in pngs.values())
   if os.environ.get("MAXIBATCH_FIGURES_DIR"):  # To look at them.
@@ -496,7 +497,8 @@ def test_figures_are_pngs(study):
                 "wb") as f:
         f.write(data)
   report.lines, report.planes = [], []
-  assert "maxibatch_fig2_interpolation.png" not in maxibatch.figures(report)
+  assert ("maxibatch_fig2_interpolation.png"
+          not in maxibatch_figures.figures(report))
 
 
 def test_figures_of_older_runs_say_not_measured():
@@ -507,7 +509,7 @@ def test_figures_of_older_runs_say_not_measured():
       for row in history(m / 5000, 0.2, recomputed=False)])
           for m in (50, 1400)]
   report = maxibatch.summarize(runs)
-  pngs = maxibatch.figures(report)
+  pngs = maxibatch_figures.figures(report)
   assert "maxibatch_fig3_lambda_max_train.png" in pngs
   verdicts = {c.id: c.verdict for c in claims_lib.evaluate(report)}
   assert verdicts["fig3_lambda_end"] == claims_lib.NOT_MEASURED

@@ -56,6 +56,7 @@ from tfcapacity.errors import UserError  # noqa: E402
 from tfcapacity.studies import common  # noqa: E402
 from tfcapacity.studies import maxibatch  # noqa: E402
 from tfcapacity.studies import maxibatch_claims  # noqa: E402
+from tfcapacity.studies import maxibatch_figures  # noqa: E402
 from tfcapacity.studies import sweep  # noqa: E402
 from tfcapacity import rundir  # noqa: E402
 
@@ -220,7 +221,7 @@ def main(argv):
     report.training_seconds = None if FLAGS.report_only else trained
     missing = add_analyses(report)
     claims = maxibatch_claims.evaluate(report)
-    pngs = maxibatch.figures(report)
+    pngs = maxibatch_figures.figures(report)
     out_dir = FLAGS.output_dir or os.path.join(FLAGS.study_dir, "report")
     os.makedirs(out_dir, exist_ok=True)
     tables = maxibatch.tables(report)
