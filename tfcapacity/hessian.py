@@ -65,8 +65,9 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
                        flag_values=fv)
   flags.DEFINE_enum(
       "method", "power", list(curvature.EIGEN_METHODS),
-      "Eigen-solver: power iteration with deflation (largest magnitude) or "
-      "Lanczos (largest algebraic).", flag_values=fv)
+      "Eigen-solver: power iteration (--top_k=1: the largest eigenvalue, "
+      "as the curvature callback logs it; more: with deflation, the largest "
+      "in magnitude) or Lanczos (largest algebraic).", flag_values=fv)
   flags.DEFINE_enum(
       "hvp_method", "reverse", list(objective.HVP_METHODS),
       "Hessian-vector products by reverse-over-reverse or "

@@ -148,8 +148,9 @@ def hessian_report(loaded: rundir.Loaded, *, top_k: int = 1,
   Args:
     loaded: from `rundir.load`.
     top_k: eigenvalues wanted.
-    method: power (power iteration with deflation, largest magnitude) |
-      lanczos (largest algebraic); see `eigen`.
+    method: power (power iteration: for top_k=1 the largest eigenvalue,
+      as the curvature callback measures it; for more, with deflation, the
+      largest in magnitude) | lanczos (largest algebraic); see `eigen`.
     hvp_method: reverse | forward.
     trace, trace_probes: Hutchinson's estimate with that many probes.
     density, density_runs, density_steps: stochastic Lanczos quadrature.
@@ -188,7 +189,18 @@ def hessian_report(loaded: rundir.Loaded, *, top_k: int = 1,
   out = {**loaded.description, **described, "method": method,
          "hvp_method": described["method"], "top_k": int(top_k),
          "seed": int(seed), "layers": list(layers) if layers else None}
-  if method == "power":
+  if method == "power" and top_k == 1:
+    # lambda_max is the largest eigenvalue, as the curvature callback logs
+    # it: one spectral shift when the largest in magnitude is negative.
+    with Progress("power iteration", max_iterations,
+                  bar=progress_bar) as report:
+      one = eigen.power_iteration(op, tol=tol, max_iterations=max_iterations,
+                                  seed=seed, which="LA", progress=report)
+    found = eigen.TopK([one.eigenvalue], [one.eigenvector], [one.residual],
+                       [one.relative_residual], one.iterations,
+                       [one.converged], "power")
+    out.update(tol=float(tol), max_iterations=int(max_iterations))
+  elif method == "power":
     with Progress("power iteration", top_k * max_iterations,
                   bar=progress_bar) as report:
       found = eigen.top_k_power(op, top_k, tol=tol,
