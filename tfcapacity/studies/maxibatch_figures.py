@@ -123,7 +123,12 @@ def _fig1(report: mb.Report, style: _Style, plt) -> bytes:
     ax.minorticks_off()
     ax.set_xlabel("batch size m (log scale)")
     ax.set_ylabel(f"final {split} top-1 error (%)")
-    ax.set_title(f"{split.capitalize()} error")
+    noise = max((float(g.flags.get("label_noise") or 0.0)
+                 for g in report.grid.values()), default=0.0)
+    ax.set_title(f"{split.capitalize()} error" + (
+        f" (labels as trained: {noise:.0%} replaced at random)"
+        if split == "train" and noise else
+        " (clean labels)" if noise else ""), fontsize=10)
     ax.grid(alpha=0.3)
   axes[0].legend(fontsize=8)
   fig.suptitle(f"Fig. 1: final error vs batch size, same epochs for every m "
