@@ -420,9 +420,10 @@ def markdown(claims: Sequence[Claim], report: mb.Report) -> str:
       f"Tier: {report.tier}. Errors with {report.bn_eval}. Numbers: mean ± "
       f"std [min, max] over seeds (n). Verdicts come from the rule alone: "
       f"agrees = it holds in every seed, disagrees = in none, mixed = in "
-      f"some; the small m is m={report.small_m}, the large m "
+      f"some; checked: the seeds (or variant-seed pairs) the rule was "
+      f"checked on; the small m is m={report.small_m}, the large m "
       f"m={report.large_m}.", "",
-      "| claim | paper | rule | measured | seeds | verdict |",
+      "| claim | paper | rule | measured | checked | verdict |",
       "|---|---|---|---|---|---|"]
   for c in claims:
     lines.append("| " + " | ".join(_escape(x) for x in (
