@@ -109,6 +109,9 @@ def test_epochs_around_drops(drops, window, expected):
     (None, "inference")])
 def test_training_bn_mode(normalization, mode):
   assert objective.training_bn_mode(normalization) == mode
+  assert objective.resolve_bn_mode("auto", normalization) == mode
+  for explicit in objective.BN_MODES:
+    assert objective.resolve_bn_mode(explicit, normalization) == explicit
 
 
 @pytest.mark.parametrize("n,mode,run_batch,expected", [

@@ -107,9 +107,8 @@ class CurvatureCallback(callbacks_lib.Callback):
     self._holds = None  # Which examples the shared operator holds.
     self._vectors = None  # Warm starts: the last eigenvectors found.
     self._test_vectors = []
-    self.bn_mode = (objective.training_bn_mode(cfg.normalization)
-                    if cfg.curvature_bn_mode == "auto"
-                    else cfg.curvature_bn_mode)
+    self.bn_mode = objective.resolve_bn_mode(cfg.curvature_bn_mode,
+                                             cfg.normalization)
     self.around_drop = epochs_around_drops(
         cfg.lr_drop_epochs if cfg.lr_schedule == "step" else (),
         cfg.curvature_around_drop)

@@ -105,8 +105,8 @@ class LinearizationCallback(callbacks_lib.Callback):
     x, y = ctx.train_data.examples(index)
     params = function_lib.select_params(ctx.model, None, include_slopes=True)
     # The same batch-norm mode and batches as the curvature callback.
-    bn_mode = (objective.training_bn_mode(cfg.normalization)
-               if cfg.curvature_bn_mode == "auto" else cfg.curvature_bn_mode)
+    bn_mode = objective.resolve_bn_mode(cfg.curvature_bn_mode,
+                                        cfg.normalization)
     batch_size = cfg.curvature_batch_size or objective.measurement_batch_size(
         len(y), bn_mode, ctx.global_batch_size)
     self.operator = hvp.HessianOperator(

@@ -71,7 +71,8 @@ def make_operator(loaded: rundir.Loaded, *, bn_mode: str = "auto",
   from tfcapacity.objective import function as function_lib
   n = len(loaded.y)
   cfg = loaded.config
-  bn_mode = resolve_bn_mode(loaded, bn_mode)
+  bn_mode = objective.resolve_bn_mode(
+      bn_mode, cfg.normalization if cfg is not None else None)
   if batch_size is None:
     run_batch = (None if cfg is None or cfg.full_batch
                  else int(cfg.batch_size))
@@ -91,14 +92,6 @@ def make_operator(loaded: rundir.Loaded, *, bn_mode: str = "auto",
       loaded.model, loaded.x, loaded.y, loss=loaded.loss, bn_mode=bn_mode,
       batch_size=batch_size, params=params, method=method,
       strategy=loaded.strategy, ghost_batch_size=ghost_batch_size)
-
-
-def resolve_bn_mode(loaded: rundir.Loaded, bn_mode: str) -> str:
-  """`bn_mode`, with `auto` replaced by the mode the run trained with."""
-  if bn_mode != "auto":
-    return bn_mode
-  cfg = loaded.config
-  return objective.training_bn_mode(cfg.normalization if cfg else None)
 
 
 class LossObjective:

@@ -46,6 +46,11 @@ def training_bn_mode(normalization: str | None) -> str:
                                                   "inference")
 
 
+def resolve_bn_mode(bn_mode: str, normalization: str | None) -> str:
+  """`bn_mode`, with `auto` replaced by `training_bn_mode(normalization)`."""
+  return training_bn_mode(normalization) if bn_mode == "auto" else bn_mode
+
+
 def measurement_batch_size(num_examples: int, bn_mode: str,
                            train_batch: int | None) -> int:
   """Examples per batch of a measured loss when none is named.
