@@ -730,7 +730,7 @@ def test_claims_csv_and_markdown(study):
   report = maxibatch.summarize(runs)
   claims = claims_lib.evaluate(report)
   rows = list(csv.DictReader(claims_lib.to_csv(claims).splitlines()))
-  assert tuple(rows[0]) == claims_lib.CSV_COLUMNS
+  assert tuple(rows[0]) == common.CLAIM_COLUMNS
   assert len(rows) == len(claims) >= 13
   assert {r["verdict"] for r in rows} <= {
       claims_lib.AGREES, claims_lib.DISAGREES, claims_lib.MIXED,

@@ -46,6 +46,11 @@ OPERATIONAL_FLAGS = frozenset({
 # models (`data.digits.input_format`).
 INPUT_FORMATS = ("auto", "flat", "image")
 
+# Choices of flags that several layers read (data, models, objective).
+TASKS = ("classes", "random_sign")
+PARAMETRIZATIONS = ("standard", "ntk")
+DTYPES = ("float32", "float64")
+
 _DEFINED: list[str] = []
 
 
@@ -154,6 +159,17 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
       "label_noise", 0.0,
       "Fraction p of training labels replaced by a uniformly random class.",
       flag_values=fv)
+  flags.DEFINE_enum(
+      "task", "classes", list(TASKS),
+      "classes: the dataset's labels, one logit per class. random_sign: Du "
+      "et al.'s setting, one output f and a fixed random label y = +-1 per "
+      "example (seeded by --seed, train and test), trained with "
+      "--loss=squared on 1/2 (f - y)^2; the error is sign(f) != y. In-memory "
+      "datasets only (digits, mnist1d, synthetic).", flag_values=fv)
+  flags.DEFINE_bool(
+      "unit_norm_inputs", False,
+      "Scale every input (flattened) to Euclidean norm 1, both splits (Du et "
+      "al. assume ||x|| = 1). In-memory datasets only.", flag_values=fv)
   flags.DEFINE_integer("train_subset", None,
                        "Use only the first N training examples.",
                        flag_values=fv)
@@ -193,6 +209,21 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
   flags.DEFINE_float("residual_scale", 1.0,
                      "Scale of each residual branch (fc_resnet).",
                      flag_values=fv)
+  flags.DEFINE_enum(
+      "parametrization", "standard", list(PARAMETRIZATIONS),
+      "standard: the initialiser carries the 1/sqrt(fan-in) scale "
+      "(--kernel_init), Dense layers have biases. ntk (mlp, fc_resnet): Du et "
+      "al.'s parametrisation, every weight N(0, 1), no biases, and the scale "
+      "in the forward pass: x_h = sqrt(c_sigma/width) act(W_h x_{h-1}), "
+      "c_sigma = 1/E[act(z)^2] for z ~ N(0, 1); fc_resnet's branches are "
+      "scaled by --residual_scale/(H sqrt(width)) with H = depth + 1 layers; "
+      "the output f = a^T x_H.", flag_values=fv)
+  flags.DEFINE_enum(
+      "dtype", "float32", list(DTYPES),
+      "Floating-point type of the model's weights and computation (mlp, "
+      "fc_resnet); float64 resolves Gram eigenvalues below 1e-7 of the "
+      "largest. Losses, gradients and Gram matrices follow it.",
+      flag_values=fv)
   flags.DEFINE_float(
       "leaky_slope", None,
       "Initial negative-side slope of the rectifiers (resnet, and mlp/"
@@ -209,6 +240,16 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
   flags.DEFINE_string("optimizer", "sgd", "sgd | adam.", flag_values=fv)
   flags.DEFINE_float("learning_rate", 0.1, "Base learning rate.",
                      flag_values=fv)
+  flags.DEFINE_enum(
+      "learning_rate_from", "flag", list(training.LEARNING_RATE_SOURCES),
+      "flag: the step size is --learning_rate. gram: it is c * n / "
+      "lambda_max(Theta(0)) with c = --learning_rate, where Theta(0) is the "
+      "neural-tangent Gram matrix of the outputs on the n training examples "
+      "at initialisation. With --loss=squared (a mean over examples of 1/2 "
+      "||f - y||^2) full-batch GD on the linearised model is stable for c < "
+      "2; c/lambda_max is the same step for Du et al.'s summed loss. The step "
+      "used is recorded in results.json (learning_rate_used).",
+      flag_values=fv)
   flags.DEFINE_float("momentum", 0.0, "SGD momentum.", flag_values=fv)
   flags.DEFINE_bool("nesterov", False, "Nesterov momentum for SGD.",
                     flag_values=fv)
@@ -292,6 +333,11 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
       "track_distance", False,
       "Log the distance of the parameters from their initial values and the "
       "path length, per layer and in total, every epoch.", flag_values=fv)
+  flags.DEFINE_integer(
+      "track_distance_every_epochs", 1,
+      "Log --track_distance's scalars (and the other step hooks') every N "
+      "epochs and at step 0 (a full-batch run has one step per epoch).",
+      flag_values=fv)
   flags.DEFINE_enum(
       "grad_noise", "none", list(training.NOISE_KINDS),
       "Gaussian noise added to the gradients: fixed std, annealed variance "
@@ -428,6 +474,7 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
                "shuffle_buffer", "mnist1d_examples", "synthetic_examples",
                "synthetic_test_examples", "synthetic_dim", "train_subset",
                "learning_rate", "lr_drop_factor", "bn_momentum",
+               "track_distance_every_epochs",
                "curvature_examples", "curvature_top_k", "curvature_tol",
                "curvature_max_iterations", "gradients_examples",
                "linearize_examples",

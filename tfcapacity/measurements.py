@@ -24,6 +24,7 @@ from __future__ import annotations
 from tfcapacity.curvature import callback as curvature_callback
 from tfcapacity.curvature import linearize
 from tfcapacity.gradients import callback as gradients_callback
+from tfcapacity.gradients import tangent
 from tfcapacity.training import callbacks as callbacks_lib
 from tfcapacity.training import loop
 
@@ -52,8 +53,11 @@ def trainer(cfg, strategy=None, callbacks=(), model_dir=None,
   The given callbacks run first, then the flags' in `from_config` order.
   Arguments as for `train`.
   """
+  learning_rate_fn = None
+  if getattr(cfg, "learning_rate_from", "flag") == "gram":
+    learning_rate_fn = tangent.learning_rate_from_gram
   return loop.Trainer(cfg, strategy, list(callbacks) + from_config(cfg),
-                      model_dir, datasets)
+                      model_dir, datasets, learning_rate_fn=learning_rate_fn)
 
 
 def train(cfg, strategy=None, callbacks=(), model_dir=None,

@@ -82,7 +82,8 @@ CHECKPOINT_DIR = "checkpoints"
 KERAS_FILE = "model.keras"
 SAVED_MODEL_DIR = "saved_model"
 _RUN_ENTRIES = (FLAGS_FILE, RESULTS_FILE, CHECKPOINT_DIR, "train", "eval",
-                "eval_recomputed_bn", KERAS_FILE, SAVED_MODEL_DIR)
+                "eval_recomputed_bn", KERAS_FILE, SAVED_MODEL_DIR,
+                "ntk_init.npz")
 _CHECKPOINT_RE = re.compile(r"^ckpt-(\d+)\.index$")
 
 # Where a measured model comes from (the `Request` fields, and tool flags).

@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib
 
 from tfcapacity import config as config_lib
-from tfcapacity.errors import choices_error
+from tfcapacity.errors import UserError, choices_error
 
 # name -> module; a trailing colon marks a prefix that takes an argument.
 _SOURCES = {
@@ -23,6 +23,8 @@ _SOURCES = {
     "tfds:": "tfcapacity.data.tfds_source",
 }
 SPLITS = ("train", "test")
+# Sources that stream their examples: the in-memory flags do not apply.
+_STREAMED = ("hdf5:", "tfds:")
 
 
 def __getattr__(name):
@@ -75,5 +77,12 @@ def get(name: str, split: str, cfg: config_lib.Config | None = None,
   key = prefix + sep
   if key not in _SOURCES or (sep and not arg):
     raise choices_error("dataset", name, names())
+  if key in _STREAMED:
+    for flag, value, default in (
+        ("task", getattr(cfg, "task", "classes"), "classes"),
+        ("unit_norm_inputs", getattr(cfg, "unit_norm_inputs", False), False)):
+      if value != default:
+        raise UserError(f"--{flag} applies to in-memory datasets (digits, "
+                        f"mnist1d, synthetic), not --dataset={name}; drop it")
   module = importlib.import_module(_SOURCES[key])
   return module.load(arg or None, split, cfg)

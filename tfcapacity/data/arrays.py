@@ -13,7 +13,11 @@ this order:
    deep learning requires rethinking generalization", Sec. 2).
 
 The test split is always returned as the source produced it, so test
-accuracy keeps measuring the true labels. `subset_size` and
+accuracy keeps measuring the true labels, with two exceptions that change
+both splits: `--unit_norm_inputs` scales every input to norm 1, and
+`--task=random_sign` replaces every label of both splits by a fixed random
+sign (Du et al.'s setting), stored as 0 (y = -1) or 1 (y = +1), with
+`num_classes` 1: the model has one output. `subset_size` and
 `train_label_transform` are the two steps on their own, for sources that
 stream their examples instead of holding them in memory.
 """
@@ -96,7 +100,35 @@ def make_array_split(name: str, split: str, x_train: np.ndarray,
     raise ValueError(f"split must be 'train' or 'test', got {split!r}")
   if len(x) != len(y):
     raise ValueError(f"{name} ({split}): {len(x)} inputs but {len(y)} labels")
+  if getattr(cfg, "unit_norm_inputs", False):
+    x = unit_norm(x, f"dataset {name!r} ({split})")
+  if getattr(cfg, "task", "classes") == "random_sign":
+    y = random_signs(len(y), cfg.seed, split)
+    num_classes, transform = 1, None
   info = DatasetInfo(name=name, split=split, num_classes=int(num_classes),
                      input_shape=tuple(int(d) for d in x.shape[1:]),
                      num_examples=int(len(y)))
   return ArrayDataset(info, x, y, label_transform=transform)
+
+
+def unit_norm(x: np.ndarray, where: str) -> np.ndarray:
+  """Every example (flattened) scaled to Euclidean norm 1.
+
+  Raises:
+    UserError: an example is all zeros (it has no direction).
+  """
+  x = np.asarray(x, dtype=np.float64)
+  norms = np.linalg.norm(x.reshape(len(x), -1), axis=1)
+  if len(x) and not np.all(norms > 0):
+    raise UserError(f"{where}: example {int(np.argmin(norms))} is all zeros "
+                    f"and has no unit-norm version; drop "
+                    f"--unit_norm_inputs or the example")
+  return (x / norms.reshape((-1,) + (1,) * (x.ndim - 1))).astype(np.float32)
+
+
+def random_signs(num_examples: int, seed: int, split: str) -> np.ndarray:
+  """The fixed labels of `--task=random_sign`: 0 (y = -1) or 1 (y = +1),
+  each with probability 1/2, drawn from (seed, split)."""
+  salt = {"train": 0x5167, "test": 0x5168}[split]
+  rng = np.random.default_rng([int(seed), salt])
+  return rng.integers(0, 2, size=int(num_examples), dtype=np.int64)

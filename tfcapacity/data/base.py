@@ -167,7 +167,9 @@ class ArrayDataset(Dataset):
     check_finite(x, f"dataset {info.name!r} ({info.split})")
     if label_transform is not None:
       y = label_transform.numpy(np.arange(len(y)), y)
-    check_labels(y, info.num_classes, f"dataset {info.name!r} ({info.split})")
+    # One output (num_classes 1) is a sign model: labels 0 and 1 mean -1, +1.
+    check_labels(y, max(2, info.num_classes),
+                 f"dataset {info.name!r} ({info.split})")
     self.info = info
     self.x, self.y = x, y
 

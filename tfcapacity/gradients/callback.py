@@ -18,7 +18,17 @@ with: always `gradients/gram_*` of the loss-gradient Gram matrix G; with
 `--gradients_ntk`, `gradients/ntk_*` of the empirical neural-tangent Gram
 matrix of the logits, K_ij = sum_c <d z_c(x_i), d z_c(x_j)>; with
 `--gradients_feature_layer=LAYER` (or `penultimate`), `gradients/features_*`
-of the layer's feature kernel F F^T / width.
+of the layer's feature kernel F F^T / width. Each spectrum also says whether
+its least eigenvalue is below float32 resolution (`*_min_below_float32`,
+1 or 0; `statistics.below_float32_resolution`).
+
+With `--gradients_ntk`, the neural-tangent Gram matrix Theta(0) of the first
+measurement at step 0 is kept in the run directory (`NTK_INIT_FILE`, with
+the outputs f(0) and the examples' labels, for the kernel-regime prediction
+of `tfcapacity.studies.random_labels`), and every measurement logs its
+drift `gradients/ntk_drift` = ||Theta(t) - Theta(0)||_2 / lambda_min(Theta(0))
+(Du et al.'s quantity: their proofs keep it below 1/2). A resumed run reads
+Theta(0) back from the file.
 
 Per-example gradients use the model in inference mode (batch-norm moving
 statistics): one example's batch statistics are ill-defined. The model is
@@ -28,8 +38,14 @@ never changed (`tfcapacity.gradients.per_example`).
 from __future__ import annotations
 
 import functools
+import io
+import os
 
+import numpy as np
 import tensorflow as tf
+
+from tfcapacity import distribute
+from tfcapacity import rundir
 
 from tfcapacity.gradients import features
 from tfcapacity.gradients import measure
@@ -37,7 +53,10 @@ from tfcapacity.gradients import statistics
 from tfcapacity.training import callbacks as callbacks_lib
 
 _SALT = 0x6A7D
-_SPECTRUM_KEYS = ("_min_eigenvalue", "_max_eigenvalue", "_condition_number")
+_SPECTRUM_KEYS = ("_min_eigenvalue", "_max_eigenvalue", "_condition_number",
+                  "_min_below_float32")
+# Theta(0), f(0) and the labels of the examples, in the run directory.
+NTK_INIT_FILE = "ntk_init.npz"
 _SCALARS = ("gradient_confusion", "min_inner_product", "mean_inner_product",
             "min_cosine", "mean_cosine", "gradient_diversity",
             "noise_scale_simple")
@@ -65,6 +84,7 @@ class GradientStatisticsCallback(callbacks_lib.Callback):
     self.every_epochs = cfg.gradients_every_epochs
     self.every_steps = cfg.gradients_every_steps
     self.examples = None
+    self.ntk_init = None
 
   def on_train_begin(self, ctx):
     cfg = self.cfg
@@ -84,6 +104,8 @@ class GradientStatisticsCallback(callbacks_lib.Callback):
         feature_layer=cfg.gradients_feature_layer or None, loss=cfg.loss)
     gram, layers = found.gram, found.layer_grams
     out = scalars(found.values, "gradients")
+    if found.ntk is not None:
+      out.update(self._ntk_drift(ctx, found.ntk))
     out.update({f"gradients/{key}": value
                 for key, value in found.values.items()
                 if key.endswith(_SPECTRUM_KEYS)})
@@ -94,3 +116,28 @@ class GradientStatisticsCallback(callbacks_lib.Callback):
       out.update(scalars(statistics.summarize(layer_gram),
                          f"gradients/{path}"))
     return out
+
+  def _ntk_drift(self, ctx, kernel) -> dict:
+    """{"gradients/ntk_drift": ...} against Theta(0), kept at step 0 (in
+    the run directory, so that a resumed run has it); {} without it."""
+    path = (os.path.join(ctx.model_dir, NTK_INIT_FILE) if ctx.model_dir
+            else None)
+    if self.ntk_init is None and ctx.step == 0:
+      x, y = self.examples
+      outputs = np.asarray(ctx.model(x, training=False), np.float64)
+      self.ntk_init = np.asarray(kernel, np.float64)
+      if path and distribute.is_chief(ctx.strategy):
+        buffer = io.BytesIO()
+        np.savez(buffer, gram=self.ntk_init, outputs=outputs,
+                 labels=np.asarray(y))
+        rundir.atomic_write(path, buffer.getvalue())
+    elif self.ntk_init is None and path and os.path.exists(path):
+      with np.load(path) as saved:
+        self.ntk_init = saved["gram"]
+    if self.ntk_init is None or self.ntk_init.shape != np.shape(kernel):
+      return {}
+    least = float(np.linalg.eigvalsh(self.ntk_init)[0])
+    change = float(np.linalg.norm(np.asarray(kernel, np.float64)
+                                  - self.ntk_init, 2))
+    return {"gradients/ntk_drift": change / least if least > 0
+            else float("inf")}

@@ -19,10 +19,12 @@ from tfcapacity.gradients import statistics
 
 @dataclasses.dataclass
 class Measurement:
-  """G, the per-variable G_l ({} unless asked) and the values (flat dict)."""
+  """G, the per-variable G_l ({} unless asked), the values (flat dict) and
+  the outputs' neural-tangent Gram matrix (None unless asked)."""
   gram: object
   layer_grams: dict
   values: dict
+  ntk: object = None
 
 
 def measure(model, x, y, *, params=None,
@@ -52,6 +54,7 @@ def measure(model, x, y, *, params=None,
   gram, layer_grams = found if per_layer else (found, {})
   values = {**statistics.summarize(gram),
             **statistics.named_spectrum(gram, "gram")}
+  kernel = None
   if ntk:
     kernel = per_example.gradient_inner_products(model, x, y,
                                                  output="logits", **options)
@@ -60,4 +63,4 @@ def measure(model, x, y, *, params=None,
     found = features.layer_features(model, x, feature_layer)
     values.update(statistics.named_spectrum(statistics.feature_gram(found),
                                             "features"))
-  return Measurement(gram, layer_grams, values)
+  return Measurement(gram, layer_grams, values, kernel)

@@ -329,7 +329,20 @@ def gram_spectrum(kernel) -> Dict[str, float]:
       "min_eigenvalue": lo,
       "max_eigenvalue": hi,
       "condition_number": hi / lo if lo > 0 else float("inf"),
+      "min_below_float32": float(below_float32_resolution(lo, hi, len(k))),
   }
+
+
+def below_float32_resolution(least: float, largest: float, n: int) -> bool:
+  """Whether `least` is lost in float32 round-off next to `largest`.
+
+  A Gram matrix of n examples summed in float32 carries errors of about
+  n eps_32 |largest| (eps_32 = 2^-23 ~ 1.2e-7) in its eigenvalues (Weyl's
+  bound on entrywise relative errors): an eigenvalue below that is not
+  resolved by a float32 computation, whatever its printed value, and needs
+  `--dtype=float64`.
+  """
+  return abs(least) < n * float(np.finfo(np.float32).eps) * abs(largest)
 
 
 def named_spectrum(kernel, prefix: str) -> Dict[str, float]:

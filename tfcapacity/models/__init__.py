@@ -12,6 +12,7 @@ Importing this package registers the custom layers of `layers`, which
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import numbers
 from typing import Callable
@@ -32,8 +33,8 @@ _BUILDERS: dict[str, Callable[..., keras.Model]] = {
 _COMMON_FLAGS = ("width", "depth", "activation", "kernel_init",
                  "normalization", "ghost_batch_size", "bn_momentum",
                  "zero_init_classifier", "leaky_slope")
-_FLAGS = {"mlp": _COMMON_FLAGS,
-          "fc_resnet": _COMMON_FLAGS + ("residual_scale",),
+_FLAGS = {"mlp": _COMMON_FLAGS + ("parametrization",),
+          "fc_resnet": _COMMON_FLAGS + ("residual_scale", "parametrization"),
           "resnet": _COMMON_FLAGS}
 
 
@@ -83,8 +84,35 @@ def from_config(cfg, input_shape, num_classes: int) -> keras.Model:
   """
   _check_name(cfg.model)
   kwargs = {flag: getattr(cfg, flag) for flag in _FLAGS[cfg.model]}
-  return get(cfg.model, input_shape=input_shape, num_classes=num_classes,
-             **kwargs)
+  parametrization = getattr(cfg, "parametrization", "standard")
+  dtype = getattr(cfg, "dtype", "float32")
+  for flag, value, default in (("parametrization", parametrization,
+                                "standard"), ("dtype", dtype, "float32")):
+    if value != default and cfg.model not in ("mlp", "fc_resnet"):
+      raise UserError(f"--{flag}={value} applies to mlp and fc_resnet; use "
+                      f"--{flag}={default} with --model={cfg.model}")
+  with dtype_policy(dtype):
+    return get(cfg.model, input_shape=input_shape, num_classes=num_classes,
+               **kwargs)
+
+
+@contextlib.contextmanager
+def dtype_policy(dtype: str):
+  """Keras' global dtype policy set to `dtype` inside, restored after.
+
+  Layers take the policy when they are constructed: a model built inside
+  keeps `dtype` weights and computation; the optimizer's slots follow its
+  variables.
+  """
+  previous = keras.config.dtype_policy()
+  if previous.name == dtype:
+    yield
+    return
+  keras.config.set_dtype_policy(dtype)
+  try:
+    yield
+  finally:
+    keras.config.set_dtype_policy(previous)
 
 
 def _check_name(name: str) -> None:

@@ -15,6 +15,13 @@ He et al. Deviations:
   * Dense layers without a normalisation after them, the output layer
     included, have zero-initialised biases.
 
+`parametrization="ntk"` is Du et al.'s ResNet exactly (papers/README.md):
+N(0, 1) weights, no biases, x_1 = sqrt(c_sigma/width) act(W_1 x) (the input
+projection), x_h = x_{h-1} + residual_scale/(H sqrt(width)) act(W_h x_{h-1})
+for the `depth` residual blocks, with H = depth + 1 (Du et al. count the
+first layer), and f = a^T x_H: `residual_scale` is c_res, and a grid over
+depth needs no per-depth scale.
+
 Layers: `flatten`, `input_projection` (Dense), `input_projection_act`, then
 for block i `hidden_{i}` (Dense), `hidden_{i}_norm`, `hidden_{i}_act`,
 `hidden_{i}_scale` (only when residual_scale != 1), `hidden_{i}_add` (the
@@ -39,11 +46,13 @@ def build(input_shape, num_classes: int, width: int, depth: int,
           normalization: str = "none", ghost_batch_size: int = 50,
           bn_momentum: float = 0.9, zero_init_classifier: bool = False,
           leaky_slope: float | None = None,
-          residual_scale: float = 1.0) -> keras.Model:
+          residual_scale: float = 1.0,
+          parametrization: str = "standard") -> keras.Model:
   """Builds the input projection, `depth` residual blocks and the logits.
 
   Args are those of `mlp.build`, with `depth` counting residual blocks, plus
-  `residual_scale`, the factor on every residual branch.
+  `residual_scale`, the factor on every residual branch (c_res under
+  `parametrization="ntk"`).
 
   Returns:
     A functional `keras.Model` named "fc_resnet" mapping inputs to float32
@@ -63,6 +72,11 @@ def build(input_shape, num_classes: int, width: int, depth: int,
                     f"{residual_scale}")
   inputs = keras.Input(tuple(input_shape), name="inputs")
   h = keras.layers.Flatten(name="flatten")(inputs)
+  if mlp.check_parametrization(parametrization, normalization,
+                               zero_init_classifier):
+    return keras.Model(inputs, _ntk_body(h, num_classes, width, depth,
+                                         activation, leaky_slope,
+                                         residual_scale), name="fc_resnet")
   # The input projection maps to the residual width; no normalisation there,
   # as in Du et al.'s first layer.
   h = mlp.dense_unit(h, name="input_projection", width=width,
@@ -81,3 +95,19 @@ def build(input_shape, num_classes: int, width: int, depth: int,
     h = keras.layers.Add(name=f"hidden_{i}_add")([h, branch])
   logits = mlp.classifier(h, num_classes, kernel_init, zero_init_classifier)
   return keras.Model(inputs, logits, name="fc_resnet")
+
+
+def _ntk_body(h, num_classes, width, depth, activation, leaky_slope,
+              residual_scale):
+  """Du et al.'s ResNet from the flattened inputs to the output."""
+  c = layers_lib.c_sigma(activation, leaky_slope)
+  h = mlp.ntk_unit(h, name="input_projection", width=width,
+                   activation=activation, leaky_slope=leaky_slope,
+                   scale=math.sqrt(c / width))
+  branch_scale = residual_scale / ((depth + 1) * math.sqrt(width))
+  for i in range(depth):
+    branch = mlp.ntk_unit(h, name=f"hidden_{i}", width=width,
+                          activation=activation, leaky_slope=leaky_slope,
+                          scale=branch_scale)
+    h = keras.layers.Add(name=f"hidden_{i}_add")([h, branch])
+  return mlp.ntk_output(h, num_classes)

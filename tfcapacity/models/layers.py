@@ -39,6 +39,7 @@ this module is imported (importing `tfcapacity.models` does that).
 from __future__ import annotations
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from tfcapacity.errors import UserError, choices_error
@@ -410,3 +411,59 @@ def activation_layer(activation: str, *, leaky_slope: float | None,
     raise UserError(f"--leaky_slope applies to --activation=leaky_relu only; "
                     f"got --activation={activation}")
   return keras.layers.Activation(activation, name=name)
+
+
+# --- Du et al.'s parametrisation (--parametrization=ntk) --------------------
+
+
+def _activation_fn(activation: str):
+  """The activation as a numpy function, for `c_sigma`."""
+  from scipy import special  # pylint: disable=g-import-not-at-top
+  fns = {"relu": lambda z: np.maximum(z, 0.0),
+         "leaky_relu": lambda z: np.where(z > 0, z, DEFAULT_LEAKY_SLOPE * z),
+         "sigmoid": special.expit,
+         "tanh": np.tanh,
+         "softplus": lambda z: np.logaddexp(0.0, z),
+         "linear": lambda z: z}
+  if activation not in fns:
+    raise choices_error("activation", activation, ACTIVATIONS)
+  return fns[activation]
+
+
+def c_sigma(activation: str, leaky_slope: float | None = None) -> float:
+  """c_sigma = 1 / E_{z ~ N(0, 1)}[act(z)^2], by numerical quadrature.
+
+  Du et al.'s constant: with it, x_h = sqrt(c_sigma/m) act(W_h x_{h-1})
+  keeps ||x_h|| near 1 at initialisation when W_h has N(0, 1) entries and
+  ||x_{h-1}|| = 1. ReLU gives 2 and the identity 1; softplus about 1.45.
+  The integral is split at 0, where ReLU-like functions have their kink.
+  """
+  from scipy import integrate  # pylint: disable=g-import-not-at-top
+  fn = _activation_fn(activation)
+  if activation == "leaky_relu" and leaky_slope is not None:
+    fn = lambda z: np.where(z > 0, z, leaky_slope * z)  # noqa: E731
+  density = lambda z: np.exp(-0.5 * z * z) / np.sqrt(2 * np.pi)  # noqa: E731
+  second_moment = sum(
+      integrate.quad(lambda z: float(fn(z)) ** 2 * density(z), a, b,
+                     epsabs=1e-13, epsrel=1e-12)[0]
+      for a, b in ((-np.inf, 0.0), (0.0, np.inf)))
+  return 1.0 / second_moment
+
+
+def ntk_dense(units: int, name: str, dtype=None) -> keras.layers.Dense:
+  """A Dense layer of Du et al.: N(0, 1) weights, no bias."""
+  return keras.layers.Dense(
+      units, use_bias=False,
+      kernel_initializer=keras.initializers.RandomNormal(0.0, 1.0),
+      dtype=dtype, name=name)
+
+
+def check_ntk_options(*, normalization: str, zero_init_classifier: bool
+                      ) -> None:
+  """Raises UserError for options Du et al.'s parametrisation cannot have."""
+  if normalization != "none":
+    raise UserError(f"--parametrization=ntk has no batch norm; use "
+                    f"--normalization=none (got {normalization})")
+  if zero_init_classifier:
+    raise UserError("--parametrization=ntk draws the output weights from "
+                    "N(0, 1); drop --zero_init_classifier")

@@ -13,13 +13,24 @@ Layers, for picking features later: `flatten`, then for hidden layer i
 layer's features), and `classifier` (logits; the model has no softmax, the
 loss applies it). Dense layers before a normalisation have no bias: the
 normalisation subtracts it again, so its gradient would be identically zero.
+
+`parametrization="ntk"` is Du et al.'s network (papers/README.md, "Du et
+al.: the definitions"): every weight N(0, 1), no biases, and each hidden
+layer x_h = sqrt(c_sigma/width) act(W_h x_{h-1}), its scale a Rescaling
+layer `hidden_{i}_scale` after `hidden_{i}_act`; the output is a^T x_H.
 """
 
 from __future__ import annotations
 
+import math
+
 import keras
 
+from tfcapacity import config
+from tfcapacity.errors import choices_error
 from tfcapacity.models import layers as layers_lib
+
+PARAMETRIZATIONS = config.PARAMETRIZATIONS
 
 TINY = dict(width=8, depth=2)
 
@@ -28,7 +39,8 @@ def build(input_shape, num_classes: int, width: int, depth: int,
           activation: str = "relu", kernel_init: str = "glorot_uniform",
           normalization: str = "none", ghost_batch_size: int = 50,
           bn_momentum: float = 0.9, zero_init_classifier: bool = False,
-          leaky_slope: float | None = None) -> keras.Model:
+          leaky_slope: float | None = None,
+          parametrization: str = "standard") -> keras.Model:
   """Builds Flatten -> depth x [Dense -> norm -> activation] -> Dense logits.
 
   Args:
@@ -45,6 +57,7 @@ def build(input_shape, num_classes: int, width: int, depth: int,
     zero_init_classifier: start the classifier kernel at zero (biases always
       start at zero).
     leaky_slope: initial slope of leaky_relu; an error for other activations.
+    parametrization: standard, or ntk (Du et al.; `kernel_init` unused).
 
   Returns:
     A functional `keras.Model` named "mlp" mapping inputs to float32 logits.
@@ -59,6 +72,13 @@ def build(input_shape, num_classes: int, width: int, depth: int,
       leaky_slope=leaky_slope)
   inputs = keras.Input(tuple(input_shape), name="inputs")
   h = keras.layers.Flatten(name="flatten")(inputs)
+  if check_parametrization(parametrization, normalization,
+                           zero_init_classifier):
+    scale = math.sqrt(layers_lib.c_sigma(activation, leaky_slope) / width)
+    for i in range(depth):
+      h = ntk_unit(h, name=f"hidden_{i}", width=width, activation=activation,
+                   leaky_slope=leaky_slope, scale=scale)
+    return keras.Model(inputs, ntk_output(h, num_classes), name="mlp")
   for i in range(depth):
     h = dense_unit(h, name=f"hidden_{i}", width=width, activation=activation,
                    kernel_init=kernel_init, normalization=normalization,
@@ -83,6 +103,35 @@ def dense_unit(h, *, name: str, width: int, activation: str, kernel_init: str,
     h = norm(h)
   return layers_lib.activation_layer(activation, leaky_slope=leaky_slope,
                                      name=f"{name}_act")(h)
+
+
+def check_parametrization(parametrization: str, normalization: str,
+                          zero_init_classifier: bool) -> bool:
+  """True for Du et al.'s parametrisation; UserError for an unknown one or
+  options it cannot have."""
+  if parametrization not in PARAMETRIZATIONS:
+    raise choices_error("parametrization", parametrization, PARAMETRIZATIONS)
+  if parametrization == "standard":
+    return False
+  layers_lib.check_ntk_options(normalization=normalization,
+                               zero_init_classifier=zero_init_classifier)
+  return True
+
+
+def ntk_unit(h, *, name: str, width: int, activation: str,
+             leaky_slope: float | None, scale: float):
+  """scale * act(W h) with W ~ N(0, 1) and no bias, named `name*`."""
+  h = layers_lib.ntk_dense(width, name)(h)
+  h = layers_lib.activation_layer(activation, leaky_slope=leaky_slope,
+                                  name=f"{name}_act")(h)
+  return keras.layers.Rescaling(scale, name=f"{name}_scale")(h)
+
+
+def ntk_output(h, num_classes: int):
+  """f = a^T h with a ~ N(0, 1), in the policy's variable dtype."""
+  return layers_lib.ntk_dense(
+      num_classes, "classifier",
+      dtype=keras.config.dtype_policy().variable_dtype)(h)
 
 
 def classifier(h, num_classes: int, kernel_init: str,

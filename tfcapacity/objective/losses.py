@@ -24,17 +24,32 @@ from tfcapacity import objective as names
 from tfcapacity.errors import choices_error
 
 
+def wide(logits):
+  """`logits` in float32, or float64 when they are (a float64 model's
+  gradients must not pass through a float32 cast)."""
+  logits = tf.convert_to_tensor(logits)
+  return logits if logits.dtype == tf.float64 else tf.cast(logits, tf.float32)
+
+
 def cross_entropy(labels, logits):
-  """Per-example softmax cross-entropy from logits, float32."""
+  """Per-example softmax cross-entropy from logits, float32 (or float64)."""
   return tf.nn.sparse_softmax_cross_entropy_with_logits(
-      labels=tf.cast(labels, tf.int32), logits=tf.cast(logits, tf.float32))
+      labels=tf.cast(labels, tf.int32), logits=wide(logits))
 
 
 def squared(labels, logits):
-  """Per-example 1/2 ||logits - one_hot(labels)||^2, float32."""
-  logits = tf.cast(logits, tf.float32)
-  target = tf.one_hot(tf.cast(labels, tf.int32), tf.shape(logits)[-1],
-                      dtype=tf.float32)
+  """Per-example 1/2 ||logits - target||^2, float32 (or float64).
+
+  The target is one_hot(label) for C > 1 outputs. A model with one output
+  is a sign model (`--task=random_sign`): label 0 or 1 is the target -1 or
+  +1, so the loss is 1/2 (f - y)^2 with y = +-1, as in Du et al.
+  """
+  logits = wide(logits)
+  if logits.shape[-1] == 1:
+    target = 2.0 * tf.cast(labels, logits.dtype)[:, None] - 1.0
+  else:
+    target = tf.one_hot(tf.cast(labels, tf.int32), tf.shape(logits)[-1],
+                        dtype=logits.dtype)
   return 0.5 * tf.reduce_sum(tf.square(logits - target), axis=-1)
 
 
@@ -59,8 +74,12 @@ def topk_correct(labels, logits, k):
 
   `tf.math.in_top_k` counts every tied class as a hit, which would score a
   network with a zero-initialised classifier (all logits equal) as perfect.
+  With one logit (a sign model) an example is correct when sign(f) = y,
+  label 1 meaning y = +1 (f = 0 counts as -1), whatever `k`.
   """
   labels = tf.cast(labels, tf.int32)
+  if logits.shape[-1] == 1:  # A sign model: correct when sign(f) = y.
+    return tf.cast((logits[:, 0] > 0) == (labels > 0), tf.float32)
   true = tf.gather(logits, labels, batch_dims=1)[:, None]
   index = tf.range(tf.shape(logits)[-1])[None, :]
   ahead = (logits > true) | ((logits == true) & (index < labels[:, None]))
@@ -75,9 +94,10 @@ def metric_sums(loss_fn, labels, logits, weights, k5: int):
   `Objective`): padding rows carry weight 0, so sums over padded batches are
   exact; errors come from the logits whatever the loss.
   """
+  per_example = tf.cast(loss_fn(labels, logits), tf.float32)
   logits = tf.cast(logits, tf.float32)
   return tf.stack([
-      tf.reduce_sum(weights * loss_fn(labels, logits)),
+      tf.reduce_sum(weights * per_example),
       tf.reduce_sum(weights * topk_correct(labels, logits, 1)),
       tf.reduce_sum(weights * topk_correct(labels, logits, k5)),
       tf.reduce_sum(weights)])

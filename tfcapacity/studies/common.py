@@ -13,7 +13,9 @@ over epochs); `fill_markers` writes generated text into a docs page.
 
 from __future__ import annotations
 
+import csv
 import dataclasses
+import io
 import math
 import os
 import signal
@@ -163,6 +165,65 @@ def band(curves: Sequence[tuple[Sequence[float], Sequence[float]]]
     return empty, empty, empty, empty, np.zeros(0, int)
   return (xs, np.nanmean(table, axis=0), np.nanmin(table, axis=0),
           np.nanmax(table, axis=0), n)
+
+
+# --- Claims ------------------------------------------------------------------
+#
+# A study checks each claim of its paper with a rule stated beside it; the
+# verdict comes from the rule alone:
+#   agrees        the rule's condition holds in every seed (every pair);
+#   disagrees     it holds in none;
+#   mixed         it holds in some;
+#   not measured  the runs lack what the rule reads;
+#   measured      a number the paper gives no direction for, reported as found.
+
+AGREES, DISAGREES, MIXED = "agrees", "disagrees", "mixed"
+NOT_MEASURED, MEASURED = "not measured", "measured"
+CLAIM_COLUMNS = ("id", "claim", "paper", "rule", "measured", "seeds",
+                 "verdict")
+
+
+@dataclasses.dataclass
+class Claim:
+  """One row of a study's claims.md / claims.csv."""
+  id: str
+  claim: str
+  paper: str
+  rule: str
+  measured: str
+  seeds: int  # the seeds (or seed pairs) the verdict reads
+  verdict: str
+
+  def to_json(self) -> dict:
+    return dataclasses.asdict(self)
+
+
+def verdict(holds: Iterable[bool | None]) -> str:
+  """agrees (all true), disagrees (all false), mixed, or not measured
+  (nothing, or only None)."""
+  known = [bool(h) for h in holds if h is not None]
+  if not known:
+    return NOT_MEASURED
+  if all(known):
+    return AGREES
+  if not any(known):
+    return DISAGREES
+  return MIXED
+
+
+def escape(text) -> str:
+  """`text` for one cell of a Markdown table."""
+  return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def claims_csv(claims: Sequence[Claim]) -> str:
+  """claims.csv: one row per claim, columns CLAIM_COLUMNS."""
+  buf = io.StringIO()
+  writer = csv.DictWriter(buf, fieldnames=CLAIM_COLUMNS, lineterminator="\n")
+  writer.writeheader()
+  for c in claims:
+    writer.writerow(c.to_json())
+  return buf.getvalue()
 
 
 # --- Docs pages --------------------------------------------------------------

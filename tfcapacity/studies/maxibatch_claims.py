@@ -21,9 +21,6 @@ largest; "best rate" is the report's (`maxibatch.summarize`).
 
 from __future__ import annotations
 
-import csv
-import dataclasses
-import io
 import math
 from typing import Callable, Iterable, Sequence
 
@@ -31,39 +28,12 @@ from tfcapacity.studies import common
 from tfcapacity.studies import maxibatch as mb
 from tfcapacity.studies import sweep
 
-AGREES, DISAGREES, MIXED = "agrees", "disagrees", "mixed"
-NOT_MEASURED, MEASURED = "not measured", "measured"
+AGREES, DISAGREES, MIXED = common.AGREES, common.DISAGREES, common.MIXED
+NOT_MEASURED, MEASURED = common.NOT_MEASURED, common.MEASURED
 JUMP_FACTOR = 1.2  # Figs. 3-4: a jump at the drop is a rise by > 20%.
-CSV_COLUMNS = ("id", "claim", "paper", "rule", "measured", "seeds",
-               "verdict")
-
-
-@dataclasses.dataclass
-class Claim:
-  """One row of claims.md / claims.csv."""
-  id: str
-  claim: str
-  paper: str
-  rule: str
-  measured: str
-  seeds: int  # the seeds (or seed pairs) the verdict reads
-  verdict: str
-
-  def to_json(self) -> dict:
-    return dataclasses.asdict(self)
-
-
-def verdict(holds: Iterable[bool | None]) -> str:
-  """agrees (all true), disagrees (all false), mixed, or not measured
-  (nothing, or only None)."""
-  known = [bool(h) for h in holds if h is not None]
-  if not known:
-    return NOT_MEASURED
-  if all(known):
-    return AGREES
-  if not any(known):
-    return DISAGREES
-  return MIXED
+Claim = common.Claim
+verdict = common.verdict
+to_csv = common.claims_csv
 
 
 def paired(a: dict, b: dict, holds: Callable[[float, float], bool]
@@ -410,10 +380,6 @@ def evaluate(report: mb.Report) -> list[Claim]:
 # --- Output ------------------------------------------------------------------
 
 
-def _escape(text: str) -> str:
-  return str(text).replace("|", "\\|").replace("\n", " ")
-
-
 def markdown(claims: Sequence[Claim], report: mb.Report) -> str:
   """The claims as a Markdown table with its reading notes."""
   lines = [
@@ -426,17 +392,7 @@ def markdown(claims: Sequence[Claim], report: mb.Report) -> str:
       "| claim | paper | rule | measured | checked | verdict |",
       "|---|---|---|---|---|---|"]
   for c in claims:
-    lines.append("| " + " | ".join(_escape(x) for x in (
+    lines.append("| " + " | ".join(common.escape(x) for x in (
         c.claim, c.paper, c.rule, c.measured, c.seeds, f"**{c.verdict}**"))
                  + " |")
   return "\n".join(lines) + "\n"
-
-
-def to_csv(claims: Sequence[Claim]) -> str:
-  """claims.csv: one row per claim, columns CSV_COLUMNS."""
-  buf = io.StringIO()
-  writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, lineterminator="\n")
-  writer.writeheader()
-  for c in claims:
-    writer.writerow(c.to_json())
-  return buf.getvalue()

@@ -19,6 +19,9 @@ import importlib
 
 # Noise added to the gradients a step applies (`dynamics.GradientNoise`).
 NOISE_KINDS = ("none", "fixed", "annealed", "empirical")
+# Where the step size comes from: --learning_rate, or the NTK Gram matrix at
+# initialisation (--learning_rate_from).
+LEARNING_RATE_SOURCES = ("flag", "gram")
 # The variables that get it: convolution and dense kernels, or all.
 NOISE_SCOPES = ("conv", "all")
 

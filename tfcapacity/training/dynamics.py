@@ -84,8 +84,10 @@ def _groups(variables):
 
 
 class DistanceTracker(hooks_lib.StepHook):
-  """||theta_t - theta_0|| and the path length, per layer and in total, and
-  ||theta_t|| in total.
+  """||theta_t - theta_0|| and the path length, per layer and in total,
+  ||theta_t|| in total, and per layer the relative change
+  ||W_t - W_0||_F / ||W_0||_F (`relative_distance/<layer>`, for layers that
+  do not start at zero; Du et al.'s weights stay close to their start).
 
   Build it under the strategy's scope right after the model, so that its
   copy of the initial values is theta_0.
@@ -127,12 +129,18 @@ class DistanceTracker(hooks_lib.StepHook):
     path = self.path.numpy()
     norm_sq = sum(float(np.sum(np.square(v.numpy().astype(np.float64))))
                   for v in self.variables)
+    start_sq = [float(np.sum(np.square(i.numpy().astype(np.float64))))
+                for i in self.initial]
     out = {"distance/total": float(np.sqrt(sum(sq))),
            "distance/norm": float(np.sqrt(norm_sq)),
            "path_length/total": float(path[-1])}
     for k, (layer, idx) in enumerate(self.groups.items()):
       out[f"distance/{layer}"] = float(np.sqrt(sum(sq[i] for i in idx)))
       out[f"path_length/{layer}"] = float(path[k])
+      start = sum(start_sq[i] for i in idx)
+      if start > 0:
+        out[f"relative_distance/{layer}"] = float(
+            np.sqrt(sum(sq[i] for i in idx) / start))
     return out
 
 

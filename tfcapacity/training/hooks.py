@@ -82,19 +82,22 @@ def after_step(hooks, states) -> None:
 
 
 class HookScalars(callbacks_lib.Callback):
-  """Logs the hooks' scalars at step 0 and at the end of every epoch."""
+  """Logs the hooks' scalars at step 0 and at the end of every
+  `every_epochs`-th epoch (`--track_distance_every_epochs`; full-batch
+  runs have one step per epoch)."""
 
   # The name gives the timing scalar `timing/dynamics_seconds`: the hooks
   # are the study's training dynamics (tfcapacity.training.dynamics).
   name = "dynamics"
   every_epochs = 1
 
-  def __init__(self, hooks):
+  def __init__(self, hooks, every_epochs: int = 1):
     self.hooks = list(hooks)
+    self.every_epochs = max(1, int(every_epochs))
 
   def due(self, step, epoch, epoch_end):
     # Also at step 0, where a distance is 0 by construction.
-    return epoch_end or step == 0
+    return step == 0 or (epoch_end and epoch % self.every_epochs == 0)
 
   def __call__(self, ctx):
     out = {}

@@ -133,7 +133,8 @@ class Trainer:
   """
 
   def __init__(self, cfg, strategy: tf.distribute.Strategy | None = None,
-               callbacks=(), model_dir: str | None = None, datasets=None):
+               callbacks=(), model_dir: str | None = None, datasets=None,
+               learning_rate_fn=None):
     """Builds everything; see `train` for the arguments.
 
     Everything that can be wrong with the input is found here, before the
@@ -142,6 +143,10 @@ class Trainer:
     Args:
       datasets: optional `(train, test)` `tfcapacity.data.Dataset`s used
         instead of `--dataset` (notebooks, benchmarks).
+      learning_rate_fn: for `--learning_rate_from=gram`, a function of
+        (the model at initialisation, the training inputs, c) returning
+        (eta, lambda_max); the measurement layer supplies it
+        (`tfcapacity.measurements.trainer`).
     """
     self.cfg = cfg
     self.model_dir = model_dir if model_dir is not None else cfg.model_dir
@@ -155,10 +160,13 @@ class Trainer:
     self.chief = distribute.is_chief(self.strategy)
     self.callbacks = list(callbacks)
     self._loss_fn = losses.get(cfg.loss)
+    self._learning_rate_fn = learning_rate_fn
     self._load_data(datasets)
+    self._check_task()
     self._build_state()
     if self.hooks:
-      self.callbacks.append(hooks_lib.HookScalars(self.hooks))
+      self.callbacks.append(hooks_lib.HookScalars(
+          self.hooks, getattr(cfg, "track_distance_every_epochs", 1)))
     self._build_train_steps()
     self._build_evaluation()
     self.recompute_bn = bool(
@@ -196,6 +204,23 @@ class Trainer:
       self.steps_per_epoch = n // self.global_batch_size
     self.total_steps = cfg.steps or cfg.epochs * self.steps_per_epoch
 
+  def _check_task(self):
+    """One output needs the squared loss; a step from the Gram matrix needs
+    the squared loss and a function that computes it."""
+    cfg = self.cfg
+    if self.train_data.info.num_classes == 1 and cfg.loss != "squared":
+      raise UserError(f"a model with one output (--task=random_sign) trains "
+                      f"on 1/2 (f - y)^2; use --loss=squared, not "
+                      f"--loss={cfg.loss}")
+    if getattr(cfg, "learning_rate_from", "flag") == "gram":
+      if cfg.loss != "squared":
+        raise UserError(f"--learning_rate_from=gram sets the step for the "
+                        f"squared loss; use --loss=squared, not "
+                        f"--loss={cfg.loss}")
+      if self._learning_rate_fn is None:
+        raise UserError("--learning_rate_from=gram needs the measurement "
+                        "layer: train with tfcapacity.measurements.train")
+
   def _check_batch(self, n):
     cfg, r = self.cfg, self.num_replicas
     b = self.global_batch_size
@@ -232,8 +257,19 @@ class Trainer:
       keras.utils.set_random_seed(cfg.seed)
       self.model = models_lib.from_config(cfg, info.input_shape,
                                           info.num_classes)
-      self.schedule = optim.make_schedule(cfg, self.steps_per_epoch,
-                                          self.total_steps)
+      self.learning_rate, self.gram_max_eigenvalue = cfg.learning_rate, None
+      if getattr(cfg, "learning_rate_from", "flag") == "gram":
+        # A function of the seed: a resumed run computes the same step.
+        x, _ = self.train_data.examples(
+            np.arange(self.train_data.info.num_examples))
+        self.learning_rate, self.gram_max_eigenvalue = (
+            self._learning_rate_fn(self.model, x, cfg.learning_rate))
+        logging.info("--learning_rate_from=gram: lambda_max(Theta(0)) = %.6g "
+                     "on %d examples, step %.6g", self.gram_max_eigenvalue,
+                     len(x), self.learning_rate)
+      self.schedule = optim.make_schedule(
+          cfg.replace(learning_rate=self.learning_rate),
+          self.steps_per_epoch, self.total_steps)
       self.optimizer = optim.make_optimizer(cfg, self.schedule)
       # Slot variables must exist before the first distributed step
       # (keras-team/keras#23085).
@@ -270,13 +306,13 @@ class Trainer:
       logits = model(x, training=True)
       data_loss = tf.nn.compute_average_loss(
           self._loss_fn(y, logits), global_batch_size=self.global_batch_size)
-      loss = data_loss + tf.nn.scale_regularization_loss(
-          losses.l2_penalty(model, self.cfg.weight_decay))
+      loss = data_loss + tf.cast(tf.nn.scale_regularization_loss(
+          losses.l2_penalty(model, self.cfg.weight_decay)), data_loss.dtype)
     grads = tape.gradient(loss, tvars)
     grads = hooks_lib.adjust_gradients(self.hooks, grads,
                                        self.optimizer.iterations)
     self.optimizer.apply_gradients(zip(grads, tvars))
-    return data_loss
+    return tf.cast(data_loss, tf.float32)
 
   def _hooked(self, step_fn):
     """`step_fn()` (one step, cross-replica) between the hooks' before and
@@ -323,11 +359,12 @@ class Trainer:
     n = self.train_data.info.num_examples
     with tf.GradientTape() as tape:
       logits = self.model(x, training=True)
-      loss = tf.reduce_sum(w * self._loss_fn(y, logits)) / n
+      per_example = self._loss_fn(y, logits)
+      loss = tf.reduce_sum(tf.cast(w, per_example.dtype) * per_example) / n
     grads = tape.gradient(loss, self.model.trainable_variables)
     for a, g in zip(self._accumulators, grads):
       a.assign_add(g)
-    return loss
+    return tf.cast(loss, tf.float32)
 
   def _replica_apply(self):
     """Applies the accumulated gradient plus this replica's share of the
@@ -702,6 +739,8 @@ class Trainer:
         "examples_per_second": run.throughput.rate(),
         "num_parameters": self.num_parameters,
         "num_replicas": self.num_replicas, "steps": run.step,
+        "learning_rate_used": self.learning_rate,
+        "gram_max_eigenvalue_at_init": self.gram_max_eigenvalue,
         "total_steps": self.total_steps,
         "steps_per_epoch": self.steps_per_epoch,
         "global_batch_size": self.global_batch_size,
