@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 
+from matplotlib import ticker
 import numpy as np
 
 from tfcapacity import figures as figures_lib
@@ -30,7 +31,7 @@ COLORS = {"mlp": "tab:red", "fc_resnet": "tab:blue"}
 def _log2_axis(ax, values, label):
   ax.set_xscale("log", base=2)
   ax.set_xticks(values, [str(v) for v in values])
-  ax.minorticks_off()
+  ax.xaxis.set_minor_locator(ticker.NullLocator())
   ax.set_xlabel(label)
 
 
@@ -72,6 +73,7 @@ def figures(report: gm.Report) -> dict[str, bytes]:
           transform=ax.get_yaxis_transform(), va="bottom", fontsize=8)
   ax.set_yscale("log", base=2)
   ax.set_yticks(plan.widths, [str(w) for w in plan.widths])
+  ax.yaxis.set_minor_locator(ticker.NullLocator())
   ax.set_ylim(min(plan.widths) / 1.5, ceiling * 1.8)
   _log2_axis(ax, hs, "H (layers below the output)")
   ax.set_ylabel("width needed to fit (log scale)")
@@ -142,11 +144,8 @@ def figures(report: gm.Report) -> dict[str, bytes]:
     if attr == "max_drift":
       ax.axhline(gm.DRIFT_BOUND, color="0.4", ls="--", lw=1,
                  label="1/2 (the proofs' bound)")
-    ax.set_xscale("log", base=2)
     ax.set_yscale("log")
-    ax.set_xticks(plan.widths, [str(w) for w in plan.widths])
-    ax.minorticks_off()
-    ax.set_xlabel("width m (dotted: slope -1/2)")
+    _log2_axis(ax, plan.widths, "width m (dotted: slope -1/2)")
     ax.set_ylabel(label, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
