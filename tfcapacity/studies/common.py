@@ -216,6 +216,17 @@ def escape(text) -> str:
   return str(text).replace("|", "\\|").replace("\n", " ")
 
 
+def claims_table(claims: Sequence[Claim]) -> list[str]:
+  """The Markdown table of the claims, one line per row."""
+  lines = ["| claim | paper | rule | measured | checked | verdict |",
+           "|---|---|---|---|---|---|"]
+  for c in claims:
+    lines.append("| " + " | ".join(escape(x) for x in (
+        c.claim, c.paper, c.rule, c.measured, c.seeds, f"**{c.verdict}**"))
+                 + " |")
+  return lines
+
+
 def claims_csv(claims: Sequence[Claim]) -> str:
   """claims.csv: one row per claim, columns CLAIM_COLUMNS."""
   buf = io.StringIO()

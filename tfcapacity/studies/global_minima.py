@@ -617,10 +617,5 @@ def claims_markdown(found: Sequence[common.Claim], report: Report) -> str:
       f"Tier: {report.tier}. Verdicts come from the rule alone: agrees = it "
       f"holds in every case checked, disagrees = in none, mixed = in some; "
       f"checked: the cases (seeds, or (model, depth, seed)) the rule read.",
-      "", "| claim | paper | rule | measured | checked | verdict |",
-      "|---|---|---|---|---|---|"]
-  for c in found:
-    lines.append("| " + " | ".join(common.escape(x) for x in (
-        c.claim, c.paper, c.rule, c.measured, c.seeds, f"**{c.verdict}**"))
-                 + " |")
+      "", *common.claims_table(found)]
   return "\n".join(lines) + "\n"

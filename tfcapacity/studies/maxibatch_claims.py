@@ -389,10 +389,5 @@ def markdown(claims: Sequence[Claim], report: mb.Report) -> str:
       f"some; checked: the seeds (or variant-seed pairs) the rule was "
       f"checked on; the small m is m={report.small_m}, the large m "
       f"m={report.large_m}.", "",
-      "| claim | paper | rule | measured | checked | verdict |",
-      "|---|---|---|---|---|---|"]
-  for c in claims:
-    lines.append("| " + " | ".join(common.escape(x) for x in (
-        c.claim, c.paper, c.rule, c.measured, c.seeds, f"**{c.verdict}**"))
-                 + " |")
+      *common.claims_table(claims)]
   return "\n".join(lines) + "\n"
