@@ -213,3 +213,27 @@ def test_the_tool_refuses_flags_outside_the_regime(tmp_path):
   conftest.assert_one_line_error(proc, "--parametrization=ntk",
                                  prog="global_minima_study")
   assert not (tmp_path / "s").exists()
+
+
+def test_ntk_conditioning_tool_reports_the_gram_spectrum(tmp_path):
+  flagfile = tiny_flagfile(tmp_path)
+  out = tmp_path / "c.json"
+  proc = subprocess.run(
+      [sys.executable, os.path.join(ROOT, "tools", "ntk_conditioning.py"),
+       f"--flagfile={flagfile}", "--models=mlp", "--depths=1,2",
+       "--n_values=4,8", "--width=16", f"--output={out}"],
+      capture_output=True, text=True, env=conftest.TOOL_ENV, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  import json  # pylint: disable=g-import-not-at-top
+  rows = json.loads(out.read_text())["rows"]
+  assert [(r["n"], r["depth"]) for r in rows] == [(4, 1), (4, 2), (8, 1),
+                                                  (8, 2)]
+  for r in rows:
+    assert 0 < r["lambda_min"] < r["lambda_max"]
+    assert r["condition_number"] == pytest.approx(
+        r["lambda_max"] / r["lambda_min"])
+  missing = subprocess.run(
+      [sys.executable, os.path.join(ROOT, "tools", "ntk_conditioning.py"),
+       f"--flagfile={flagfile}"], capture_output=True, text=True,
+      env=conftest.TOOL_ENV, timeout=300)
+  conftest.assert_one_line_error(missing, "--output", prog="ntk_conditioning")
