@@ -18,6 +18,7 @@ import tensorflow as tf
 
 from tfcapacity import config
 from tfcapacity import data
+from tfcapacity import hessian
 from tfcapacity import measurements
 from tfcapacity import models
 from tfcapacity.errors import UserError
@@ -321,6 +322,22 @@ def test_a_float64_run_trains_in_float64(tmp_path):
   assert last["step"] == 3
   assert last["gradients/ntk_drift"] == pytest.approx(want, rel=1e-6)
   assert results["measurements"][0]["gradients/ntk_drift"] == 0.0
+  # The Hessian tool on the float64 run: lambda_max of the squared loss
+  # against a dense float64 Hessian of the final model.
+  found = conftest.compute_tool(
+      hessian, f"--model_dir={cfg.model_dir}", "--num_examples=16",
+      "--top_k=1", "--tol=1e-10", "--checkpoint=final")
+  _, y = train.examples(np.arange(16))
+  variables = model.trainable_variables
+  with tf.GradientTape() as outer:
+    with tf.GradientTape() as inner:
+      loss = tf.reduce_mean(losses.squared(y, model(x.astype(np.float32))))
+    grad = tf.concat([tf.reshape(g, [-1]) for g in
+                      inner.gradient(loss, variables)], 0)
+  dense = np.concatenate([np.reshape(j.numpy(), (grad.shape[0], -1)) for j
+                          in outer.jacobian(grad, variables)], axis=1)
+  assert found["eigenvalues"][0] == pytest.approx(
+      np.linalg.eigvalsh((dense + dense.T) / 2)[-1], rel=1e-8)
 
 
 def test_relative_distance_is_per_layer_change_over_start():

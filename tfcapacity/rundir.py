@@ -559,7 +559,9 @@ def _check_fit(x, y, input_shape, num_outputs, dataset):
         f"the model takes inputs of shape {tuple(input_shape)} but "
         f"{dataset} has {tuple(x.shape[1:])}; use the dataset (and "
         f"--input_format) the model was trained on")
-  if num_outputs is not None and len(y) and int(y.max()) >= num_outputs:
+  # A one-output model is a sign model: its labels are 0 and 1.
+  if num_outputs is not None and len(y) and int(y.max()) >= max(
+      num_outputs, 2):
     raise UserError(
         f"{dataset} has labels up to {int(y.max())} but the model has "
         f"{num_outputs} outputs; use the dataset the model was trained on")

@@ -112,7 +112,8 @@ class Objective:
     self._decay_mask = None
     if self.weight_decay:
       self._decay_mask = function_lib.flatten([
-          tf.fill(p.shape, 1.0 if losses.is_decayed(p) else 0.0)
+          tf.fill(p.shape, tf.constant(1.0 if losses.is_decayed(p) else 0.0,
+                                       self.dtype))
           for p in self.params])
     self._build()
 
@@ -120,8 +121,8 @@ class Objective:
 
   def _batch_loss(self, values, x, y, w):
     """This replica's share of the mean loss: sum of w * loss / n."""
-    logits = self.function.logits(values, x)
-    return tf.reduce_sum(w * self.loss_fn(y, logits)) / float(
+    per_example = self.loss_fn(y, self.function.logits(values, x))
+    return tf.reduce_sum(tf.cast(w, per_example.dtype) * per_example) / float(
         self.num_examples)
 
   def _replica_hvp(self, i, vector):
@@ -181,7 +182,7 @@ class Objective:
     @tf.function(input_signature=[spec])
     def value_and_gradient(flat):
       values = function_lib.unflatten(flat, self.shapes)
-      loss = tf.constant(0.0)
+      loss = tf.zeros([], self.dtype)
       grad = tf.zeros([self.size], self.dtype)
       for i in self.examples.batch_indices():
         l, g = reduce(strategy.run(self._replica_value_and_gradient,
