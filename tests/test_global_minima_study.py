@@ -130,6 +130,8 @@ def test_claims_follow_their_rules():
   assert claims["width_vs_depth"].verdict == common.AGREES
   assert claims["lambda0_depth"].verdict == common.AGREES
   assert claims["gram_drift"].verdict == common.AGREES
+  # The widest drift-depth runs' drift is 0.5 and 1.0: not below 1/2.
+  assert claims["gram_drift_bound"].verdict == common.DISAGREES
   assert claims["weight_change"].verdict == common.AGREES
   assert claims["step_size"].verdict == common.MEASURED
   # ResNet's width needed growing as fast flips the verdict.
