@@ -17,6 +17,7 @@ import pytest
 import tensorflow as tf
 
 from tfcapacity import config
+from tfcapacity import confusion
 from tfcapacity import data
 from tfcapacity import hessian
 from tfcapacity import measurements
@@ -361,3 +362,29 @@ def test_train_cli_refuses_cross_entropy_on_one_output(tmp_path):
       "--loss=cross_entropy", "--width=4", "--steps=1", "--batch_size=32")
   conftest.assert_one_line_error(proc, "--loss=squared",
                                  prog="tfcapacity.train")
+
+
+def test_analysis_tools_rebuild_a_float32_run_in_float64(tmp_path):
+  cfg = gram_cfg(tmp_path, steps=2, export=True)
+  measurements.train(cfg)
+  found = conftest.compute_tool(
+      confusion, f"--model_dir={cfg.model_dir}", "--num_examples=16",
+      "--ntk", "--dtype=float64")
+  assert found["dtype"] == "float64"
+  # The float32 weights in float64, the NTK Gram by brute force.
+  model = keras.saving.load_model(os.path.join(cfg.model_dir, "model.keras"))
+  with models.dtype_policy("float64"):
+    m64 = models.from_config(cfg.replace(dtype="float64"), (5,), 1)
+  m64.set_weights([w.astype(np.float64) for w in model.get_weights()])
+  train = data.get(cfg.dataset, "train", cfg)
+  x, _ = train.examples(np.arange(16))
+  jac, _ = jacobian(m64, x)
+  assert found["ntk_min_eigenvalue"] == pytest.approx(
+      np.linalg.eigvalsh(jac @ jac.T)[0], rel=1e-9)
+  plain = conftest.compute_tool(confusion, f"--model_dir={cfg.model_dir}",
+                                "--num_examples=16", "--ntk")
+  assert plain["dtype"] == "float32"
+  proc = conftest.run_tool(
+      "tfcapacity.confusion", f"--keras_model={cfg.model_dir}/model.keras",
+      "--dataset=synthetic", "--dtype=float64", f"--output={tmp_path}/o.json")
+  conftest.assert_one_line_error(proc, "--dtype needs --model_dir")

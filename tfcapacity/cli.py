@@ -175,6 +175,12 @@ def define_analysis_flags(fv: flags.FlagValues = flags.FLAGS, *,
                      ("cache_dir", "Cache of generated data (mnist1d)")):
     flags.DEFINE_string(name, None, f"{text} (default: the run's, or the "
                         f"training default).", flag_values=fv)
+  flags.DEFINE_enum(
+      "dtype", None, list(config_lib.DTYPES),
+      "With --model_dir: rebuild the run's model (mlp, fc_resnet) in this "
+      "dtype and copy its weights; float64 resolves Gram and Hessian "
+      "eigenvalues below float32 round-off. Default: the model's own.",
+      flag_values=fv)
   # The loss and its parameters.
   flags.DEFINE_enum(
       "loss", None, list(objective.LOSSES),
@@ -257,7 +263,7 @@ def request_from_flags(fv: flags.FlagValues = flags.FLAGS) -> rundir.Request:
       saved_model=fv.saved_model, keras_model=fv.keras_model,
       dataset=fv.dataset, split=fv.split, num_examples=fv.num_examples,
       shuffle=fv.shuffle, seed=fv.seed, data_flags=data_flags(fv),
-      loss=fv.loss, at_init=fv.at_init)
+      loss=fv.loss, at_init=fv.at_init, dtype=fv.dtype)
   request.validate()
   return request
 

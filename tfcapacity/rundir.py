@@ -365,6 +365,10 @@ class Request:
   at_init: bool = False
   # num_examples is an upper bound: a smaller split is taken whole.
   at_most: bool = False
+  # The run's model rebuilt in this dtype with its weights copied (float64
+  # resolves Gram and Hessian eigenvalues that float32 cannot); None: as
+  # stored.
+  dtype: str | None = None
 
   @property
   def source(self) -> str:
@@ -404,6 +408,11 @@ class Request:
     if self.at_init and self.checkpoint is not None:
       raise UserError("--at_init measures the initial model, not a "
                       "checkpoint; drop --checkpoint")
+    if self.dtype is not None and self.source != "model_dir":
+      raise UserError("--dtype needs --model_dir (the run's flags rebuild "
+                      "its model in that dtype); drop it")
+    if self.dtype is not None and self.dtype not in config_lib.DTYPES:
+      raise choices_error("--dtype", self.dtype, config_lib.DTYPES)
     if self.model_dir:
       if not os.path.isdir(self.model_dir):
         raise UserError(f"--model_dir={self.model_dir} is not a directory; "
@@ -620,15 +629,33 @@ def _load_run(request: Request, strategy) -> Loaded:
               else None)
   model = _run_model(model_dir, run_cfg, path, request.checkpoint, strategy,
                      run_info)
+  if request.dtype:
+    model = _with_dtype(model, run_cfg, request.dtype, strategy)
   _check_fit(x, y, model.input_shape[1:], model.output_shape[-1], info.name)
   if step is None:
     results = read_results(model_dir) or {}
     step = results.get("steps")
   loss = request.loss or run_cfg.loss
   return Loaded(model=model, x=x, y=y, loss=loss,
-                description=_describe(request, model_dir, path, step, info,
-                                      len(y), loss),
+                description={**_describe(request, model_dir, path, step,
+                                         info, len(y), loss),
+                             "dtype": str(model.trainable_variables[0].dtype)},
                 config=run_cfg, strategy=strategy)
+
+
+def _with_dtype(model, run_cfg, dtype: str, strategy):
+  """`model`, or the run's model rebuilt in `dtype` holding its weights."""
+  from tfcapacity import models as models_lib
+  if str(model.trainable_variables[0].dtype) == dtype:
+    return model
+  with strategy.scope():
+    other = models_lib.from_config(run_cfg.replace(dtype=dtype),
+                                   model.input_shape[1:],
+                                   model.output_shape[-1])
+    other.set_weights([np.asarray(w).astype(dtype)
+                       if np.issubdtype(np.asarray(w).dtype, np.floating)
+                       else w for w in model.get_weights()])
+  return other
 
 
 def _load_keras_file(path: str, flag: str):
