@@ -240,6 +240,10 @@ def test_learning_rate_from_gram_needs_the_squared_loss(tmp_path):
   with pytest.raises(UserError, match="--loss=squared"):
     measurements.train(cfg)
   assert not os.path.exists(cfg.model_dir)
+  big = gram_cfg(tmp_path, synthetic_examples=5000, batch_size="full")
+  with pytest.raises(UserError, match="--train_subset<=4096"):
+    measurements.train(big)
+  assert not os.path.exists(big.model_dir)
 
 
 @pytest.mark.parametrize("c, stable", [(1.9, True), (2.1, False)])

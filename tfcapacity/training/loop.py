@@ -119,6 +119,10 @@ def distribute_batches(strategy, dataset, global_batch_size, **batch_kwargs):
   return strategy.distribute_datasets_from_function(dataset_fn)
 
 
+# --learning_rate_from=gram holds the training inputs in one batch.
+MAX_GRAM_EXAMPLES = 4096
+
+
 class Trainer:
   """Builds data, model and optimizer from a Config and trains.
 
@@ -220,6 +224,11 @@ class Trainer:
       if self._learning_rate_fn is None:
         raise UserError("--learning_rate_from=gram needs the measurement "
                         "layer: train with tfcapacity.measurements.train")
+      n = self.train_data.info.num_examples
+      if n > MAX_GRAM_EXAMPLES:
+        raise UserError(f"--learning_rate_from=gram takes lambda_max of the "
+                        f"NTK Gram matrix over all {n} training examples; "
+                        f"use --train_subset<={MAX_GRAM_EXAMPLES}")
 
   def _check_batch(self, n):
     cfg, r = self.cfg, self.num_replicas
