@@ -425,8 +425,10 @@ def markdown(report: Report) -> str:
       f"step c n / lambda_max(Theta(0)), c = {report.learning_rate_c:g}. "
       f"Width needed: the narrowest width in the grid at which every "
       f"training sign is right at some evaluation, per seed (> grid: no "
-      f"width run fitted). Linearised: the steps the linearised model needs "
-      f"at the same step size.", "",
+      f"width run fitted; {min(report.plan.widths)}, the narrowest of the "
+      f"grid, means at most {min(report.plan.widths)}). Linearised: the "
+      f"steps the linearised model needs at the same step size (median over "
+      f"the runs of the row).", "",
       "| model | H | width needed (per seed) | lambda_min/lambda_max of "
       "Theta(0) (median) | linearised steps to fit (median) |",
       "|---|---|---|---|---|"]
