@@ -71,7 +71,7 @@ def figures(report: gm.Report) -> dict[str, bytes]:
   ax.axhline(ceiling, color="0.5", ls=":", lw=1)
   ax.text(0.01, ceiling, " ^ no width in the grid fitted",
           transform=ax.get_yaxis_transform(), va="bottom", fontsize=8)
-  ax.text(0.01, min(plan.widths), " the narrowest width of the grid: "
+  ax.text(0.01, min(plan.widths) / 1.12, " the narrowest width of the grid: "
           "the width needed is at most this", transform=ax.get_yaxis_transform(),
           va="top", fontsize=7, color="0.35")
   ax.set_yscale("log", base=2)
