@@ -69,7 +69,8 @@ def figures(report: gm.Report) -> dict[str, bytes]:
     ax.plot(xs, medians, color=COLORS.get(model, "k"), label=f"{model} "
             f"(median over seeds)")
   ax.axhline(ceiling, color="0.5", ls=":", lw=1)
-  ax.text(0.01, ceiling, " ^ no width in the grid fitted",
+  ax.text(0.01, ceiling, " ^ no width run fitted (widths above the "
+          "parameter cap are not run)",
           transform=ax.get_yaxis_transform(), va="bottom", fontsize=8)
   ax.text(0.01, min(plan.widths) / 1.12, " the narrowest width of the grid: "
           "the width needed is at most this", transform=ax.get_yaxis_transform(),
