@@ -50,6 +50,10 @@ NTK_FILE = "ntk_init.npz"  # gradients.callback.NTK_INIT_FILE
 LINEARISED_HORIZON = 100
 # Du et al.'s proofs keep ||Theta(t) - Theta(0)||_2 below lambda_0 / 2.
 DRIFT_BOUND = 0.5
+# Where the claims come from (the paper's theorem numbers differ between
+# its versions).
+THEOREMS = "the FC and ResNet theorems"
+LEMMAS = "the proofs' stability lemmas"
 
 
 # --- The grid -----------------------------------------------------------------
@@ -323,7 +327,7 @@ def load_runs(study_dir: str, cells: Iterable[sweep.Cell]
       os.path.join(study_dir, c.name)))
 
 
-# --- The summary ---------------------------------------------------------------
+# --- The summary -------------------------------------------------------------
 
 
 @dataclasses.dataclass
@@ -467,7 +471,7 @@ def markdown(report: Report) -> str:
   return "\n".join(lines) + "\n"
 
 
-# --- The claims ----------------------------------------------------------------
+# --- The claims --------------------------------------------------------------
 
 
 def _deepest_pair(report: Report, model: str) -> tuple[int, int] | None:
@@ -500,7 +504,7 @@ def claims(report: Report) -> list[common.Claim]:
   fits = {k: report.width_needed(k)[0] is not None for k in keys}
   out.append(common.Claim(
       "fits", "A wide enough network fits random labels under gradient "
-      "descent.", "Thms 3.1, 4.1", "per (model, depth, seed): some width "
+      "descent.", THEOREMS, "per (model, depth, seed): some width "
       "in the grid gets every training sign right within the budget",
       f"{sum(fits.values())} of {len(fits)} (model, depth, seed) fitted",
       len(fits), common.verdict(fits.values())))
@@ -512,7 +516,7 @@ def claims(report: Report) -> list[common.Claim]:
   zero = {k: r.steps_to_loss is not None for k, r in widest.items()}
   out.append(common.Claim(
       "zero_loss", f"The training loss goes to zero (here: below "
-      f"{LOSS_THRESHOLD:g}).", "Thms 3.1, 4.1", f"the widest run of each "
+      f"{LOSS_THRESHOLD:g}).", THEOREMS, f"the widest run of each "
       f"(model, depth, seed) reaches loss < {LOSS_THRESHOLD:g} within "
       f"{report.budget} steps",
       f"{sum(zero.values())} of {len(zero)}; final losses of the widest "
@@ -525,7 +529,7 @@ def claims(report: Report) -> list[common.Claim]:
            if r.linearised_bound_holds is not None]
   out.append(common.Claim(
       "linear_rate", "The loss of a wide net falls at least as fast as "
-      "(1 - eta lambda_0 / 2)^k.", "Thms 3.1, 4.1", "at the drift depths "
+      "(1 - eta lambda_0 / 2)^k.", THEOREMS, "at the drift depths "
       "(every width run), for the widest run of each (model, depth, seed), "
       "with lambda_0 = lambda_min(Theta(0)) on the n examples: L(k) <= "
       "(1 - eta lambda_0 / (2n))^k L(0) at every step (mean loss)",
@@ -550,7 +554,8 @@ def claims(report: Report) -> list[common.Claim]:
   out.append(common.Claim(
       "lambda0_depth", "The least Gram eigenvalue at initialisation "
       "collapses with depth for fully-connected nets, not for ResNets.",
-      "Sec. 3-4 (the 2^O(H) vs poly(H) factors)", "lambda_min/lambda_max of "
+      "the width bounds' lambda_0 (2^O(H) against poly(H) factors)",
+      "lambda_min/lambda_max of "
       "Theta(0) from the shallowest to the deepest depth (widest run) "
       "shrinks by more than 100x for mlp and by less than 10x for fc_resnet",
       "; ".join(texts) or "-", len(holds), common.verdict(holds.values())))
@@ -572,7 +577,7 @@ def claims(report: Report) -> list[common.Claim]:
                    f"x{growth['fc_resnet']:g}")
   out.append(common.Claim(
       "width_vs_depth", "The width needed grows faster with depth for "
-      "fully-connected nets than for ResNets.", "Thms 3.1, 4.1",
+      "fully-connected nets than for ResNets.", "the FC and ResNet theorems",
       "per seed, width needed at the deepest over the shallowest depth "
       "(inf: the deepest fitted at no width in the grid) is larger for mlp "
       "than for fc_resnet", "; ".join(texts) or "-", len(holds),
@@ -592,7 +597,7 @@ def claims(report: Report) -> list[common.Claim]:
   out.append(common.Claim(
       "gram_drift_bound", "The Gram matrix stays within lambda_0/2 of its "
       "start throughout training (what the proofs need).",
-      "Lemmas in Secs. 3-4", f"at the drift depths, the widest run's max_t "
+      LEMMAS, f"at the drift depths, the widest run's max_t "
       f"||Theta(t) - Theta(0)||_2 / lambda_min(Theta(0)) is below "
       f"{DRIFT_BOUND:g}", "; ".join(texts) or "-", len(holds),
       common.verdict(holds.values())))
@@ -621,7 +626,7 @@ def claims(report: Report) -> list[common.Claim]:
           texts.append(f"{model} H={layers_below_output(model, depth)} seed "
                        f"{seed}: slope {slope:.2f}, widest {values[-1][1]:.2g}")
     out.append(common.Claim(
-        claim_id, text, "Lemmas in Secs. 3-4", f"at the drift depths, the "
+        claim_id, text, LEMMAS, f"at the drift depths, the "
         f"log-log slope of {rule_text} against width is negative, per "
         f"(model, depth, seed)", "; ".join(texts) or "-", len(holds),
         common.verdict(holds.values())))
@@ -629,7 +634,7 @@ def claims(report: Report) -> list[common.Claim]:
   diverged = [r.name for r in report.runs if r.state == sweep.DIVERGED]
   out.append(common.Claim(
       "step_size", "A constant step tied to the Gram matrix is stable.",
-      "Thms 3.1, 4.1 (eta of order lambda_0 / n^2)", f"measured: runs "
+      THEOREMS + " (eta of order lambda_0 / n^2)", f"measured: runs "
       f"that diverged at eta = c n / lambda_max(Theta(0)), c = "
       f"{report.learning_rate_c:g}", f"{len(diverged)} of "
       f"{len(report.runs)} diverged" + (f": {', '.join(diverged)}"

@@ -73,7 +73,8 @@ def figures(report: gm.Report) -> dict[str, bytes]:
           "parameter cap are not run)",
           transform=ax.get_yaxis_transform(), va="bottom", fontsize=8)
   ax.text(0.01, min(plan.widths) / 1.12, " the narrowest width of the grid: "
-          "the width needed is at most this", transform=ax.get_yaxis_transform(),
+          "the width needed is at most this",
+          transform=ax.get_yaxis_transform(),
           va="top", fontsize=7, color="0.35")
   ax.set_yscale("log", base=2)
   ax.set_yticks(plan.widths, [str(w) for w in plan.widths])
