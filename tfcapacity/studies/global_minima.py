@@ -36,7 +36,6 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from tfcapacity import figures as figures_lib
 from tfcapacity import rundir
 from tfcapacity.errors import UserError
 from tfcapacity.studies import common
