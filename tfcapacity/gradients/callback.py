@@ -25,7 +25,7 @@ its least eigenvalue is below float32 resolution (`*_min_below_float32`,
 With `--gradients_ntk`, the neural-tangent Gram matrix Theta(0) of the first
 measurement at step 0 is kept in the run directory (`NTK_INIT_FILE`, with
 the outputs f(0) and the examples' labels, for the kernel-regime prediction
-of `tfcapacity.studies.random_labels`), and every measurement logs its
+of `tfcapacity.studies.global_minima`), and every measurement logs its
 drift `gradients/ntk_drift` = ||Theta(t) - Theta(0)||_2 / lambda_min(Theta(0))
 (Du et al.'s quantity: their proofs keep it below 1/2). A resumed run reads
 Theta(0) back from the file.
@@ -46,7 +46,6 @@ import tensorflow as tf
 
 from tfcapacity import distribute
 from tfcapacity import rundir
-
 from tfcapacity.gradients import features
 from tfcapacity.gradients import measure
 from tfcapacity.gradients import statistics
