@@ -118,9 +118,9 @@ def started_cells(plan: gm.Plan) -> list[sweep.Cell]:
 def fitted_so_far(plan: gm.Plan) -> dict[str, bool]:
   out = {}
   for c in started_cells(plan):
-    run = gm.load_run(os.path.join(FLAGS.study_dir, c.name))
-    if run is not None:
-      out[c.name] = run.fitted
+    fitted = gm.fitted(os.path.join(FLAGS.study_dir, c.name))
+    if fitted is not None:
+      out[c.name] = fitted
   return out
 
 
@@ -154,8 +154,7 @@ def main(argv):
     logging.info("global-minima study: up to %d runs in %s", len(all_cells),
                  FLAGS.study_dir)
     while True:
-      with cli.quiet_native_stderr():
-        pending = gm.schedule(plan, fitted_so_far(plan))
+      pending = gm.schedule(plan, fitted_so_far(plan))
       pending = [c for c in pending if states.get(c.name) is None]
       if not pending:
         break
@@ -185,10 +184,7 @@ def main(argv):
   except UserError as e:
     fail(str(e))
   rundir.atomic_write(os.path.join(out_dir, "global_minima.md"), tables)
-  rundir.atomic_write(os.path.join(out_dir, "claims.md"),
-                      "# The paper's claims on this study\n\n" + claims_md)
-  rundir.atomic_write(os.path.join(out_dir, "claims.csv"),
-                      common.claims_csv(claims))
+  common.write_claims(out_dir, claims, claims_md)
   sweep.write_csv(os.path.join(out_dir, "global_minima_runs.csv"),
                   gm.run_rows(report))
   sweep.write_csv(os.path.join(out_dir, "global_minima_width_needed.csv"),

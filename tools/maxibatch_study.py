@@ -233,10 +233,7 @@ def main(argv):
     fail(str(e))
   rundir.atomic_write(os.path.join(out_dir, "maxibatch.md"),
                       maxibatch.markdown(report))
-  rundir.atomic_write(os.path.join(out_dir, "claims.md"),
-                      "# The paper's claims on this study\n\n" + claims_md)
-  rundir.atomic_write(os.path.join(out_dir, "claims.csv"),
-                      maxibatch_claims.to_csv(claims))
+  common.write_claims(out_dir, claims, claims_md)
   sweep.write_csv(os.path.join(out_dir, "maxibatch.csv"),
                   maxibatch.table_rows(report))
   summary = maxibatch.summary_json(report, [c.to_json() for c in claims])

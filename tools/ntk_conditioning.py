@@ -30,6 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(
 
 from tfcapacity import cli  # noqa: E402
 from tfcapacity.errors import UserError  # noqa: E402
+from tfcapacity.studies import common  # noqa: E402
 from tfcapacity import rundir  # noqa: E402
 
 flags.DEFINE_string("base_flagfile", None, "The runs' flagfile (also "
@@ -106,6 +107,4 @@ def main(argv):
 
 if __name__ == "__main__":
   app.run(main, flags_parser=cli.flags_parser(
-      PROG, rewrite=lambda argv: [
-          a.replace("--flagfile", "--base_flagfile", 1)
-          if a.startswith("--flagfile") else a for a in argv]))
+      PROG, rewrite=common.base_flagfile_arg))

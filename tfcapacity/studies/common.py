@@ -237,6 +237,15 @@ def claims_csv(claims: Sequence[Claim]) -> str:
   return buf.getvalue()
 
 
+def write_claims(out_dir: str, claims: Sequence[Claim], markdown: str
+                 ) -> None:
+  """claims.md (`markdown` under a title) and claims.csv in `out_dir`."""
+  rundir.atomic_write(os.path.join(out_dir, "claims.md"),
+                      "# The paper's claims on this study\n\n" + markdown)
+  rundir.atomic_write(os.path.join(out_dir, "claims.csv"),
+                      claims_csv(claims))
+
+
 # --- Docs pages --------------------------------------------------------------
 
 

@@ -187,10 +187,7 @@ class Run:
   @property
   def steps_to_fit(self) -> int | None:
     """The first evaluation step with every training sign right."""
-    for step, _, error in self.history:
-      if error == 0:
-        return step
-    return None
+    return steps_to_fit(self.history)
 
   @property
   def fitted(self) -> bool:
@@ -221,6 +218,33 @@ class Run:
   def least_eigenvalue_ratio(self) -> float:
     """lambda_min(Theta(0)) / lambda_max(Theta(0)) (all n examples)."""
     return self.ntk_at(0, 1) / self.ntk_at(0, 2) if self.ntk else math.nan
+
+
+def steps_to_fit(history) -> int | None:
+  """The first evaluation step with training error 0 in `history`, rows
+  (step, train loss, train error); None if there is none."""
+  for step, _, error in history:
+    if error == 0:
+      return step
+  return None
+
+
+def _history(results: dict) -> list:
+  return [(int(r["step"]), float(r["train_loss"]),
+           float(r["train_top1_error"]))
+          for r in results.get("history", [])]
+
+
+def fitted(cell_dir: str) -> bool | None:
+  """Whether the run in `cell_dir` fitted (a diverged run did not); None if
+  it has not finished. Reads results.json alone (the scheduler's question;
+  `load_run` reads everything)."""
+  results = rundir.read_results(cell_dir)
+  state = sweep.cell_state(cell_dir, results)
+  if state not in sweep.FINISHED:
+    return None
+  return (state == sweep.COMPLETED
+          and steps_to_fit(_history(results)) is not None)
 
 
 def linearised_fit(gram: np.ndarray, outputs: np.ndarray, labels: np.ndarray,
@@ -270,9 +294,7 @@ def load_run(cell_dir: str) -> Run | None:
   if state not in sweep.FINISHED:
     return None
   flags = rundir.load_config(cell_dir)
-  history = [(int(r["step"]), float(r["train_loss"]),
-              float(r["train_top1_error"]))
-             for r in results.get("history", [])]
+  history = _history(results)
   batch = random_labels.read_scalar_events(
       os.path.join(cell_dir, "train"), random_labels.LOSS_TAG)
   steps, losses = random_labels.loss_curve(results.get("history", []), batch)
@@ -487,13 +509,17 @@ def _ratio_at_init(report: Report, model: str, depth: int, seed: int
       else math.nan
 
 
-def _growth(values: dict[int, float], shallow: int, deep: int) -> float:
-  """width needed at the deep end over the shallow end (inf if only the
-  shallow fitted; nan if neither did)."""
-  a, b = values.get(shallow), values.get(deep)
-  if a is None or b is None or math.isinf(a):
-    return math.nan
-  return b / a
+def _deep_over_shallow(report: Report, seed: int, value) -> dict:
+  """{model: value(model, deepest depth, seed) / value(model, shallowest
+  depth, seed)}; NaN when the shallow value is missing, zero or infinite."""
+  out = {}
+  for model in ("mlp", "fc_resnet"):
+    pair = _deepest_pair(report, model)
+    if pair:
+      shallow, deep = (value(model, depth, seed) for depth in pair)
+      out[model] = (deep / shallow if math.isfinite(shallow) and shallow
+                    else math.nan)
+  return out
 
 
 def claims(report: Report) -> list[common.Claim]:
@@ -540,12 +566,8 @@ def claims(report: Report) -> list[common.Claim]:
 
   holds, texts = {}, []
   for seed in report.plan.seeds:
-    ratios = {}
-    for model in ("mlp", "fc_resnet"):
-      pair = _deepest_pair(report, model)
-      if pair:
-        ratios[model] = (_ratio_at_init(report, model, pair[1], seed)
-                         / _ratio_at_init(report, model, pair[0], seed))
+    ratios = _deep_over_shallow(report, seed, lambda m, d, s: _ratio_at_init(
+        report, m, d, s))
     if len(ratios) == 2 and all(math.isfinite(v) for v in ratios.values()):
       holds[seed] = ratios["mlp"] < 1e-2 and ratios["fc_resnet"] > 0.1
       texts.append(f"seed {seed}: mlp x{ratios['mlp']:.2g}, fc_resnet "
@@ -561,13 +583,10 @@ def claims(report: Report) -> list[common.Claim]:
 
   holds, texts = {}, []
   for seed in report.plan.seeds:
-    growth = {}
-    for model in ("mlp", "fc_resnet"):
-      pair = _deepest_pair(report, model)
-      if pair:
-        growth[model] = _growth(
-            {d: report.needed_by_seed(model, d).get(seed, math.nan)
-             for d in pair}, *pair)
+    # inf: the deep end fitted at no width run; NaN: the shallow end neither.
+    growth = _deep_over_shallow(
+        report, seed,
+        lambda m, d, s: report.needed_by_seed(m, d).get(s, math.nan))
     if len(growth) == 2 and not any(math.isnan(g) for g in growth.values()):
       if math.isinf(growth["mlp"]) and math.isinf(growth["fc_resnet"]):
         continue
