@@ -32,7 +32,6 @@ from tfcapacity import config  # noqa: E402
 from tfcapacity import models  # noqa: E402
 from tfcapacity import training  # noqa: E402
 from tfcapacity.data import base  # noqa: E402
-from tfcapacity.models import layers as layers_lib  # noqa: E402
 
 _QUICK = flags.DEFINE_bool("quick", False, "Fewer steps (a smoke run).")
 _CASES = flags.DEFINE_list("cases", ["mlp", "resnet20"], "mlp, resnet20.")
@@ -60,19 +59,6 @@ def matmul_peak_gflops(n=2048, reps=20):
     run().numpy()
     best = min(best, time.perf_counter() - start)
   return 2 * n ** 3 * reps / best / 1e9
-
-
-def forward_flops(model):
-  """FLOPs of one example's forward pass through Dense and Conv2D layers."""
-  total = 0
-  for layer in layers_lib.all_layers(model):
-    if isinstance(layer, keras.layers.Dense):
-      total += 2 * layer.kernel.shape[0] * layer.kernel.shape[1]
-    elif isinstance(layer, keras.layers.Conv2D):
-      kh, kw, cin, cout = layer.kernel.shape
-      _, h, w, _ = layer.output.shape
-      total += 2 * kh * kw * cin * cout * h * w
-  return total
 
 
 def cases(quick):
@@ -176,7 +162,7 @@ def main(argv):
     fit20 = float(np.median(rates["fit20"]))
     vs_fit = float(np.median(np.divide(rates["loop"], rates["fit"])))
     vs_fit20 = float(np.median(np.divide(rates["loop"], rates["fit20"])))
-    gflops = loop * 3 * forward_flops(contenders["loop"].model) / 1e9
+    gflops = loop * 3 * models.forward_flops(contenders["loop"].model) / 1e9
     rows.append((name, loop, fit, fit20, vs_fit, vs_fit20, gflops,
                  gflops / peak))
     print(f"{name}: loop {loop:,.0f} ex/s | fit {fit:,.0f} ex/s | "

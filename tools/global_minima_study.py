@@ -65,6 +65,13 @@ flags.DEFINE_string("docs_page", None,
                     "global_minima:tables begin/end markers.")
 flags.DEFINE_string("figures_dir", None,
                     "Also write the PNGs here (e.g. docs/figures).")
+flags.DEFINE_integer("shard_index", 0, "This machine's share of the "
+                     "(model, depth, seed) series, in [0, --num_shards).",
+                     lower_bound=0)
+flags.DEFINE_integer("num_shards", 1, "Machines the series are split over; "
+                     "with more than one, each trains its share and writes "
+                     "no report (rerun without the shard flags to report).",
+                     lower_bound=1)
 FLAGS = flags.FLAGS
 PROG = "global_minima_study"
 DOCS_SECTIONS = ("global_minima:claims", "global_minima:tables")
@@ -137,6 +144,7 @@ def main(argv):
     all_cells = [gm.cell(k, w) for k in plan.keys() for w in plan.widths
                  if plan.allowed(k, w)]
     configs = sweep.validate(base_args, all_cells)
+    sweep.shard([], FLAGS.shard_index, FLAGS.num_shards)
     if FLAGS.docs_page:
       common.check_markers(FLAGS.docs_page, DOCS_SECTIONS)
     grid = [("model", plan.models), ("depth", [str(d) for d in plan.depths]),
@@ -153,9 +161,12 @@ def main(argv):
     common.exit_on_sigterm()
     logging.info("global-minima study: up to %d runs in %s", len(all_cells),
                  FLAGS.study_dir)
+    mine = {gm.cell(k, w).name for i, k in enumerate(plan.keys())
+            for w in plan.widths if i % FLAGS.num_shards == FLAGS.shard_index}
     while True:
       pending = gm.schedule(plan, fitted_so_far(plan))
-      pending = [c for c in pending if states.get(c.name) is None]
+      pending = [c for c in pending
+                 if states.get(c.name) is None and c.name in mine]
       if not pending:
         break
       logging.info("next: %s", ", ".join(c.name for c in pending))
@@ -164,6 +175,9 @@ def main(argv):
           parallel=FLAGS.parallel, threads_per_cell=threads,
           progress=FLAGS.progress))
   trained = time.time() - started
+  if FLAGS.num_shards > 1:
+    common.exit_if_unfinished(PROG, states, "runs of this shard")
+    return
 
   try:
     with cli.quiet_native_stderr():

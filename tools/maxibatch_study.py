@@ -79,6 +79,12 @@ flags.DEFINE_string("docs_page", None,
                     "maxibatch:tables begin/end markers.")
 flags.DEFINE_string("figures_dir", None,
                     "Also write the PNGs here (e.g. docs/figures).")
+flags.DEFINE_integer("shard_index", 0, "This machine's share of the runs, "
+                     "in [0, --num_shards).", lower_bound=0)
+flags.DEFINE_integer("num_shards", 1, "Machines the runs are split over; "
+                     "with more than one, each trains its share and writes "
+                     "no report (rerun without the shard flags to report).",
+                     lower_bound=1)
 FLAGS = flags.FLAGS
 PROG = "maxibatch_study"
 ALPHA_RANGE = "-0.5,1.5"
@@ -188,6 +194,7 @@ def main(argv):
     from tfcapacity import config as config_lib  # pylint: disable=g-import-not-at-top
     base = config_lib.parse_args(base_args)
     configs = sweep.validate(base_args, all_cells)
+    sweep.shard([], FLAGS.shard_index, FLAGS.num_shards)
     if FLAGS.docs_page:
       common.check_markers(FLAGS.docs_page, DOCS_SECTIONS)
     if not FLAGS.report_only:
@@ -195,16 +202,22 @@ def main(argv):
   except UserError as e:
     fail(str(e))
 
-  states = {}
+  states, mine = {}, set()
   if not FLAGS.report_only:
     threads = common.threads_per_cell(FLAGS.threads_per_cell, FLAGS.parallel)
-    first, second = maxibatch.run_order(grid_cells, variants)
+    first, second = (sweep.shard(cells, FLAGS.shard_index, FLAGS.num_shards)
+                     for cells in maxibatch.run_order(grid_cells, variants))
+    mine = {c.name for c in [*first, *second]}
     logging.info("maxi-batch study: %d grid runs and %d variants in %s",
                  len(grid_cells), len(variants), FLAGS.study_dir)
     common.exit_on_sigterm()
     run = dict(parallel=FLAGS.parallel, threads_per_cell=threads,
                progress=FLAGS.progress)
     states = sweep.run(FLAGS.study_dir, all_cells, first, configs, **run)
+    for v in second:  # References trained by other shards or invocations.
+      for d in v.depends_on:
+        if d not in states:
+          states[d] = sweep.cell_state(os.path.join(FLAGS.study_dir, d))
     pending = maxibatch.run_in_rounds(
         second, states, lambda ready: sweep.run(
             FLAGS.study_dir, all_cells, ready, configs, **run))
@@ -214,6 +227,10 @@ def main(argv):
       states[v.name] = sweep.cell_state(os.path.join(FLAGS.study_dir,
                                                      v.name))
   trained = time.time() - started
+  if FLAGS.num_shards > 1:
+    common.exit_if_unfinished(PROG, {
+        n: s for n, s in states.items() if n in mine}, "runs of this shard")
+    return
 
   try:
     runs, unfinished = maxibatch.load_runs(FLAGS.study_dir, all_cells)

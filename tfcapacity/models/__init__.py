@@ -96,6 +96,21 @@ def from_config(cfg, input_shape, num_classes: int) -> keras.Model:
                **kwargs)
 
 
+def forward_flops(model: keras.Model) -> int:
+  """FLOPs of one example's forward pass through the Dense and Conv2D
+  layers (2 per multiply-add; normalisation, activations and pooling are
+  not counted)."""
+  total = 0
+  for layer in layers.all_layers(model):
+    if isinstance(layer, keras.layers.Dense):
+      total += 2 * layer.kernel.shape[0] * layer.kernel.shape[1]
+    elif isinstance(layer, keras.layers.Conv2D):
+      kh, kw, cin, cout = layer.kernel.shape
+      _, h, w, _ = layer.output.shape
+      total += 2 * kh * kw * cin * cout * h * w
+  return int(total)
+
+
 @contextlib.contextmanager
 def dtype_policy(dtype: str):
   """Keras' global dtype policy set to `dtype` inside, restored after.

@@ -381,7 +381,7 @@ def has_hparams_config(sweep_dir: str) -> bool:
 # --- Running -----------------------------------------------------------------
 
 
-def _die_with_parent(parent_pid: int) -> Callable[[], None] | None:
+def die_with_parent(parent_pid: int) -> Callable[[], None] | None:
   """A preexec_fn: the child gets SIGKILL when the sweep process dies.
 
   Linux only (prctl PR_SET_PDEATHSIG); elsewhere cells outlive a killed
@@ -409,7 +409,7 @@ class _Job:
   started: float
 
 
-def _last_error_line(log_path: str) -> str:
+def last_error_line(log_path: str) -> str:
   """The train CLI's one-line error, else the log's last line."""
   try:
     with open(log_path, errors="replace") as f:
@@ -487,7 +487,7 @@ def run(sweep_dir: str, grid_cells: Sequence[Cell],
     process = subprocess.Popen(
         cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         env=env, pass_fds=(fd,), process_group=0,  # Ctrl-C: the sweep's.
-        preexec_fn=_die_with_parent(os.getpid()))
+        preexec_fn=die_with_parent(os.getpid()))
     running.append(_Job(cell, process, fd, log, time.time()))
     logging.info("started cell %s", cell.name)
     return True
@@ -499,7 +499,7 @@ def run(sweep_dir: str, grid_cells: Sequence[Cell],
     attempt = {"started": job.started, "seconds": time.time() - job.started,
                "exit_code": code}
     if code not in (0, EXIT_DIVERGED):
-      attempt["error"] = _last_error_line(os.path.join(cell_dir, LOG_FILE))
+      attempt["error"] = last_error_line(os.path.join(cell_dir, LOG_FILE))
     rundir.write_json(os.path.join(cell_dir, ATTEMPTS_FILE),
                       attempts + [attempt])
     os.close(job.lock_fd)
