@@ -349,8 +349,14 @@ def slope_layers(model: keras.Model) -> list[AdaptiveLeakyReLU]:
 # -- Building blocks shared by the model builders ---------------------------
 
 ACTIVATIONS = ("sigmoid", "relu", "leaky_relu", "tanh", "softplus", "linear")
-KERNEL_INITS = ("glorot_uniform", "glorot_normal", "he_normal",
-                "lecun_normal", "orthogonal")
+KERNEL_INITS = ("glorot_uniform", "glorot_sigmoid", "glorot_normal",
+                "he_normal", "lecun_normal", "orthogonal")
+# Glorot & Bengio (2010) derive U(-r, r), r = sqrt(6 / (fan_in + fan_out)),
+# for tanh units and suggest 4r for sigmoid units, whose slope at 0 is 1/4;
+# the sigmoid nets of Dauphin & Bengio (2013) were initialised that way.
+# Uniform variance scaling has limit sqrt(3 * scale / fan_avg), so 4r is
+# scale 16 with mode fan_avg.
+GLOROT_SIGMOID_FACTOR = 4.0
 NORMALIZATIONS = ("none", "batch", "ghost")
 DEFAULT_LEAKY_SLOPE = 0.01
 
@@ -386,7 +392,14 @@ def kernel_initializer(name: str) -> keras.initializers.Initializer:
   constructed, which `keras.utils.set_random_seed` seeds: building the same
   model after the same seed gives the same weights. One instance shared by
   several layers would give them all the same values, hence one per layer.
+
+  `glorot_sigmoid` is Glorot uniform with its limit multiplied by
+  `GLOROT_SIGMOID_FACTOR`: U(-4 sqrt(6 / (fan_in + fan_out)), +4 sqrt(...)).
   """
+  if name == "glorot_sigmoid":
+    return keras.initializers.VarianceScaling(
+        scale=GLOROT_SIGMOID_FACTOR ** 2, mode="fan_avg",
+        distribution="uniform")
   return keras.initializers.get(name)
 
 
