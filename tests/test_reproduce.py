@@ -215,3 +215,84 @@ def test_html_inlines_figures_and_escapes(tmp_path):
   assert 'src="data:image/png;base64,iVBOR' in out
   assert '<a href="x/y.md">link</a>' in out
   assert "http" not in out.replace("http-equiv", "")
+
+
+# --- End to end: a micro plan of all four studies, killed and rerun --------------
+
+MICRO_PLAN = {"tier": "quick", "studies": {
+    "capacity": {
+        "comments": {"sweep.grid": ["width=4,8", "learning_rate=1,0.1",
+                                    "seed=0"],
+                     "capacity.compare": []},
+        "flags": {"epochs": 1, "mnist1d_examples": 600, "eval_every": 1}},
+    "confusion": {
+        "comments": {"confusion.*": ["init_width: width=8,16; seed=0",
+                                     "train_width: width=8,16; seed=0"]},
+        "flags": {"epochs": 1, "mnist1d_examples": 300,
+                  "gradients_examples": 16, "gradients_chunk_size": 16}},
+    "random_labels": {
+        "args": ["--quick", "--models=mlp", "--depths=1", "--widths=8",
+                 "--drift_depths=1"],
+        "flags": {"steps": 20, "eval_every": 10, "gradients_every_steps": 10,
+                  "track_distance_every_epochs": 10}},
+    "maxibatch": {
+        "comments": {"sweep.grid": ["batch_size=50,400", "learning_rate=0.1",
+                                    "seed=0"],
+                     "maxibatch.variant": [
+                         "big_ghost seed=0 batch_size=400 learning_rate=0.1 "
+                         "normalization=ghost ghost_batch_size=50"]},
+        "flags": {"epochs": 2, "depth": 8, "lr_drop_epochs": 1,
+                  "curvature_every_epochs": 1, "curvature_around_drop": 0,
+                  "curvature_examples": 20},
+        "args": ["--quick", "--interpolation_points=3", "--plane_points=3",
+                 "--interpolation_examples=50"]},
+}}
+
+
+def test_micro_plan_killed_midway_resumes_without_redoing_runs(tmp_path):
+  plan = tmp_path / "micro.json"
+  plan.write_text(json.dumps(MICRO_PLAN))
+  out = tmp_path / "out"
+  cmd = [sys.executable, TOOL, f"--out={out}", "--tier=quick",
+         f"--plan={plan}", "--parallel=2", "--progress_seconds=5"]
+  env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+  first = subprocess.Popen(cmd, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, env=env)
+  deadline = time.time() + 300
+  while time.time() < deadline and first.poll() is None:
+    if lib.finished_runs(str(out / "capacity")):
+      break
+    time.sleep(0.5)
+  assert first.poll() is None, first.stdout.read().decode()[-2000:]
+  first.send_signal(signal.SIGKILL)  # Its tools and runs die with it.
+  first.wait()
+  before = {s: lib.run_fingerprints(str(out / s)) for s in lib.STUDIES}
+  assert before["capacity"] and not (out / "report.md").exists()
+
+  second = subprocess.run(cmd, capture_output=True, text=True, env=env,
+                          timeout=900)
+  assert second.returncode == 0, (second.stdout + second.stderr)[-3000:]
+  for study in lib.STUDIES:
+    after = lib.run_fingerprints(str(out / study))
+    # Nothing finished before the kill was trained again...
+    assert {k: after[k] for k in before[study]} == before[study], study
+    # ...and the rerun trained exactly the rest, once.
+    ledger = lib.read_ledger(str(out), study)
+    assert ledger[-1]["exit_code"] == 0
+    assert ledger[-1]["runs_trained"] == len(after) - len(before[study])
+  assert lib.run_fingerprints(str(out / "capacity")).keys() == {
+      f"width={w},learning_rate={lr},seed=0" for w in (4, 8)
+      for lr in (1, 0.1)}
+
+  report = (out / "report.md").read_text()
+  assert "smoke test" in report
+  for study in lib.tier_plan("cpu").studies:
+    assert f"## {study.title}" in report
+  html_text = (out / "report.html").read_text()
+  assert html_text.count('src="data:image/png;base64,') == report.count(
+      "![") > 4
+  rows = (out / "verdicts.csv").read_text().splitlines()
+  assert [r.split(",")[0] for r in rows[1:]] == list(lib.STUDIES)
+  for row in rows[1:]:
+    assert any(v in row for v in (lib.REPRODUCED, lib.PARTLY,
+                                  lib.NOT_REPRODUCED, lib.NOT_MEASURED))

@@ -90,6 +90,8 @@ class Study:
   flags: Mapping[str, str] = dataclasses.field(default_factory=dict)
   args: tuple[str, ...] = ()
   docs_page: str | None = None
+  # Why `--docs` leaves the docs page alone in this tier (None: it fills it).
+  docs_kept: str | None = None
   # Paper tier only: what the GPU-hour estimate needs without the data.
   input_shape: tuple[int, ...] | None = None
   classes: int | None = None
@@ -152,6 +154,10 @@ QUICK_VARIANTS = (
     "m1400_ghost50 seed=0 batch_size=1400 learning_rate=0.1 "
     "normalization=ghost ghost_batch_size=50")
 CPU_ARGS = {"random_labels": ("--widths=16,64,256,1024",)}
+CPU_DOCS_KEPT = {"random_labels": (
+    "its page shows the study's full grid, to width 4096 "
+    "(tools/global_minima_study.py's defaults), which this tier cuts at "
+    "1024 to stay under 3 hours")}
 # Why a study has no paper-scale plan (the paper tier lists it as such).
 NO_PAPER_PLAN = {
     "confusion": (
@@ -180,7 +186,8 @@ def tier_plan(tier: str) -> Plan:
     # Width 4096 (the global-minima tool's default grid ends there) would
     # take 61% of that study's run time: 58 min of the 3 hours.
     return Plan("cpu", tuple(
-        _study(n, args=CPU_ARGS.get(n, ())) for n in STUDIES))
+        _study(n, args=CPU_ARGS.get(n, ()), docs_kept=CPU_DOCS_KEPT.get(n))
+        for n in STUDIES))
   if tier == "quick":
     return Plan("quick", (
         _study("capacity", first_seed=True,
@@ -347,7 +354,7 @@ def tool_command(python: str, study: Study, out_dir: str, flagfile: str, *,
          f"--parallel={parallel}", "--noprogress", *study.args]
   if num_shards > 1:
     cmd += [f"--shard_index={shard_index}", f"--num_shards={num_shards}"]
-  if docs and study.docs_page:
+  if docs and study.docs_page and not study.docs_kept:
     cmd += [f"--docs_page={os.path.join(ROOT, study.docs_page)}",
             f"--figures_dir={os.path.join(ROOT, 'docs', 'figures', study.name)}"]
   return cmd
@@ -609,7 +616,9 @@ def markdown(plan: Plan, sections: Sequence[Section], out_dir: str,
     if docs_dir and s.study.docs_page:
       page = os.path.join(ROOT, s.study.docs_page)
       lines += [f"Tables and discussion: [{s.study.docs_page}]"
-                f"({os.path.relpath(page, docs_dir)}).", ""]
+                f"({os.path.relpath(page, docs_dir)})" + (
+                    f"; {s.study.docs_kept}." if s.study.docs_kept
+                    else "."), ""]
     elif s.tables:
       lines += ["Tables: " + ", ".join(
           f"[{os.path.basename(t)}]({os.path.relpath(t, out_dir)})"
@@ -711,9 +720,20 @@ def write_report(out_dir: str, plan: Plan, sections: Sequence[Section],
   rundir.atomic_write(os.path.join(out_dir, "verdicts.csv"), csv_text)
   if docs_dir:
     os.makedirs(docs_dir, exist_ok=True)
-    links = {s.study.name: [os.path.relpath(os.path.join(
-        docs_figures_dir(s.study.name), os.path.basename(p)), docs_dir)
-                            for p in s.figures] for s in sections}
+    links = {}
+    for s in sections:
+      if s.study.docs_kept:  # Its docs figures are another grid's: copy.
+        links[s.study.name] = [os.path.join(FIGURES_DIR, s.study.name, p)
+                               for p in map(os.path.basename, s.figures)]
+        for png, rel in zip(s.figures, links[s.study.name]):
+          os.makedirs(os.path.join(docs_dir, os.path.dirname(rel)),
+                      exist_ok=True)
+          with open(png, "rb") as f:
+            rundir.atomic_write(os.path.join(docs_dir, rel), f.read())
+      else:  # The tool wrote them under docs/figures (--figures_dir).
+        links[s.study.name] = [os.path.relpath(os.path.join(
+            docs_figures_dir(s.study.name), os.path.basename(p)), docs_dir)
+                               for p in s.figures]
     docs_text = markdown(plan, sections, out_dir, links, command, seconds,
                          docs_dir)
     rundir.atomic_write(os.path.join(docs_dir, "report.md"), docs_text)
