@@ -137,6 +137,20 @@ def test_cli_writes_tables_and_figures(sweep_dir, tmp_path):
   with open(os.path.join(out, "capacity.json")) as f:
     summary = json.load(f)
   assert summary["roi_falls"]["falling_steps"] == 1
+  # Seed-paired interval of 20 -> 40 (lr 0.01 at 20, 0.1 at 40), by scipy.
+  from scipy import stats  # pylint: disable=g-import-not-at-top
+  paired = [(40 - 35) / 20, (44 - 41) / 20]
+  low, high = stats.t.interval(0.95, 1, loc=np.mean(paired),
+                               scale=stats.sem(paired))
+  (second,) = [r for r in summary["roi_intervals"] if r["from"] == 20]
+  assert (second["low"], second["high"]) == pytest.approx((low, high))
+  with open(os.path.join(out, "claims.csv"), newline="") as f:
+    claims = {r["id"]: r for r in csv.DictReader(f)}
+  # Two rates cannot bracket a best rate: the design check fails visibly.
+  assert claims["check_lr_bracketed"]["verdict"] == "disagrees"
+  assert "widths 10, 20, 40" in claims["check_lr_bracketed"]["measured"]
+  assert claims["fig1_error_falls_with_width"]["verdict"] == "agrees"
+  assert os.path.exists(os.path.join(out, "claims.md"))
   from matplotlib import image  # pylint: disable=g-import-not-at-top
   for name in ("fig1_train_error_vs_width.png",
                "fig2_return_on_investment.png", "fig3_learning_curves.png"):

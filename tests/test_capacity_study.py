@@ -5,7 +5,6 @@ fails; the seed-paired intervals against numpy/scipy computed here.
 """
 
 import csv
-import math
 import os
 import re
 import subprocess
@@ -15,7 +14,6 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from tfcapacity import config
 from tfcapacity.errors import UserError
 from tfcapacity.studies import capacity
 from tfcapacity.studies import common
@@ -71,7 +69,7 @@ def test_cost_order_puts_the_widest_first():
 # --- Hand-made results --------------------------------------------------------
 
 
-def make_report(errors, lrs=None, diverged=(), epochs=None):
+def make_report(errors, diverged=(), epochs=None):
   """A Report from {(width, lr): {seed: final error %}}.
 
   Learning curves fall linearly from 90% to the final error over `epochs`.
@@ -263,7 +261,7 @@ def test_fig3_end_rule_and_curves():
   assert f"epoch 15: lowest 128 ({mean128:.2f}%)" in curves.measured
 
 
-# --- The tool end to end -------------------------------------------------------
+# --- The tool end to end ----------------------------------------------------
 
 
 def micro_flagfile(tmp_path):

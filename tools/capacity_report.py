@@ -5,10 +5,13 @@
 
 For each width, the learning rate with the lowest final training error
 (mean over seeds), its spread, the return on investment between consecutive
-widths, and Figs. 1-3 of Dauphin & Bengio (2013). Writes to --output_dir
-(default SWEEP_DIR/report): capacity.md and capacity.csv (the table),
-capacity.json (best rates, ROI), fig1/fig2/fig3 PNGs, and the figures as
-TensorBoard images. The markdown table is also printed.
+widths with seed-paired 95% t-intervals, and Figs. 1-3 of Dauphin & Bengio
+(2013). Writes to --output_dir (default SWEEP_DIR/report): capacity.md and
+capacity.csv (the table), capacity.json (best rates, ROI), claims.md and
+claims.csv (the paper's claims, each with the rule that gives its verdict;
+the same as tools/capacity_study.py, which also trains the grid and its
+comparison), fig1/fig2/fig3 PNGs, and the figures as TensorBoard images.
+The markdown table is also printed.
 
 Exit status: 0 done, 2 bad input.
 """
@@ -61,12 +64,18 @@ def main(argv):
   os.makedirs(out_dir, exist_ok=True)
   table = capacity.markdown(report)
   falls = capacity.roi_falls(report)
+  counts = capacity.counts(report)
+  study = capacity.Study(report.metric, report, {}, {}, report.unfinished,
+                         counts["finished"] + counts["diverged"])
+  claims = capacity.evaluate(study)
+  common.write_claims(out_dir, claims, capacity.claims_markdown(claims, study))
   rundir.atomic_write(os.path.join(out_dir, "capacity.md"), table)
   capacity.write_csv(report, os.path.join(out_dir, "capacity.csv"))
   rundir.write_json(os.path.join(out_dir, "capacity.json"), {
       "metric": report.metric, "x_flag": report.x_flag,
       "rows": capacity.table_rows(report), "roi": report.roi,
-      "roi_falls": falls, "counts": dict(capacity.counts(report)),
+      "roi_intervals": capacity.roi_intervals(report), "roi_falls": falls,
+      "counts": dict(counts),
       "unfinished": report.unfinished})
   pngs = capacity.figures(report)
   common.write_figures(out_dir, pngs, "capacity", FLAGS.tensorboard)

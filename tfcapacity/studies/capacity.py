@@ -73,7 +73,8 @@ class Group:
       return {"mean": math.nan, "std": math.nan, "min": math.nan,
               "max": math.nan, "n": 0}
     return {"mean": float(values.mean()),
-            "std": float(values.std(ddof=1)) if values.size > 1 else 0.0,
+            "std": float(values.std(ddof=1)) if values.size > 1
+                   else math.nan,
             "min": float(values.min()), "max": float(values.max()),
             "n": int(values.size)}
 
@@ -360,6 +361,7 @@ def markdown(report: Report) -> str:
     else:
       s = g.stat()
       cells += [f"{g.learning_rate:g}",
+                f"{_fmt(s['mean'])} (n=1)" if s["n"] == 1 else
                 f"{_fmt(s['mean'])} ± {_fmt(s['std'])} ({s['n']})",
                 f"{_fmt(s['min'])}-{_fmt(s['max'])}",
                 _fmt(g.stat(g.test_errors)["mean"])]
@@ -403,7 +405,8 @@ def figures(report: Report) -> dict[str, bytes]:
     if pts:
       ax.plot(*zip(*pts), "--", marker=".", alpha=0.5, label=f"lr={lr:g}")
   stats = [report.best[x].stat() for x in xs]
-  ax.errorbar(xs, [s["mean"] for s in stats], yerr=[s["std"] for s in stats],
+  ax.errorbar(xs, [s["mean"] for s in stats],
+              yerr=[0.0 if math.isnan(s["std"]) else s["std"] for s in stats],
               color="k", marker="o", capsize=3, label="best lr per width")
   ax.set_xscale("log", base=2)
   ax.set_xlabel(f"{report.x_flag} (hidden units)")
@@ -679,11 +682,13 @@ def _pair(a: float, b: float) -> str:
   return f"{_w(a)}→{_w(b)}"
 
 
-def _ival(iv: dict, digits: int = 4) -> str:
+def _ival(iv: dict, values, digits: int = 4) -> str:
+  """`mean ± std [min, max] (n=k), 95% t-interval [low, high]`."""
+  text = _spread_text(values, digits)
   if iv["n"] < 2:
-    return f"{iv['mean']:.{digits}f} (n={iv['n']})"
-  return (f"{iv['mean']:.{digits}f} [{iv['low']:.{digits}f}, "
-          f"{iv['high']:.{digits}f}] (n={iv['n']})")
+    return text
+  return (f"{text}, {CONFIDENCE:.0%} t-interval [{iv['low']:.{digits}f}, "
+          f"{iv['high']:.{digits}f}]")
 
 
 def _spread_text(values, digits: int = 2) -> str:
@@ -745,7 +750,7 @@ def claim_error_falls(report: Report) -> common.Claim:
     holds += [d > 0 for d in drops]
     parts.append(f"{_pair(a.x, b.x)}: {_spread_text(drops)}")
   n_hold = sum(holds)
-  measured = (f"error removed (points, seed-paired): " + "; ".join(parts)
+  measured = ("error removed (points, seed-paired): " + "; ".join(parts)
               + f". Lower at the wider net in {n_hold} of {len(holds)} "
               f"(pair, seed)") if holds else "fewer than two widths finished"
   return common.Claim(
@@ -763,10 +768,11 @@ def claim_roi_falls(report: Report) -> common.Claim:
   """Fig. 2: the ROI falls from each step of widths to the next."""
   drops = roi_drop_intervals(report)
   signs = [interval_sign(d) for d in drops]
-  parts = [f"{_pair(*d['step'])} minus {_pair(*d['next'])}: {_ival(d)}, "
-           f"{RESOLVED[s]}" for d, s in zip(drops, signs)]
-  measured = ("ROI drop (points per unit, seed-paired, mean [95% t-interval]"
-              "): " + "; ".join(parts)) if drops else (
+  parts = [f"{_pair(*d['step'])} minus {_pair(*d['next'])}: "
+           f"{_ival(d, d['per_seed'].values())}, {RESOLVED[s]}"
+           for d, s in zip(drops, signs)]
+  measured = ("ROI drop (points per unit, seed-paired): " + "; ".join(parts)
+              ) if drops else (
                   "fewer than three widths finished")
   if drops and all(s is None for s in signs):
     measured += "; n=1: an interval needs two seeds"
@@ -789,10 +795,11 @@ def claim_roi_positive(report: Report) -> common.Claim:
   """The ROI stays positive (the paper: up to 15000 units)."""
   steps = roi_intervals(report)
   signs = [interval_sign(r) for r in steps]
-  parts = [f"{_pair(r['from'], r['to'])}: {_ival(r)}, {RESOLVED[s]}"
+  parts = [f"{_pair(r['from'], r['to'])}: "
+           f"{_ival(r, r['per_seed'].values())}, {RESOLVED[s]}"
            for r, s in zip(steps, signs)]
-  measured = ("ROI (points per unit, seed-paired, mean [95% t-interval]): "
-              + "; ".join(parts)) if steps else "fewer than two widths"
+  measured = ("ROI (points per unit, seed-paired): " + "; ".join(parts)
+              ) if steps else "fewer than two widths"
   if steps and all(s is None for s in signs):
     measured += "; n=1: an interval needs two seeds"
   return common.Claim(
@@ -893,7 +900,7 @@ def claim_compare(label: str, sigmoid: Report, other: Report
   for x in xs:
     a, b = sigmoid.best[x], other.best[x]
     if a is None or b is None:
-      parts.append(f"{_w(x)}: " + ("no eligible rate"))
+      parts.append(f"{_w(x)}: no eligible rate")
       continue
     ea, eb = a.stat()["mean"], b.stat()["mean"]
     both += 1
@@ -938,7 +945,8 @@ def claims_markdown(claims: Sequence[common.Claim], study: Study) -> str:
   m = study.metric.replace("top", "top-")
   lines = [f"Training {m} error in %, final epoch; each width at its best "
            f"learning rate. Verdicts come from the rule in each row.", ""]
-  lines += common.claims_table(claims)
+  lines += common.claims_table([dataclasses.replace(
+      c, claim=f"`{c.id}`: {c.claim}") for c in claims])
   return "\n".join(lines) + "\n"
 
 
@@ -972,13 +980,13 @@ def study_figures(study: Study) -> dict[str, bytes]:
   plt = figures_lib.pyplot()
   m = study.metric.replace("top", "top-")
   fig, ax = plt.subplots(figsize=(6, 4.2))
-  for i, (label, other) in enumerate(sorted(study.compare.items())):
-    for rep, name, style in ((study.compare_main.get(label),
-                              _flag_text(study.main, "kernel_init"), "-"),
+  main_name = _flag_text(study.main, "kernel_init")
+  for label, other in sorted(study.compare.items()):
+    for rep, name, style in ((study.compare_main.get(label), main_name, "-"),
                              (other, label, "--")):
-      if rep is None or (i and rep is study.compare_main.get(label)):
+      groups = best_groups(rep) if rep is not None else []
+      if not groups:
         continue
-      groups = best_groups(rep)
       seeds = sorted({s for g in groups for s in g.errors}, key=str)
       ax.plot([g.x for g in groups], [g.stat()["mean"] for g in groups],
               style, marker="o",
