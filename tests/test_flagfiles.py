@@ -72,7 +72,9 @@ def test_capacity_cpu_grid_spans_the_required_widths():
     grid = dict(sweep.parse_grid(sweep.grid_from_flagfile(f.read())))
   widths = [int(w) for w in grid["width"]]
   assert min(widths) <= 16 and max(widths) >= 1024
-  assert len(grid["learning_rate"]) == 2
+  # Enough rates to bracket the best one, 3 seeds, the paper's 300 epochs.
+  assert len(grid["learning_rate"]) >= 3 and len(grid["seed"]) >= 3
   cfg = load("capacity_mnist1d_cpu.flags")
-  assert cfg.dataset == "mnist1d"
-  assert cfg.mnist1d_examples * (1 - cfg.mnist1d_test_fraction) >= 40000
+  assert cfg.dataset == "mnist1d" and cfg.epochs == 300
+  # 20k (not the 40k of the 2-rate, 200-epoch grid): the 3-hour cpu tier.
+  assert cfg.mnist1d_examples * (1 - cfg.mnist1d_test_fraction) >= 20000
