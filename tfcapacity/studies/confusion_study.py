@@ -632,10 +632,6 @@ def _n_seeds(holds: dict) -> str:
   return f"holds in {sum(holds.values())} of {len(holds)} seeds"
 
 
-def _fmt_level(axis: str, value) -> str:
-  return f"{axis} {value}"
-
-
 def _pairs_claim(id_: str, claim: str, paper: str, rule: str,
                  comparisons: Sequence[tuple[str, str, dict, str, dict]]
                  ) -> Claim:
@@ -681,16 +677,14 @@ def _axis_comparisons(parts, rows, role, axis, key, larger_is_less: bool,
       levels = sorted({r[axis] for r in group})
       if len(levels) < 2:
         continue
-      lo, hi = levels[0], levels[-1]
-      v_lo = by_seed(group, key, **{axis: lo})
-      v_hi = by_seed(group, key, **{axis: hi})
-      # The end expected less confused must have the larger `key` when
-      # larger_is_less, else the smaller.
-      less, more = ((hi, v_hi), (lo, v_lo)) if less_confused_end == "high" \
-          else ((lo, v_lo), (hi, v_hi))
-      (a_lv, a), (b_lv, b) = (more, less) if larger_is_less else (less, more)
-      out.append((family, _fmt_level(axis, a_lv), a,
-                  _fmt_level(axis, b_lv), b))
+      ends = {end: (level, by_seed(group, key, **{axis: level}))
+              for end, level in (("low", levels[0]), ("high", levels[-1]))}
+      less = ends[less_confused_end]
+      more = ends["low" if less_confused_end == "high" else "high"]
+      # Less confused: the larger cosine, the smaller raw confusion.
+      low, high = (more, less) if larger_is_less else (less, more)
+      out.append((family, f"{axis} {low[0]}", low[1], f"{axis} {high[0]}",
+                  high[1]))
   return out
 
 
