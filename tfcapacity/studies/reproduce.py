@@ -696,7 +696,8 @@ def to_html(markdown_text: str, out_dir: str) -> str:
           + "\n</body></html>\n")
 
 
-DOCS_FIGURES = {"capacity": "docs/figures/capacity"}  # Others: docs/figures.
+DOCS_FIGURES = {"capacity": "docs/figures/capacity",
+                "confusion": "docs/figures/confusion"}  # Others: docs/figures.
 
 
 def docs_figures_dir(study: str) -> str:
