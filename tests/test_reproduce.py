@@ -296,3 +296,35 @@ def test_micro_plan_killed_midway_resumes_without_redoing_runs(tmp_path):
   for row in rows[1:]:
     assert any(v in row for v in (lib.REPRODUCED, lib.PARTLY,
                                   lib.NOT_REPRODUCED, lib.NOT_MEASURED))
+
+
+@pytest.mark.parametrize("tier", ["quick", "cpu"])
+def test_every_run_of_the_tiers_derived_flagfiles_is_valid(tmp_path, tier):
+  from tfcapacity.studies import capacity  # pylint: disable=g-import-not-at-top
+  from tfcapacity.studies import confusion_study  # pylint: disable=g-import-not-at-top
+  from tfcapacity.studies import maxibatch  # pylint: disable=g-import-not-at-top
+  from tfcapacity.studies import sweep  # pylint: disable=g-import-not-at-top
+  counts = {}
+  for study in lib.tier_plan(tier).studies:
+    path = lib.write_plan_flagfile(str(tmp_path), study)
+    with open(path) as f:
+      text = f.read()
+    base = [f"--flagfile={path}"]
+    if study.name == "capacity":
+      grid = sweep.parse_grid(sweep.grid_from_flagfile(text))
+      cells = sweep.cells(grid) + sweep.cells(
+          capacity.compare_grid(text, grid))
+    elif study.name == "confusion":
+      cells = [c for p in confusion_study.parse_parts(text)
+               for c in p.cells()]
+    elif study.name == "maxibatch":
+      cells = sweep.cells(sweep.parse_grid(sweep.grid_from_flagfile(text)))
+      cells += maxibatch.parse_variants(text, cells, str(tmp_path))
+    else:
+      cells = [sweep.Cell(0, ())]
+    sweep.validate(base, cells)
+    counts[study.name] = len(cells)
+  if tier == "quick":  # The reduced grids of the smoke test.
+    # 32 confusion cells at init and 16 training runs.
+    assert counts == {"capacity": 15, "confusion": 48, "random_labels": 1,
+                      "maxibatch": 8}

@@ -142,6 +142,23 @@ DOCS_PAGES = {
     "random_labels": "docs/random_labels.md",
     "maxibatch": "docs/maxibatch.md",
 }
+QUICK_CONFUSION_PARTS = (
+    "init_width: kernel_init=glorot_normal,he_normal; width=16,64,256,1024; "
+    "seed=0",
+    "init_depth: kernel_init=glorot_normal,he_normal; depth=1,4,16,32; "
+    "seed=0",
+    "train_width: kernel_init=he_normal; width=16,256; seed=0",
+    "train_depth: kernel_init=he_normal; depth=1,16; "
+    "learning_rate=0.0125,0.05,0.2; seed=0",
+    "init_linear: activation=linear; kernel_init=orthogonal,glorot_normal; "
+    "depth=1,4,16,32; seed=0",
+    "train_linear_scaled: activation=linear; "
+    "kernel_init=orthogonal,glorot_normal; depth=1,32; lr_x_depth=0.08; "
+    "seed=0",
+    "init_norm_skip: kernel_init=he_normal; model=mlp,fc_resnet; "
+    "normalization=none,batch; depth=2,32; seed=0",
+    "train_norm_skip: kernel_init=he_normal; model=mlp,fc_resnet; "
+    "normalization=none,batch; depth=32; lr_x_depth=0.4; seed=0")
 QUICK_VARIANTS = (
     "m1400_noise_empirical seed=0 batch_size=1400 learning_rate=0.1 "
     "grad_noise=empirical grad_noise_reference=@batch_size=50,"
@@ -194,8 +211,9 @@ def tier_plan(tier: str) -> Plan:
                comments={"sweep.grid": ("width=16,64,256",
                                         "learning_rate=2,0.5,0.1",
                                         "seed=0")},
-               flags={"epochs": "20"}),
+               flags={"epochs": "20", "mnist1d_examples": "5000"}),
         _study("confusion", first_seed=True,
+               comments={"confusion.*": QUICK_CONFUSION_PARTS},
                flags={"epochs": "3"}),
         _study("random_labels", args=(
             "--quick", "--depths=1,2", "--widths=16,64", "--drift_depths=1")),
