@@ -352,8 +352,9 @@ ACTIVATIONS = ("sigmoid", "relu", "leaky_relu", "tanh", "softplus", "linear")
 KERNEL_INITS = ("glorot_uniform", "glorot_sigmoid", "glorot_normal",
                 "he_normal", "lecun_normal", "orthogonal")
 # Glorot & Bengio (2010) derive U(-r, r), r = sqrt(6 / (fan_in + fan_out)),
-# for tanh units and suggest 4r for sigmoid units, whose slope at 0 is 1/4;
-# the sigmoid nets of Dauphin & Bengio (2013) were initialised that way.
+# for tanh units; their lab's Theano-era sigmoid nets (the paper's era of
+# Dauphin & Bengio 2013) used 4r, the sigmoid's slope at 0 being a quarter
+# of tanh's.
 # Uniform variance scaling has limit sqrt(3 * scale / fan_avg), so 4r is
 # scale 16 with mode fan_avg.
 GLOROT_SIGMOID_FACTOR = 4.0
