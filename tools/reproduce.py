@@ -53,6 +53,7 @@ from tfcapacity.errors import UserError  # noqa: E402
 from tfcapacity.studies import common  # noqa: E402
 from tfcapacity.studies import reproduce as lib  # noqa: E402
 from tfcapacity.studies import sweep  # noqa: E402
+from tfcapacity import rundir  # noqa: E402
 
 flags.DEFINE_string("out", None, "Directory of the reproduction: one "
                     "subdirectory per study, the report at its top.")
@@ -123,29 +124,41 @@ def check_out_dir(path: str) -> None:
 
 
 def dry_run(plan: lib.Plan) -> None:
-  """Validates every run of the plan and prints it; trains nothing."""
+  """Validates every run of the plan and prints it; trains nothing. With
+  --docs, the paper tier's plan also goes to docs/reproduce/paper/plan.md."""
+  out = []
   for study in plan.studies:
     study_dir = os.path.join(FLAGS.out, study.name)
     if plan.tier != "paper":
-      print(f"{study.name}: {study.tool} --flagfile="
-            f"{os.path.join(FLAGS.out, lib.PLANS_DIR, study.name)}.flags "
-            f"{' '.join(study.args)} (the tool validates its runs when it "
-            f"starts)")
+      out.append(f"{study.name}: {study.tool} --flagfile="
+                 f"{os.path.join(FLAGS.out, lib.PLANS_DIR, study.name)}.flags "
+                 f"{' '.join(study.args)} (the tool validates its runs when "
+                 f"it starts)")
       continue
     with cli.quiet_native_stderr():
       cells = lib.paper_cells(study, study_dir)
       cache = {}
       estimates = [lib.estimate(study, c.name, cfg, cache)
                    for c, cfg in cells]
-    missing = lib.data_missing(cells[0][1])
-    print(f"\n## {study.title}\n\n{len(cells)} runs of {study.flagfile}, "
-          f"all valid. Data: {missing or 'present'}.\n")
-    print("\n".join(lib.estimate_table(estimates, FLAGS.gpu_tflops)))
-  for name, why in lib.NO_PAPER_PLAN.items():
-    if plan.tier == "paper" and not FLAGS.only:
-      print(f"\n{name}: {why}.")
+      missing = lib.data_missing(cells[0][1])
+    out += [f"\n## {study.title}\n", f"{len(cells)} runs of "
+            f"`{study.flagfile}`, all valid. Data: {missing or 'present'}."
+            "\n"]
+    out += lib.estimate_table(estimates, FLAGS.gpu_tflops)
   if plan.tier == "paper":
-    print("\n" + lib.ESTIMATE_NOTE)
+    out += [f"\n{name}: {why}." for name, why in lib.NO_PAPER_PLAN.items()
+            if not FLAGS.only]
+    out += ["\n" + lib.ESTIMATE_NOTE + f" Here --gpu_tflops="
+            f"{FLAGS.gpu_tflops:g}."]
+  text = "\n".join(out).strip() + "\n"
+  print(text)
+  if FLAGS.docs and plan.tier == "paper":
+    path = os.path.join(lib.ROOT, "docs", "reproduce", "paper", "plan.md")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    command = shlex.join(["python", "tools/reproduce.py", *sys.argv[1:]])
+    rundir.atomic_write(path, f"# The paper tier's plan\n\nWritten by `"
+                        f"{command}`.\n\n{text}")
+    print(f"written to {path}")
 
 
 def run_study(study: lib.Study, flagfile: str) -> int:
