@@ -192,7 +192,8 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
   flags.DEFINE_string(
       "kernel_init", "glorot_uniform",
       "glorot_uniform | glorot_normal | he_normal | lecun_normal | "
-      "orthogonal.", flag_values=fv)
+      "orthogonal | glorot_sigmoid (Glorot's uniform limit x4, for sigmoid "
+      "units).", flag_values=fv)
   flags.DEFINE_string("normalization", "none", "none | batch | ghost.",
                       flag_values=fv)
   flags.DEFINE_integer(

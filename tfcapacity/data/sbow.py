@@ -37,13 +37,12 @@ images are ordered by class index, then by position in their file;
 validation images keep the release's order.
 
 Features are stored uncompressed by default, in chunks of 1024 rows (4 MB;
-four chunks make one read block of the `hdf5:` reader). Measured on synthetic
-counts of ~1000 Zipf-distributed words per image (2 CPU cores, warm page
-cache): 4.0 kB per row uncompressed (about 5 GB for the 1.26M training
-images), 0.65 kB with gzip level 1 plus byte shuffle, 1.1 kB with lzf; raw
-block reads ran at 5.3M, 116k and 100k rows/s, and the `hdf5:` dataset's
-shuffled batches of 128 at 188k (uncompressed) and 45k (gzip) examples/s.
-Compression would starve a GPU MLP, so it is an option, not the default.
+four chunks make one read block of the `hdf5:` reader): about 4 kB per row
+(5 GB for the 1.26M training images), against about 0.55 kB with gzip.
+`python benchmarks/hdf5_read.py` measures what each costs in read speed
+through the `hdf5:` dataset (docs/capacity.md has its figures).
+Compression more than halved the read rate there, so it is an option, not
+the default.
 
 Conversion streams one source file at a time into `<output>.partial` and
 renames it to `<output>` only when complete. Rows reach the file in whole
