@@ -236,12 +236,13 @@ MICRO_PLAN = {"tier": "quick", "studies": {
         "flags": {"steps": 20, "eval_every": 10, "gradients_every_steps": 10,
                   "track_distance_every_epochs": 10}},
     "maxibatch": {
-        "comments": {"sweep.grid": ["batch_size=50,400", "learning_rate=0.1",
+        "comments": {"sweep.grid": ["batch_size=50,200", "learning_rate=0.1",
                                     "seed=0"],
                      "maxibatch.variant": [
-                         "big_ghost seed=0 batch_size=400 learning_rate=0.1 "
-                         "normalization=ghost ghost_batch_size=50"]},
-        "flags": {"epochs": 2, "depth": 8, "lr_drop_epochs": 1,
+                         "big_ghost seed=0 batch_size=200 learning_rate=0.1 "
+                         "normalization=ghost ghost_batch_size=10"]},
+        "flags": {"epochs": 2, "depth": 8, "train_subset": 200,
+                  "lr_drop_epochs": 1, "eval_every": 2,
                   "curvature_every_epochs": 1, "curvature_around_drop": 0,
                   "curvature_examples": 20},
         "args": ["--quick", "--interpolation_points=3", "--plane_points=3",
