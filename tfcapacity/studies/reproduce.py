@@ -374,7 +374,7 @@ def tool_command(python: str, study: Study, out_dir: str, flagfile: str, *,
     cmd += [f"--shard_index={shard_index}", f"--num_shards={num_shards}"]
   if docs and study.docs_page and not study.docs_kept:
     cmd += [f"--docs_page={os.path.join(ROOT, study.docs_page)}",
-            f"--figures_dir={os.path.join(ROOT, 'docs', 'figures', study.name)}"]
+            f"--figures_dir={docs_figures_dir(study.name)}"]
   return cmd
 
 
@@ -565,11 +565,15 @@ def _minutes(seconds: float) -> str:
 
 def _timing(s: Section) -> str:
   shown = len(s.invocations)
+  found = s.runs - s.trained_here
   return (f"{_minutes(s.wall_seconds)} of wall time over {shown} "
           f"invocation{'s' if shown != 1 else ''} of the study tool, which "
-          f"trained {s.trained_here} of the {s.runs} finished runs (the "
-          f"others were found finished); the runs' own training time adds "
-          f"up to {_minutes(s.training_seconds)}")
+          f"trained {s.trained_here} of the {s.runs} finished runs"
+          + (f" ({found} were found finished, trained before this output "
+             f"directory's first invocation or by other shards)"
+             if found > 0 else "")
+          + f"; the runs' own training time adds up to "
+          f"{_minutes(s.training_seconds)}")
 
 
 def figure_copies(out_dir: str, s: Section) -> list[str]:
@@ -587,13 +591,15 @@ def figure_copies(out_dir: str, s: Section) -> list[str]:
 
 
 def summary_table(sections: Sequence[Section], quick: bool) -> list[str]:
-  lines = ["| paper | verdict | claims | wall time | runs |",
-           "|---|---|---|---|---|"]
+  lines = ["| paper | verdict | claims | wall time of the tool | runs "
+           "(trained by the tool) | runs' own training time |",
+           "|---|---|---|---|---|---|"]
   for s in sections:
     verdict = f"**{s.verdict}**" + (" (smoke test)" if quick else "")
     lines.append(f"| {common.escape(s.study.title)} | {verdict} | "
                  f"{common.escape(s.why)} | {_minutes(s.wall_seconds)} | "
-                 f"{s.runs} |")
+                 f"{s.runs} ({s.trained_here}) | "
+                 f"{_minutes(s.training_seconds)} |")
   return lines
 
 
