@@ -328,4 +328,4 @@ def test_every_run_of_the_tiers_derived_flagfiles_is_valid(tmp_path, tier):
   if tier == "quick":  # The reduced grids of the smoke test.
     # 32 confusion cells at init and 16 training runs.
     assert counts == {"capacity": 15, "confusion": 48, "random_labels": 1,
-                      "maxibatch": 8}
+                      "maxibatch": 4}
