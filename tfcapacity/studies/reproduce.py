@@ -26,8 +26,9 @@ locks keep two machines from training one run twice.
 The `quick` tier runs every study at one seed on reduced grids (a smoke
 test of the pipeline; its verdicts say so), `cpu` the studies' own CPU
 flagfiles at three seeds, and `paper` the paper-scale flagfiles, which need
-the real data and GPUs (`plan_paper` validates every cell and estimates the
-GPU-hours without running anything).
+the real data and GPUs (`paper_cells` validates every run and `estimate`
+counts its FLOPs, so a dry run prints the GPU-hours without running
+anything).
 
 The paper verdict of a study is computed from its claims' verdicts by
 `paper_verdict`, whose rule is `PAPER_RULE`.
