@@ -71,11 +71,7 @@ def main(argv):
   text = common.read_base_flagfile(PROG, "flags/capacity_mnist1d_cpu.flags")
   started = time.time()
   try:
-    spec = sweep.grid_from_flagfile(text)
-    if spec is None:
-      raise UserError(f"{FLAGS.base_flagfile} has no '# sweep.grid: "
-                      f"flag=v1,v2' lines; add the study's grid there")
-    grid = sweep.parse_grid(spec)
+    grid = sweep.flagfile_grid(text, FLAGS.base_flagfile)
     for axis in ("width", "learning_rate"):
       if axis not in dict(grid):
         raise UserError(f"the grid of {FLAGS.base_flagfile} has no {axis} "

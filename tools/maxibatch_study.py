@@ -181,11 +181,7 @@ def main(argv):
       PROG, "flags/maxibatch_resnet_digits_cpu.flags")
   started = time.time()
   try:
-    spec = sweep.grid_from_flagfile(text)
-    if spec is None:
-      raise UserError(f"{FLAGS.base_flagfile} has no '# sweep.grid: "
-                      f"flag=v1,v2' lines; add the study's grid there")
-    grid = sweep.parse_grid(spec)
+    grid = sweep.flagfile_grid(text, FLAGS.base_flagfile)
     grid_cells = sweep.cells(maxibatch.first_seed_only(grid) if FLAGS.quick
                              else grid)
     variants = maxibatch.parse_variants(text, grid_cells, FLAGS.study_dir)

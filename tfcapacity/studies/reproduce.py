@@ -836,10 +836,7 @@ def paper_cells(study: Study, study_dir: str):
   from tfcapacity.studies import sweep  # pylint: disable=g-import-not-at-top
   with open(study.flagfile_path()) as f:
     text = derive_flagfile(f.read(), study)
-  spec = sweep.grid_from_flagfile(text)
-  if spec is None:
-    raise UserError(f"{study.flagfile} has no '# sweep.grid:' lines")
-  cells = sweep.cells(sweep.parse_grid(spec))
+  cells = sweep.cells(sweep.flagfile_grid(text, study.flagfile))
   if study.name == "maxibatch":
     from tfcapacity.studies import maxibatch  # pylint: disable=g-import-not-at-top
     cells = [*cells, *maxibatch.parse_variants(text, cells, study_dir)]

@@ -128,6 +128,19 @@ def grid_from_flagfile(text: str) -> str | None:
   return ";".join(parts) if parts else None
 
 
+def flagfile_grid(text: str, path: str) -> list[tuple[str, list[str]]]:
+  """The parsed grid of the flagfile at `path` (whose text is `text`).
+
+  Raises:
+    UserError: the flagfile has no `# sweep.grid:` lines, or a bad one.
+  """
+  spec = grid_from_flagfile(text)
+  if spec is None:
+    raise UserError(f"{path} has no '# sweep.grid: flag=v1,v2' lines; add "
+                    f"the study's grid there")
+  return parse_grid(spec)
+
+
 def format_grid(grid: Sequence[tuple[str, Sequence[str]]]) -> str:
   return ";".join(f"{key}={','.join(values)}" for key, values in grid)
 
