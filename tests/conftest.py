@@ -99,3 +99,36 @@ def compute_tool(module, *args):
   fv(["prog", "--output=/nonexistent/unused.json", "--noprogress_bar",
       *args])
   return module.compute(fv)
+
+
+def snapshot(root) -> dict:
+  """{path relative to `root`: sha256 of its bytes} of every file under
+  `root` (a directory or one file), and `path/` for every directory: equal
+  snapshots before and after a command mean it changed nothing there."""
+  import hashlib
+  root = str(root)
+  if os.path.isfile(root):
+    with open(root, "rb") as f:
+      return {".": hashlib.sha256(f.read()).hexdigest()}
+  out = {}
+  for directory, dirs, files in os.walk(root):
+    rel = os.path.relpath(directory, root)
+    out[rel + "/"] = ""
+    for name in files:
+      path = os.path.join(directory, name)
+      with open(path, "rb") as f:
+        out[os.path.join(rel, name)] = hashlib.sha256(f.read()).hexdigest()
+  return out
+
+
+CLI_ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
+
+
+def run_cli(*argv, timeout=300, env=None, cwd=None):
+  """Runs `python ARGV...` (e.g. "-m", "tfcapacity.train", ...) or a tool
+  script path in a subprocess; returns the CompletedProcess (text)."""
+  import subprocess
+  import sys
+  return subprocess.run([sys.executable, *map(str, argv)],
+                        capture_output=True, text=True, timeout=timeout,
+                        env=env or CLI_ENV, cwd=cwd)
