@@ -425,17 +425,25 @@ def test_damaged_partial_file_is_restarted(release, tmp_path, damage):
     np.testing.assert_array_equal(a, b)
 
 
-def test_partial_file_of_other_arguments_is_restarted(release, tmp_path,
-                                                      monkeypatch):
+def test_partial_file_of_other_arguments_is_refused(release, tmp_path,
+                                                    monkeypatch):
   dirs, devkit, expected = release
   out = str(tmp_path / "out.h5")
-  sbow.convert(dirs["train"], devkit, "train", out, stop_after_files=3)
+  sbow.convert(dirs["train"], devkit, "train", out, chunk_rows=1,
+               stop_after_files=3)
+  before = conftest.snapshot(tmp_path)
   loads = LoadCounter(monkeypatch)
-  sbow.convert(dirs["train"], devkit, "train", out, normalize="l1")
-  assert len(loads.names) == 4
+  with pytest.raises(UserError, match=r"out\.h5\.partial: it was started "
+                     r"with --normalize=none, not --normalize=l1; delete it"):
+    sbow.convert(dirs["train"], devkit, "train", out, chunk_rows=1,
+                 normalize="l1")
+  assert not loads.names and conftest.snapshot(tmp_path) == before
+  summary = sbow.convert(dirs["train"], devkit, "train", out, chunk_rows=1)
+  assert summary["complete"] and loads.names == TRAIN_FILES[3:]
   x, y, _, attrs = read(out)
-  assert attrs["normalize"] == "l1" and len(y) == len(expected["train"])
-  np.testing.assert_allclose(x.sum(axis=1)[x.any(axis=1)], 1, rtol=1e-6)
+  assert attrs["normalize"] == "none" and len(y) == len(expected["train"])
+  np.testing.assert_array_equal(
+      x, [brute_counts(w) for _, w, _ in expected["train"]])
 
 
 def test_unreadable_partial_file_is_restarted(release, tmp_path):

@@ -31,10 +31,12 @@ histogram of each image (counts, or scaled to unit L1 or L2 norm; the devkit's
 demo classifier uses L2), chunked by `chunk_rows` rows; `labels` [n] int64
 class indices; `ids` [n] UTF-8 image names; file attributes `num_classes`
 (which `hdf5:` reads), `num_words`, `split`, `normalize`, `num_files`,
-`num_descriptors`, `num_empty`, `format_version`, `fingerprint` and the
-converter's checkpoint (`files_done`, `resume_file`, ...). Training
-images are ordered by class index, then by position in their file;
-validation images keep the release's order.
+`num_descriptors`, `num_empty`, `format_version`, `fingerprint` (a
+SHA-256 of the `inputs` record below) and the converter's checkpoint
+(`files_done`, `resume_file`, ...); `inputs`, a JSON string: the record of
+the options and input files the file was made from. Training images are
+ordered by class index, then by position in their file; validation images
+keep the release's order.
 
 Features are stored uncompressed by default, in chunks of 1024 rows (4 MB;
 four chunks make one read block of the `hdf5:` reader): about 4 kB per row
@@ -47,12 +49,25 @@ the default.
 Conversion streams one source file at a time into `<output>.partial` and
 renames it to `<output>` only when complete. Rows reach the file in whole
 chunks, each written once; after each source file a checkpoint (the first
-source file with rows still in memory, and the rows on disk) is stored with
-a fingerprint of the arguments and inputs, and the file is flushed. The same
-command resumes from the checkpoint, dropping rows written after it and
-re-reading only the one or two files whose rows were still in memory. A
-partial file with another fingerprint, or one that a kill left unreadable
-(HDF5 files are not crash-safe), is ours and is started afresh.
+source file with rows still in memory, and the rows on disk) is stored and
+the file is flushed. The same command resumes from the checkpoint, dropping
+rows written after it and re-reading only the one or two files whose rows
+were still in memory.
+
+A partial file is resumed only with the inputs and options it was started
+with (--overwrite and --progress may differ). Its `inputs` record holds the
+options that change the output (split, normalize, chunk_rows,
+compression), every source file's real path, class label, size and
+modification time (hashing the files would cost as much as converting
+them) and a SHA-256 of the devkit files read. A partial file whose record
+differs, or that holds none, is refused with one line saying what differs:
+delete it to start afresh, or rerun with the original inputs. It is only
+read until every check has passed, so a refused command leaves it, like
+the output, byte for byte as it was. A partial file that a kill left
+unreadable (HDF5 files are not crash-safe: it does not open, or its record
+or last chunk does not read back) is ours and is started afresh, with a
+warning. A source file that changes while it is read stops the conversion.
+An error after the partial file was opened says where it is.
 """
 
 from __future__ import annotations
@@ -335,24 +350,99 @@ def histograms(words: list[np.ndarray], normalize: str = "none") -> np.ndarray:
 # -- writing -------------------------------------------------------------
 
 _DATASETS = ("features", "labels", "ids")
+# The arguments that change the output, named as the converter's flags.
+_OPTIONS = ("split", "normalize", "chunk_rows", "compression")
+# The dataset of the partial (and final) file that records its inputs.
+_INPUTS = "inputs"
 
 
-def _fingerprint(split, normalize, chunk_rows, compression, sources,
-                 val_labels) -> str:
-  """A digest of everything that determines the output's contents."""
-  description = {
-      "format_version": FORMAT_VERSION, "split": split,
-      "normalize": normalize, "chunk_rows": chunk_rows,
-      "compression": compression,
-      "files": [[os.path.basename(s.path), s.label] for s in sources],
-      "val_labels": (None if val_labels is None else hashlib.sha256(
-          val_labels.astype("<i8").tobytes()).hexdigest()),
+def _file_digest(path: str) -> str:
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      digest.update(block)
+  return digest.hexdigest()
+
+
+def _stat(path: str) -> list[int]:
+  """[size, modification time in ns]: what the record holds of a source."""
+  st = os.stat(path)
+  return [st.st_size, st.st_mtime_ns]
+
+
+def _inputs(options: dict, devkit_dir: str, sources: list[Source]) -> dict:
+  """The record of everything that determines the output's contents.
+
+  Source files are recorded by real path, label, size and modification
+  time (hashing their contents would take about as long as converting
+  them); the small devkit files by a SHA-256 of their bytes, so that a moved
+  but unchanged devkit still matches.
+  """
+  truth = None
+  if options["split"] == "val":
+    truth = _file_digest(os.path.join(devkit_dir, GROUND_TRUTH_FILE))
+  return {
+      "format_version": FORMAT_VERSION,
+      "options": {k: options[k] for k in _OPTIONS},
+      "devkit": {"meta.mat": _file_digest(os.path.join(devkit_dir,
+                                                       META_FILE)),
+                 "ground_truth": truth},
+      "sources": [[os.path.realpath(s.path), s.label, *_stat(s.path)]
+                  for s in sources],
   }
-  text = json.dumps(description, sort_keys=True)
+
+
+def _fingerprint(inputs: dict) -> str:
+  """The digest of `_inputs`: the files' `fingerprint` attribute."""
+  text = json.dumps(inputs, sort_keys=True)
   return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _create(path, chunk_rows, compression, attrs) -> h5py.File:
+def _differences(old: dict, new: dict) -> list[str]:
+  """What differs between the recorded inputs `old` and `new`, in words."""
+  if old["format_version"] != new["format_version"]:
+    return [f"it was written in format {old['format_version']}, not "
+            f"{new['format_version']}"]
+  why = []
+  changed = [k for k in _OPTIONS if old["options"][k] != new["options"][k]]
+  if changed:
+    was = " ".join(f"--{k}={old['options'][k]}" for k in changed)
+    now = " ".join(f"--{k}={new['options'][k]}" for k in changed)
+    why.append(f"it was started with {was}, not {now}")
+  old_paths = [s[0] for s in old["sources"]]
+  new_paths = [s[0] for s in new["sources"]]
+  if old_paths != new_paths:
+    old_set, new_set = set(old_paths), set(new_paths)
+    gone = [p for p in old_paths if p not in new_set]
+    added = [p for p in new_paths if p not in old_set]
+    if gone:
+      detail = (f"{len(gone)} of its {len(old_paths)}, e.g. {gone[0]}, are "
+                f"not among the {len(new_paths)} now listed")
+    elif added:
+      detail = (f"{len(added)} of the {len(new_paths)} now listed, e.g. "
+                f"{added[0]}, were not among its {len(old_paths)}")
+    else:
+      detail = "in another order"
+    why.append(f"it was started from other source files ({detail})")
+  else:
+    if [s[1] for s in old["sources"]] != [s[1] for s in new["sources"]]:
+      why.append("its source files had other class labels")
+    modified = [n[0] for o, n in zip(old["sources"], new["sources"])
+                if o[2:] != n[2:]]
+    if modified:
+      more = (f" (and {len(modified) - 1} more)" if len(modified) > 1
+              else "")
+      why.append(f"source file {modified[0]}{more} changed since it was "
+                 f"started (size or modification time)")
+  for name, path in (("meta.mat", META_FILE),
+                     ("ground_truth", GROUND_TRUTH_FILE)):
+    if old["devkit"][name] != new["devkit"][name]:
+      why.append(f"the devkit's {path} differs from the one it was started "
+                 f"with")
+  return why
+
+
+def _create(path, chunk_rows, compression, attrs, inputs) -> h5py.File:
   f = h5py.File(path, "w")
   comp = _FILTERS[compression]
   f.create_dataset("features", (0, NUM_WORDS), np.float32,
@@ -362,6 +452,8 @@ def _create(path, chunk_rows, compression, attrs) -> h5py.File:
                    chunks=(chunk_rows,))
   f.create_dataset("ids", (0,), h5py.string_dtype("utf-8"),
                    maxshape=(None,), chunks=(chunk_rows,))
+  f.create_dataset(_INPUTS, data=json.dumps(inputs, sort_keys=True),
+                   dtype=h5py.string_dtype("utf-8"))
   f.attrs.update(attrs)
   f.attrs.update(files_done=0, resume_file=0, resume_skip=0, disk_rows=0,
                  num_descriptors=0, num_empty=0)
@@ -369,63 +461,102 @@ def _create(path, chunk_rows, compression, attrs) -> h5py.File:
   return f
 
 
-def _check_partial(f: h5py.File, fingerprint: str, num_sources: int,
-                   chunk_rows: int) -> str | None:
-  """Truncates `f` to its checkpoint; returns why it cannot resume, or None."""
+def _damage(f: h5py.File, num_sources: int, chunk_rows: int) -> str | None:
+  """Why the partial file `f` cannot continue from its checkpoint, or None.
+
+  Reads only: rows written after the checkpoint are dropped later, by
+  `_reopen`.
+  """
   a = f.attrs
-  if a["fingerprint"] != fingerprint:
-    return "it was written with other arguments or inputs"
   done, first, skip = (int(a[k]) for k in ("files_done", "resume_file",
                                             "resume_skip"))
   rows = int(a["disk_rows"])
-  if not 0 <= first <= done <= num_sources or skip < 0:
+  if not 0 <= first <= done <= num_sources or skip < 0 or rows < 0:
     return "its checkpoint is inconsistent"
   for name in _DATASETS:
     dset = f[name]
     if dset.shape[0] < rows:
       return f"{name} holds fewer rows than its checkpoint"
-    if dset.shape[0] > rows:
-      # Rows written after the checkpoint: whole chunks (rows is a multiple
-      # of chunk_rows until the end), dropped without reading them.
-      dset.resize(rows, axis=0)
-    if dset.id.get_num_chunks() != -(-rows // chunk_rows):
+    # Rows up to the checkpoint fill whole chunks (but the last), each
+    # written once; chunks beyond it are dropped on resuming.
+    kept = sum(dset.id.get_chunk_info(i).chunk_offset[0] < rows
+               for i in range(dset.id.get_num_chunks()))
+    if kept != -(-rows // chunk_rows):
       return f"chunks of {name} are missing"
     if rows:
       dset[max(0, rows - chunk_rows):rows]  # The last chunk must decode.
   return None
 
 
-def _reopen(path, fingerprint, num_sources, chunk_rows) -> h5py.File | None:
-  """The partial file at `path` ready to continue, or None to start afresh.
+def _first_line(e: BaseException) -> str:
+  return str(e).splitlines()[0] if str(e) else type(e).__name__
 
-  HDF5 files are not crash-safe: a kill during a write can leave a file
-  that does not open or does not decode. Such a file, or one written with
-  other arguments, is ours to replace.
+
+def _inspect_partial(path: str, inputs: dict,
+                     chunk_rows: int) -> tuple[bool, str | None]:
+  """Whether to resume the partial file at `path`, and what to log about it.
+
+  The file is only read, so a refused command leaves it byte for byte as it
+  was. It is resumed when it records exactly `inputs` and its checkpoint is
+  intact. HDF5 files are not crash-safe: one that a kill left unreadable
+  (it does not open, or its record or checkpoint does not read back) is
+  ours to start afresh, with a warning.
+
+  Returns:
+    (resume, note): note is the warning to log once every check passed.
+
+  Raises:
+    UserError: the file records other inputs or options, or none (an older
+      converter's file, or not one of the converter's), is locked by another
+      process, or is not a file.
   """
-  if not os.path.exists(path):
-    return None
+  if not os.path.lexists(path):
+    return False, None
   if not os.path.isfile(path):
     raise UserError(f"{path} is in the way of the partial output and is not "
                     f"a file; remove it")
+  afresh = f"Starting afresh: the partial file {path} is unreadable"
   try:
-    f = h5py.File(path, "r+")
+    f = h5py.File(path, "r")
   except OSError as e:
     if "unable to lock" in str(e).lower():
       raise UserError(f"{path} is locked: is another conversion writing it? "
                       f"Wait for it, or choose another --output") from None
-    logging.warning("Starting afresh: cannot open the partial file %s (%s).",
-                    path, str(e).splitlines()[0] if str(e) else e)
-    return None
-  try:
-    why = _check_partial(f, fingerprint, num_sources, chunk_rows)
-  # Any failure to read our own partial file means it is damaged.
-  except Exception as e:  # pylint: disable=broad-except
-    why = f"it is damaged ({type(e).__name__}: {e})"
-  if why is None:
-    return f
-  logging.warning("Starting afresh: cannot resume %s: %s.", path, why)
-  f.close()
-  return None
+    return False, f"{afresh} ({_first_line(e)})."
+  fix = ("delete it to start afresh, or rerun with the inputs and options "
+         "it was started with")
+  with f:
+    # Any failure to read our own record means the file is damaged.
+    try:
+      text = f[_INPUTS].asstr()[()] if _INPUTS in f else None
+    except Exception as e:  # pylint: disable=broad-except
+      return False, f"{afresh} ({type(e).__name__}: {_first_line(e)})."
+    try:
+      why = (["it holds no record of its inputs (an older converter wrote "
+              "it, or it is not a partial output)"] if text is None
+             else _differences(json.loads(text), inputs))
+    except (ValueError, KeyError, TypeError, IndexError):
+      why = ["its record of its inputs is malformed"]
+    if why:
+      raise UserError(f"cannot resume {path}: {'; '.join(why)}; {fix}")
+    try:
+      damage = _damage(f, len(inputs["sources"]), chunk_rows)
+    except Exception as e:  # pylint: disable=broad-except
+      damage = f"it is damaged ({type(e).__name__}: {_first_line(e)})"
+  if damage:
+    return False, f"Starting afresh: cannot resume {path}: {damage}."
+  return True, None
+
+
+def _reopen(path: str) -> h5py.File:
+  """The partial file `path`, checked by `_inspect_partial`, cut back to its
+  checkpoint: rows written after it are dropped without reading them."""
+  f = h5py.File(path, "r+")
+  rows = int(f.attrs["disk_rows"])
+  for name in _DATASETS:
+    if f[name].shape[0] > rows:
+      f[name].resize(rows, axis=0)
+  return f
 
 
 @dataclasses.dataclass
@@ -510,8 +641,10 @@ def convert(sbow_dir: str, devkit_dir: str, split: str, output: str, *,
   """Converts one split of the SBOW release into the HDF5 file `output`.
 
   All input that can be checked before reading the SBOW files is checked
-  before anything is written, and `output` is only ever replaced by a
-  complete file, so an error never damages an existing output.
+  before anything is written (and before the partial file's notes are
+  logged), and `output` is only ever replaced by a complete file, so an
+  error never damages an existing output. A partial file of other inputs
+  is refused, not replaced (module docstring).
 
   Args:
     sbow_dir: directory of the split's `.sbow.mat` files (or its parent,
@@ -535,7 +668,10 @@ def convert(sbow_dir: str, devkit_dir: str, split: str, output: str, *,
 
   Raises:
     UserError: bad arguments, a missing or malformed input, an existing
-      output without `overwrite`.
+      output without `overwrite`, a partial file that records other inputs
+      or options. An error after the partial file was opened says where it
+      is and how to resume or discard it; an OSError then is reported as a
+      UserError too.
   """
   if split not in SPLITS:
     raise UserError(f"unknown split {split!r}; choose one of: "
@@ -561,23 +697,70 @@ def convert(sbow_dir: str, devkit_dir: str, split: str, output: str, *,
   sources = list_sources(sbow_dir, split, classes)
   truth = os.path.join(devkit_dir, GROUND_TRUTH_FILE)
 
-  fingerprint = _fingerprint(split, normalize, chunk_rows, compression,
-                             sources, val_labels)
+  options = dict(split=split, normalize=normalize, chunk_rows=chunk_rows,
+                 compression=compression)
+  inputs = _inputs(options, devkit_dir, sources)
   partial = output + PARTIAL_SUFFIX
-  os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-  f = _reopen(partial, fingerprint, len(sources), chunk_rows)
-  if f is None:
-    f = _create(partial, chunk_rows, compression, {
+  resume, note = _inspect_partial(partial, inputs, chunk_rows)
+
+  # Every check passed: from here on the partial file is written.
+  if note:
+    logging.warning("%s", note)
+  summary = {"output": output, "complete": False, "files": len(sources),
+             "files_done": 0}
+  try:
+    if _write(partial, resume, inputs, sources, val_labels, truth, summary,
+              progress=progress, stop_after_files=stop_after_files):
+      os.replace(partial, output)
+      summary["complete"] = True
+  except (UserError, OSError) as e:
+    hint = ("; check the paths, permissions and free disk space"
+            if isinstance(e, OSError) else "")
+    kept = (f"the partial output {partial} is kept ({summary['files_done']} "
+            f"of {len(sources)} source files done): rerun the same command "
+            f"to resume, or delete it to start afresh (needed once a source "
+            f"file or the devkit is replaced)")
+    if not os.path.exists(partial):
+      kept = f"no partial output was left at {partial}"
+    raise UserError(f"{_first_line(e)}{hint}; {kept}") from None
+  if not summary["complete"]:
+    logging.info("Stopped after %d of %d source files; rerun to continue.",
+                 summary["files_done"], len(sources))
+    return summary
+  rows = summary["rows"]
+  logging.info(
+      "Wrote %s: %d %s images from %d files, %d descriptors (%.1f per "
+      "image), %d images without descriptors, normalize=%s.", output, rows,
+      split, len(sources), summary["num_descriptors"],
+      summary["num_descriptors"] / rows, summary["num_empty"], normalize)
+  return summary
+
+
+def _write(partial: str, resume: bool, inputs: dict, sources: list[Source],
+           val_labels: np.ndarray | None, truth: str, summary: dict, *,
+           progress: bool, stop_after_files: int | None) -> bool:
+  """Converts `sources` into `partial`, continuing it when `resume`.
+
+  Updates `summary` as files are done, so a caller knows how far an error
+  got. Returns whether `partial` is complete (renaming it is the caller's).
+  """
+  options = inputs["options"]
+  split, chunk_rows = options["split"], options["chunk_rows"]
+  os.makedirs(os.path.dirname(os.path.abspath(partial)), exist_ok=True)
+  if resume:
+    f = _reopen(partial)
+    summary["files_done"] = int(f.attrs["files_done"])
+    if summary["files_done"]:
+      logging.info("Resuming %s after %d of %d source files.", partial,
+                   summary["files_done"], len(sources))
+  else:
+    f = _create(partial, chunk_rows, options["compression"], {
         "format_version": FORMAT_VERSION,
         "source": "LSVRC-2010 SBOW (SIFT bag of visual words)",
-        "split": split, "normalize": normalize, "num_files": len(sources),
-        "num_words": NUM_WORDS, "num_classes": NUM_CLASSES,
-        "fingerprint": fingerprint, "complete": False})
-  elif int(f.attrs["files_done"]):
-    logging.info("Resuming %s after %d of %d source files.", partial,
-                 int(f.attrs["files_done"]), len(sources))
-
-  summary = {"output": output, "complete": False, "files": len(sources)}
+        "split": split, "normalize": options["normalize"],
+        "num_files": len(sources), "num_words": NUM_WORDS,
+        "num_classes": NUM_CLASSES, "fingerprint": _fingerprint(inputs),
+        "complete": False}, inputs)
   bar = None
   try:
     writer = _Writer(f, chunk_rows)
@@ -595,6 +778,10 @@ def convert(sbow_dir: str, devkit_dir: str, split: str, output: str, *,
     for k in range(start, stop):
       source = sources[k]
       ids, words = read_sbow(source.path)
+      # The rows must come from the file the record describes.
+      if _stat(source.path) != inputs["sources"][k][2:]:
+        raise UserError(f"{source.path} changed while it was being "
+                        f"converted (size or modification time)")
       n = len(ids)
       if split == "train":
         labels = np.full(n, source.label, np.int64)
@@ -608,7 +795,7 @@ def convert(sbow_dir: str, devkit_dir: str, split: str, output: str, *,
               f"matches the SBOW release")
       cut = skip if k == start else 0
       writer.add(_Piece(
-          index=k, size=n, hist=histograms(words[cut:], normalize),
+          index=k, size=n, hist=histograms(words[cut:], options["normalize"]),
           labels=labels[cut:], ids=np.array(ids[cut:], dtype=object),
           descriptors=sum(len(w) for w in words),
           empty=sum(not len(w) for w in words)))
@@ -616,15 +803,14 @@ def convert(sbow_dir: str, devkit_dir: str, split: str, output: str, *,
       if k + 1 == len(sources):
         writer.finish()
       writer.checkpoint(k + 1)
+      summary["files_done"] = k + 1
       if bar is not None:
         bar.update(1)
     summary.update(files_done=int(f.attrs["files_done"]),
                    rows=writer.disk_rows,
                    num_descriptors=writer.descriptors, num_empty=writer.empty)
     if summary["files_done"] < len(sources):
-      logging.info("Stopped after %d of %d source files; rerun to continue.",
-                   summary["files_done"], len(sources))
-      return summary
+      return False
     rows = writer.disk_rows
     if val_labels is not None and rows != len(val_labels):
       raise UserError(
@@ -636,15 +822,12 @@ def convert(sbow_dir: str, devkit_dir: str, split: str, output: str, *,
                       f"--sbow_dir at the SBOW release")
     f.attrs["num_examples"] = rows
     f.attrs["complete"] = True
+    return True
+  except BaseException:
+    if bar is not None:
+      bar.leave = False  # An error ends in one line, not a bar and a line.
+    raise
   finally:
     if bar is not None:
       bar.close()
     f.close()
-  os.replace(partial, output)
-  summary["complete"] = True
-  logging.info(
-      "Wrote %s: %d %s images from %d files, %d descriptors (%.1f per "
-      "image), %d images without descriptors, normalize=%s.", output, rows,
-      split, len(sources), summary["num_descriptors"],
-      summary["num_descriptors"] / rows, summary["num_empty"], normalize)
-  return summary
