@@ -33,10 +33,20 @@ The statistics cover the whole train split, before `--train_subset`, so that
 runs on nested subsets see identically preprocessed inputs. Scan results are
 kept per process, keyed by file path, size and mtime, so that loading the
 test split after the train split does not read the file again.
+
+Damaged files fail with one line. A path that is not an HDF5 file (a
+directory, text, a truncated copy) fails at load. A read that h5py cannot
+complete (a chunk that no longer decompresses, a broken chunk index) raises
+a UserError naming the file, the dataset and the rows of the first chunk
+that cannot be read, at load (labels, the finiteness and statistics scan) or
+during an epoch; in the latter case the error reaches the caller through
+`tf.data` as a TensorFlow error, from which `errors.user_error_from`
+recovers the one-line message.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -47,7 +57,7 @@ import tensorflow as tf
 
 from tfcapacity.data import arrays
 from tfcapacity.data import base
-from tfcapacity.errors import UserError
+from tfcapacity.errors import UserError, first_line
 
 # Rows per block of an unchunked features dataset, and the target size of a
 # block made of several small chunks.
@@ -85,15 +95,77 @@ def _strip_prefix(path: str) -> str:
   return path[len("hdf5:"):] if path.startswith("hdf5:") else path
 
 
+# The fix for a file whose bytes are wrong.
+_DAMAGED = "the file is damaged; regenerate or re-copy it"
+# What h5py raises when the HDF5 library fails to read metadata or data
+# (OSError), to walk a damaged group (RuntimeError), to find a damaged
+# object (KeyError) or to decode a damaged name (UnicodeDecodeError).
+_H5_ERRORS = (OSError, RuntimeError, KeyError, UnicodeDecodeError)
+
+
 def _open(path: str, what: str) -> h5py.File:
+  if os.path.isdir(path):
+    raise UserError(f"{path} is a directory, not an HDF5 file; check {what}")
   if not os.path.isfile(path):
     raise UserError(f"HDF5 file not found: {path}; check {what}")
   try:
     return h5py.File(path, "r")
   except OSError as e:
-    first = str(e).splitlines()[0] if str(e) else type(e).__name__
-    raise UserError(f"{path} is not a readable HDF5 file ({first}); check "
-                    f"{what}") from None
+    raise UserError(f"{path} is not a readable HDF5 file ({first_line(e)}); "
+                    f"check {what}, or regenerate or re-copy the file if it "
+                    f"is damaged") from None
+
+
+@contextlib.contextmanager
+def _damaged_as_user_error(path: str, what: str):
+  """Turns h5py's failures inside the block into one-line UserErrors.
+
+  For the file's structure (names, shapes, attributes); row reads go through
+  `_read_rows`, which names the rows.
+  """
+  try:
+    yield
+  except UserError:
+    raise
+  except _H5_ERRORS as e:
+    raise UserError(f"{path}: cannot read {what} ({type(e).__name__}: "
+                    f"{first_line(e)}); {_DAMAGED}") from e
+
+
+def _first_bad_chunk(dset: h5py.Dataset, lo: int, hi: int):
+  """(rows, error): the first chunk overlapping rows [lo, hi) whose rows
+  there fail to read, and all its rows [first, end); or None."""
+  if not dset.chunks:
+    return None
+  step = dset.chunks[0]
+  for first in range(lo - lo % step, hi, step):
+    end = min(first + step, dset.shape[0])
+    try:
+      dset[max(first, lo):min(end, hi)]
+    except OSError as e:
+      return (first, end), e
+  return None
+
+
+def _read_rows(dset: h5py.Dataset, lo: int, hi: int,
+               path: str) -> np.ndarray:
+  """`dset[lo:hi]`; a failed read raises a UserError naming the rows.
+
+  The rows named are all those of the first chunk that cannot be read,
+  found by reading [lo, hi) chunk by chunk after a failure (else [lo, hi)):
+  the same rows whichever part of a damaged chunk was asked for.
+
+  Raises:
+    UserError: h5py could not read the rows (e.g. a corrupted chunk).
+  """
+  try:
+    return dset[lo:hi]
+  except OSError as e:
+    found = _first_bad_chunk(dset, lo, hi)
+    (a, b), cause = found if found else ((lo, hi), e)
+    raise UserError(
+        f"{path}: cannot read rows {a}-{b - 1} of dataset {dset.name!r} "
+        f"({first_line(cause)}); {_DAMAGED}") from e
 
 
 def _contents(f: h5py.File) -> str:
@@ -124,7 +196,8 @@ def _resolve(path: str, cfg) -> tuple[_Part, _Part]:
   """The train and test parts of `path` under the split rules above."""
   feats, labs = cfg.hdf5_features, cfg.hdf5_labels
   test_path = _strip_prefix(cfg.test_dataset) if cfg.test_dataset else None
-  with _open(path, "--dataset=hdf5:<path>") as f:
+  with _open(path, "--dataset=hdf5:<path>") as f, _damaged_as_user_error(
+      path, "its list of datasets"):
     grouped = all(isinstance(f.get(g), h5py.Group) for g in ("train", "test"))
     if grouped:
       for prefix in ("train/", "test/"):
@@ -147,7 +220,8 @@ def _resolve(path: str, cfg) -> tuple[_Part, _Part]:
     if cfg.holdout_fraction > 0:
       raise UserError("--test_dataset and --holdout_fraction both define a "
                       "test split; drop one of them")
-    with _open(test_path, "--test_dataset") as f:
+    with _open(test_path, "--test_dataset") as f, _damaged_as_user_error(
+        test_path, "its list of datasets"):
       if not _has_pair(f, "", cfg):
         raise _missing_error(f, test_path, "", cfg)
     return flat, _Part(test_path, feats, labs)
@@ -193,7 +267,7 @@ def _read_labels(f: h5py.File, part: _Part) -> np.ndarray:
     raise UserError(
         f"{part.path}: {feats.shape[0]} feature rows but {shape[0]} labels in "
         f"{labs.name!r}; the two datasets must have one row per example")
-  raw = np.asarray(labs[()]).reshape(-1)
+  raw = np.asarray(_read_rows(labs, 0, shape[0], part.path)).reshape(-1)
   if raw.dtype.kind == "f" and np.all(np.isfinite(raw)) and np.all(
       raw == np.round(raw)):
     raw = raw.astype(np.int64)
@@ -225,7 +299,9 @@ def _same_data(a: _Part, b: _Part) -> bool:
 
 def _describe(part: _Part) -> tuple[np.ndarray, int | None, tuple]:
   """Labels, `num_classes` attribute and per-example shape of `part`."""
-  with h5py.File(part.path, "r") as f:
+  with _open(part.path, "--dataset/--test_dataset") as f, \
+      _damaged_as_user_error(part.path, f"datasets {part.features!r} and "
+                             f"{part.labels!r}"):
     labels = _read_labels(f, part)
     shape = tuple(int(d) for d in f[part.features].shape[1:])
     return labels, _num_classes_attr(f, part), shape
@@ -250,8 +326,9 @@ def _scan(part: _Part, rows_mask: np.ndarray | None, want_stats: bool,
     return _STATS[stats_key]
   if not want_stats and fid in _FINITE_CHECKED:
     return None
-  with h5py.File(part.path, "r") as f:
-    dset = f[part.features]
+  with _open(part.path, "--dataset/--test_dataset") as f:
+    with _damaged_as_user_error(part.path, f"dataset {part.features!r}"):
+      dset = f[part.features]
     is_float = dset.dtype.kind == "f"
     step = block_rows(dset)
     count, mean, m2 = 0, None, None
@@ -259,7 +336,8 @@ def _scan(part: _Part, rows_mask: np.ndarray | None, want_stats: bool,
     # read.
     stop = dset.shape[0] if is_float or want_stats else 0
     for lo in range(0, stop, step):
-      block = np.asarray(dset[lo:lo + step])
+      block = np.asarray(_read_rows(dset, lo, min(lo + step, stop),
+                                    part.path))
       if is_float and not np.all(np.isfinite(block)):
         bad = lo + int(np.argwhere(
             ~np.isfinite(block.reshape(len(block), -1)))[0, 0])
@@ -374,7 +452,8 @@ class HDF5Dataset(base.Dataset):
       self._scale = (1.0 / stats[1]).astype(np.float32)
     self._labels = labels
     self._rows = rows
-    with h5py.File(part.path, "r") as f:
+    with _open(part.path, "--dataset/--test_dataset") as f, \
+        _damaged_as_user_error(part.path, f"dataset {part.features!r}"):
       self.block_rows = block_rows(f[part.features])
     # Split-index boundaries of the file's blocks: block b holds the split's
     # examples [starts[b], starts[b + 1]).
@@ -388,6 +467,15 @@ class HDF5Dataset(base.Dataset):
 
   # -- reading ----------------------------------------------------------
 
+  @contextlib.contextmanager
+  def _open_features(self):
+    """The features dataset, in a file opened for the block."""
+    what = "that it was not moved or changed since the data were loaded"
+    with _open(self.path, what) as f:
+      with _damaged_as_user_error(self.path, f"dataset {self.features!r}"):
+        dset = f[self.features]
+      yield dset
+
   def _read(self, dset: h5py.Dataset, idx: np.ndarray) -> np.ndarray:
     """Features of split examples `idx` (unique), one slice per block."""
     sorter = np.argsort(idx, kind="stable")
@@ -397,7 +485,7 @@ class HDF5Dataset(base.Dataset):
     for lo, hi in zip(np.r_[0, cuts], np.r_[cuts, len(rows)]):
       r = rows[lo:hi]
       first, last = int(r[0]), int(r[-1])
-      data = dset[first:last + 1]
+      data = _read_rows(dset, first, last + 1, self.path)
       if last - first + 1 != len(r):
         data = data[r - first]
       out[sorter[lo:hi]] = data
@@ -439,8 +527,7 @@ class HDF5Dataset(base.Dataset):
     n = len(order)
     stop = n - n % batch_size if drop_remainder else n
     start = min(start_batch * batch_size, stop)
-    with h5py.File(self.path, "r") as f:
-      dset = f[self.features]
+    with self._open_features() as dset:
       xs, ys, have, lo = [], [], 0, 0
       for hi in ends:
         a, b = max(lo, start), min(hi, stop)
@@ -481,8 +568,8 @@ class HDF5Dataset(base.Dataset):
     unique, inverse = np.unique(indices, return_inverse=True)
     x = np.empty((0,) + self.info.input_shape, np.float32)
     if unique.size:
-      with h5py.File(self.path, "r") as f:
-        x = self._read(f[self.features], unique)
+      with self._open_features() as dset:
+        x = self._read(dset, unique)
     return x[inverse], self._labels[indices]
 
 

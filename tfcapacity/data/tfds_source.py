@@ -27,11 +27,17 @@ operation seed is given), whereas a resumed run must see the batches of the
 original run from `(seed, epoch, start_batch)` alone. TFDS writes examples in
 a shuffled order at preparation time, so windows of a few thousand examples
 already mix classes.
+
+An unknown name, config or version fails with one line; what TFDS logs while
+it looks the name up is dropped then (and passed on when the lookup works).
 """
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+import logging
+import re
 
 import numpy as np
 import tensorflow as tf
@@ -39,19 +45,52 @@ import tensorflow_datasets as tfds
 
 from tfcapacity.data import arrays
 from tfcapacity.data import base
-from tfcapacity.errors import UserError
+from tfcapacity.errors import UserError, first_line
 
 # Per-channel (mean, std) of train splits, by builder, data_dir and size.
 _CHANNEL_STATS: dict = {}
 _STATS_BATCH = 1024
 
 
-def _first_line(e: Exception) -> str:
-  text = str(e).strip()
-  return text.splitlines()[0] if text else type(e).__name__
+@contextlib.contextmanager
+def _held_logs():
+  """Holds back the log records of a block; drops them if it raises UserError.
+
+  `tfds.builder` logs at INFO why a name could not be loaded from files
+  before it raises; the UserError raised then says all that matters, and a
+  user error is one line. Records of a block that succeeds (or fails with
+  anything else) are passed on to the root logger's handlers afterwards, in
+  order. Only the root logger's handlers are held: absl and TFDS log
+  through it.
+  """
+  root = logging.getLogger()
+  saved, held = root.handlers[:], []
+
+  class Hold(logging.Handler):
+
+    def emit(self, record):
+      held.append(record)
+
+  root.handlers = [Hold()]
+  try:
+    yield
+  except UserError:
+    held.clear()
+    raise
+  finally:
+    root.handlers = saved
+    for record in held:
+      for handler in saved:
+        if record.levelno >= handler.level:
+          handler.handle(record)
 
 
 def _builder(name: str, cfg):
+  with _held_logs():
+    return _find_builder(name, cfg)
+
+
+def _find_builder(name: str, cfg):
   try:
     return tfds.builder(name, data_dir=cfg.data_dir)
   except tfds.core.registered.DatasetNotFoundError:
@@ -63,8 +102,21 @@ def _builder(name: str, cfg):
             "print(tfds.list_builders())'")
     raise UserError(f"unknown tensorflow-datasets dataset {name!r}; {hint}"
                     ) from None
-  except ValueError as e:  # e.g. an unknown config or version after the name
-    raise UserError(f"tfds:{name}: {_first_line(e)}") from None
+  # An unknown config (ValueError) or version (AssertionError) after the name.
+  except (ValueError, AssertionError) as e:
+    raise UserError(f"tfds:{name}: {_one_line(e)}; choose a config and "
+                    f"version the builder has: tfds:<name>[/<config>]"
+                    f"[:<version>]") from None
+
+
+def _one_line(e: BaseException) -> str:
+  """TFDS's multi-line message (configs one per line) as one line."""
+  text = ", ".join(line.strip() for line in str(e).splitlines()
+                   if line.strip())
+  # TFDS's lead-in to a list of close config names, when the list is empty.
+  text = re.sub(r"\s*Here are \d+ BuilderConfigs whose name closely "
+                r"match:\s*$", "", text)
+  return text[:400].rstrip(" .") or type(e).__name__
 
 
 def _prepare(builder, name: str, cfg) -> None:
@@ -80,7 +132,7 @@ def _prepare(builder, name: str, cfg) -> None:
     where = cfg.data_dir or "the default data_dir (~/tensorflow_datasets)"
     raise UserError(
         f"tfds:{name} is not prepared in {where} and could not be prepared "
-        f"({type(e).__name__}: {_first_line(e)[:200]}); pass --data_dir=<dir "
+        f"({type(e).__name__}: {first_line(e)[:200]}); pass --data_dir=<dir "
         f"with the prepared dataset> or --manual_dir=<dir with its downloaded "
         f"archives>") from None
 
