@@ -12,8 +12,15 @@ one sweep across machines with `--shard_index=$i --num_shards=$n` on a
 shared --sweep_dir. `sweep.csv` in --sweep_dir has one row per cell, and
 `tensorboard --logdir=SWEEP_DIR` shows the sweep in the HParams dashboard.
 
+A cell that another sweep on the same --sweep_dir is running is waited for
+(and run here if that sweep stops before it finishes), so two sweeps started
+on one directory both end with every cell's state. A damaged sweep.json,
+base.flags, or a cell's sweep_attempts.json or results.json stops the sweep
+before it writes anything, with one line naming the file and the fix.
+
 Exit status: 0 every cell of this shard finished (completed or diverged),
-1 some cell failed or is running elsewhere, 2 bad input.
+1 some cell did not (it failed, or its records were damaged while the sweep
+ran), 2 bad input (one line on stderr).
 """
 
 import os
@@ -73,6 +80,9 @@ def main(argv):
       base_text = f.read()
   except OSError as e:
     fail(f"cannot read --flagfile={FLAGS.base_flagfile}: {e.strerror}")
+  except ValueError as e:  # Not text.
+    fail(f"cannot read --flagfile={FLAGS.base_flagfile}: not a text file "
+         f"({e.__class__.__name__})")
   try:
     spec = FLAGS.grid or sweep.grid_from_flagfile(base_text)
     if spec is None:
@@ -86,11 +96,14 @@ def main(argv):
     from tfcapacity import config as config_lib  # pylint: disable=g-import-not-at-top
     base = config_lib.parse_args(base_args)
     if FLAGS.dry_run:
-      for cell in mine:
-        state = sweep.cell_state(os.path.join(FLAGS.sweep_dir, cell.name))
+      sweep.check_sweep_dir(FLAGS.sweep_dir, [c.name for c in all_cells])
+      states = [sweep.cell_state(os.path.join(FLAGS.sweep_dir, cell.name))
+                for cell in mine]  # All read before any line is printed.
+      for cell, state in zip(mine, states):
         print(f"{cell.index:4d}  {state:11s}  {cell.name}")
       return
-    new_grid = sweep.prepare_sweep_dir(FLAGS.sweep_dir, base, grid)
+    new_grid = sweep.prepare_sweep_dir(FLAGS.sweep_dir, base, grid,
+                                       all_cells)
   except UserError as e:
     fail(str(e))
   threads = common.threads_per_cell(FLAGS.threads_per_cell, FLAGS.parallel)

@@ -2,9 +2,11 @@
 
 The reports (capacity, confusion_study, random_labels, maxibatch) turn
 matplotlib figures into PNG bytes with `tfcapacity.figures.png`, and write
-them atomically and as TensorBoard images with `write_figures`. The tools (tools/sweep.py and
-tools/*_study.py) take the training runs' base flagfile as `--flagfile`
-(`base_flagfile_arg`), exit cleanly on SIGTERM (`exit_on_sigterm`), split
+them atomically and as TensorBoard images with `write_figures`. The tools
+(tools/sweep.py and tools/*_study.py) take the training runs' base flagfile
+as `--flagfile` (`base_flagfile_arg`), refuse a study directory with a
+damaged record before they train or report (`check_study_dir`, run by
+`read_base_flagfile`), exit cleanly on SIGTERM (`exit_on_sigterm`), split
 the CPU between parallel training processes (`threads_per_cell`), and end
 with status 1 when some run did not finish (`exit_if_unfinished`). Runs
 repeated over seeds are summarised by `spread` (values) and `band` (curves
@@ -329,9 +331,10 @@ def read_base_flagfile(prog: str, example: str,
                        fv: flags.FlagValues = flags.FLAGS) -> str:
   """The text of the study's base flagfile, after the required-flag checks.
 
-  --study_dir and --flagfile must be given and the file readable; anything
-  else ends the tool with one line (`cli.fail`). `example` names a
-  flagfile for the message.
+  --study_dir and --flagfile must be given, the file readable, and the
+  study directory's records intact (`check_study_dir`); anything else ends
+  the tool with one line (`cli.fail`) before it reads or writes a run.
+  `example` names a flagfile for the message.
   """
   if not fv.study_dir:
     cli.fail(prog, "--study_dir is required: the directory that holds the "
@@ -341,9 +344,43 @@ def read_base_flagfile(prog: str, example: str,
              f"flagfile, e.g. {example}")
   try:
     with open(fv.base_flagfile) as f:
-      return f.read()
+      text = f.read()
   except OSError as e:
     cli.fail(prog, f"cannot read --flagfile={fv.base_flagfile}: {e.strerror}")
+  except ValueError as e:  # Not text.
+    cli.fail(prog, f"cannot read --flagfile={fv.base_flagfile}: not a text "
+             f"file ({e.__class__.__name__})")
+  try:
+    check_study_dir(fv.study_dir)
+  except UserError as e:
+    cli.fail(prog, str(e))
+  return text
+
+
+def check_study_dir(study_dir: str) -> None:
+  """Checks the sweep records of a study directory; reads only.
+
+  The study directory is a sweep directory, and so is each subdirectory
+  holding a sweep.json or base.flags (a study of several grids, such as
+  the confusion study's parts). In each, sweep.json, base.flags and every
+  cell the runner has run (its sweep_attempts.json and results.json) are
+  read as `sweep.check_sweep_dir` reads them, so that neither training nor
+  a report starts from a damaged file. A path that does not exist yet is
+  fine; one that is a file or lies under one is not.
+
+  Raises:
+    UserError: one line naming the first damaged file and the fix.
+  """
+  from tfcapacity.studies import sweep  # pylint: disable=g-import-not-at-top
+  sweep.check_sweep_path(study_dir, "--study_dir")
+  if not os.path.isdir(study_dir):
+    return
+  sweep.check_sweep_dir(study_dir, flag="--study_dir")
+  for entry in sorted(os.listdir(study_dir)):
+    path = os.path.join(study_dir, entry)
+    if any(os.path.isfile(os.path.join(path, name))
+           for name in (sweep.SWEEP_FILE, sweep.BASE_FLAGS_FILE)):
+      sweep.check_sweep_dir(path)
 
 
 def base_flagfile_arg(argv: list[str]) -> list[str]:
