@@ -132,3 +132,24 @@ def run_cli(*argv, timeout=300, env=None, cwd=None):
   return subprocess.run([sys.executable, *map(str, argv)],
                         capture_output=True, text=True, timeout=timeout,
                         env=env or CLI_ENV, cwd=cwd)
+
+
+def readonly_argv(directory, argv):
+  """`argv` (a python command) run with `directory` mounted read-only in a
+  private mount namespace (root can write through chmod, not through a
+  read-only mount); None where namespaces are unavailable (the test then
+  skips)."""
+  import shutil
+  import subprocess
+  import sys
+  if not shutil.which("unshare"):
+    return None
+  probe = subprocess.run(
+      ["unshare", "-m", "--propagation", "private", "sh", "-c",
+       f"mount --bind -o ro '{directory}' '{directory}'"],
+      capture_output=True)
+  if probe.returncode != 0:
+    return None
+  quoted = " ".join(f"'{a}'" for a in map(str, [sys.executable, *argv]))
+  return ["unshare", "-m", "--propagation", "private", "sh", "-c",
+          f"mount --bind -o ro '{directory}' '{directory}' && exec {quoted}"]

@@ -410,8 +410,6 @@ def test_train_cli_corrupt_chunk_at_load(tmp_path):
   assert conftest.snapshot(path) == before
 
 
-@pytest.mark.xfail(strict=False,
-                   reason="needs the CLI to call errors.user_error_from")
 def test_train_cli_corrupt_chunk_mid_epoch(tmp_path):
   path, _, _ = write_h5(tmp_path / "d.h5", dtype=np.uint8)
   rows = corrupt_chunk(path, "features", 7)

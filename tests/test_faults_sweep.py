@@ -246,9 +246,6 @@ def test_study_report_only_with_damaged_cell_results(tmp_path, tool, marked):
   `common.check_study_dir` refuses it before the report. Unmarked: only
   the report's own reading can catch it.
   """
-  if tool == "confusion_study" and not marked:
-    pytest.xfail("tools/confusion_study.py report() does not turn the "
-                 "UserError of rundir.read_results into one line")
   flagfile = os.path.join(ROOT, "flags", STUDIES[tool] + ".flags")
   study_dir = str(tmp_path / "study")
   cell_dir = study_cell(tool, flagfile, study_dir)

@@ -31,6 +31,7 @@ from absl import logging
 
 from tfcapacity import config as config_lib
 from tfcapacity import data as data_lib
+from tfcapacity import errors
 from tfcapacity.errors import UserError
 from tfcapacity import objective
 from tfcapacity import rundir
@@ -268,14 +269,58 @@ def request_from_flags(fv: flags.FlagValues = flags.FLAGS) -> rundir.Request:
   return request
 
 
-def check_output(path: str) -> None:
-  """Raises UserError unless `path` can be written as a file."""
+def check_output(path: str, flag: str = "--output") -> None:
+  """Raises UserError unless `path` can be written as a file.
+
+  Checked before any computation, by creating (and removing) a temporary
+  file beside it: permission bits, read-only mounts and full quotas all
+  show, where `os.access` would not for root.
+  """
   directory = os.path.dirname(os.path.abspath(path))
   if os.path.isdir(path):
-    raise UserError(f"--output={path} is a directory; name a .json file")
+    raise UserError(f"{flag}={path} is a directory; name a .json file")
   if not os.path.isdir(directory):
-    raise UserError(f"--output={path}: directory {directory} does not exist; "
-                    f"create it first")
+    what = ("is a file" if os.path.exists(directory) else "does not exist; "
+            "create it first")
+    raise UserError(f"{flag}={path}: directory {directory} {what}")
+  try:
+    fd, probe = tempfile.mkstemp(dir=directory, prefix=".tfcapacity-probe-")
+    os.close(fd)
+    os.unlink(probe)
+  except OSError as e:
+    raise UserError(f"{flag}={path}: cannot write in {directory} "
+                    f"({e.strerror}); choose a writable directory") from None
+
+
+def os_error_line(e: OSError) -> str:
+  """One line for a file-system refusal met while writing (read-only,
+  full disk, permissions), naming the file."""
+  where = f" {e.filename}" if e.filename else ""
+  return (f"cannot access{where}: {e.strerror or e}; check that the "
+          f"directory is writable and has space")
+
+
+@contextlib.contextmanager
+def one_line_errors(prog: str) -> Iterator[None]:
+  """Ends the program with one line and status 2 for a user's mistake.
+
+  Catches `UserError`, a UserError that TensorFlow carried out of a
+  tf.data pipeline (`errors.user_error_from`), and `OSError` (the file
+  system refused: read-only, full, permissions); anything else is a bug and
+  keeps its traceback.
+  """
+  try:
+    yield
+  except UserError as e:
+    fail(prog, str(e))
+  except OSError as e:
+    logging.debug("OSError", exc_info=True)
+    fail(prog, os_error_line(e))
+  except Exception as e:  # pylint: disable=broad-except
+    found = errors.user_error_from(e)
+    if found is None:
+      raise
+    fail(prog, str(found))
 
 
 def run_tool(prog: str, fv: flags.FlagValues, compute, summary, *,
@@ -288,18 +333,16 @@ def run_tool(prog: str, fv: flags.FlagValues, compute, summary, *,
   the chief writes the JSON atomically and logs `summary(result)`. A
   UserError ends the program with one line and status 2.
   """
-  try:
+  with one_line_errors(prog):
     (check or request_from_flags)(fv)
     check_output(fv.output)
     with quiet_native_stderr():  # TF's load-time and device-probe lines.
       from tfcapacity import distribute  # pylint: disable=g-import-not-at-top
       strategy = distribute.make_strategy(fv.strategy, fv.cpu_replicas)
     result = compute(fv, strategy)
-  except UserError as e:
-    fail(prog, str(e))
-  if not distribute.is_chief(strategy):
-    return  # Under multi-worker training every worker computes; one writes.
-  rundir.write_json(fv.output, result)
+    if not distribute.is_chief(strategy):
+      return  # Under multi-worker training every worker computes; one writes.
+    rundir.write_json(fv.output, result)
   logging.info("%s; wrote %s", summary(result), fv.output)
 
 

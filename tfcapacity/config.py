@@ -26,7 +26,8 @@ from tfcapacity.errors import UserError
 # Flags that say how to run, not what is computed: a run directory may be
 # resumed with different values of these.
 OPERATIONAL_FLAGS = frozenset({
-    "model_dir", "overwrite", "progress_bar", "data_dir", "manual_dir",
+    "model_dir", "overwrite", "resume_from", "progress_bar", "data_dir",
+    "manual_dir",
     "steps_per_loop", "keep_checkpoints", "checkpoint_every_steps", "export",
     "cache_dir", "strategy", "cpu_replicas", "eval_batch_size",
     "full_batch_chunk",
@@ -314,8 +315,15 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
   flags.DEFINE_string("model_dir", None, "Run directory.", flag_values=fv)
   flags.DEFINE_bool(
       "overwrite", False,
-      "Start afresh in a model_dir that holds a run with different flags.",
+      "Start afresh in a model_dir that holds a run with different flags "
+      "(or a damaged one): the earlier run is moved to "
+      "<model_dir>.replaced-<time>/, after every check has passed.",
       flag_values=fv)
+  flags.DEFINE_integer(
+      "resume_from", None,
+      "Resume from the checkpoint of this step instead of the latest (e.g. "
+      "when the latest is damaged); later checkpoints are moved to "
+      "checkpoints.after-<step>-<time>/.", lower_bound=0, flag_values=fv)
   flags.DEFINE_integer("keep_checkpoints", 3, "Checkpoints kept.",
                        flag_values=fv)
   flags.DEFINE_integer(
@@ -604,10 +612,15 @@ def _flag_arg(name: str, value) -> str:
   return f"--{name}={value}"
 
 
+# Flags that act on one invocation and are not recorded in flags.txt: a
+# rerun from a run's flagfile must not move the run aside again.
+_ONE_OFF_FLAGS = frozenset({"overwrite", "resume_from"})
+
+
 def to_flagfile(cfg: Config) -> str:
   """A flagfile that reproduces `cfg` (one --name=value per line)."""
   return "".join(_flag_arg(k, v) + "\n" for k, v in cfg.values.items()
-                 if v is not None)
+                 if v is not None and k not in _ONE_OFF_FLAGS)
 
 
 def parse_flagfile(text: str) -> Config:

@@ -198,13 +198,15 @@ def check_flags(fv: flags.FlagValues = flags.FLAGS) -> Spec:
       model_dir=fv.to, checkpoint=fv.to_checkpoint, dataset=fv.dataset,
       split="train", num_examples=fv.num_examples, shuffle=fv.shuffle,
       seed=fv.seed, at_most=True, data_flags=cli.data_flags(fv),
-      loss=fv.loss)
+      loss=fv.loss, model_flag="--to", checkpoint_flag="--to_checkpoint")
   to.validate()
   if source:
-    rundir.Request(model_dir=source,
-                   checkpoint=fv.from_checkpoint).validate()
+    rundir.Request(model_dir=source, checkpoint=fv.from_checkpoint,
+                   model_flag="--from",
+                   checkpoint_flag="--from_checkpoint").validate()
   elif fv.from_init:
-    rundir.Request(model_dir=fv.to, at_init=True).validate()
+    rundir.Request(model_dir=fv.to, at_init=True,
+                   model_flag="--to").validate()
   return Spec(to=to, from_dir=source or (fv.to if fv.from_init else None),
               from_checkpoint=fv.from_checkpoint, from_init=fv.from_init,
               plane=fv.plane, alphas=alphas, bn_stats=fv.bn_stats)
@@ -260,7 +262,8 @@ def compute(fv: flags.FlagValues = flags.FLAGS, strategy=None) -> dict:
     else:
       model_a, path_a, step_a = rundir.load_run_model(
           spec.from_dir, spec.from_checkpoint, at_init=spec.from_init,
-          strategy=train.strategy)
+          strategy=train.strategy, model_flag="--from",
+          checkpoint_flag="--from_checkpoint")
       landscape.check_compatible(
           model_a, model, f"--from={spec.from_dir}" if not spec.from_init
           else "the initial model", f"--to={fv.to}")

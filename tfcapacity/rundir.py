@@ -61,12 +61,15 @@ checks a request, and a tool fails on bad input, before TensorFlow loads.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
 import math
 import os
 import re
 import shutil
+import socket
 import tempfile
+import time
 from typing import Any
 
 import numpy as np
@@ -74,7 +77,7 @@ import numpy as np
 from tfcapacity import config as config_lib
 from tfcapacity import data as data_lib
 from tfcapacity import objective
-from tfcapacity.errors import UserError, choices_error
+from tfcapacity.errors import UserError, choices_error, first_line
 
 FLAGS_FILE = "flags.txt"
 RESULTS_FILE = "results.json"
@@ -85,6 +88,11 @@ _RUN_ENTRIES = (FLAGS_FILE, RESULTS_FILE, CHECKPOINT_DIR, "train", "eval",
                 "eval_recomputed_bn", KERAS_FILE, SAVED_MODEL_DIR,
                 "ntk_init.npz")
 _CHECKPOINT_RE = re.compile(r"^ckpt-(\d+)\.index$")
+# The one-writer lock: the process that trains (or otherwise writes) a run
+# holds an exclusive flock on this file for its whole life.
+LOCK_FILE = ".run.lock"
+# The checkpoint manager's state file in checkpoints/.
+CHECKPOINT_STATE = "checkpoint"
 
 # Where a measured model comes from (the `Request` fields, and tool flags).
 SOURCES = ("model_dir", "saved_model", "keras_model")
@@ -138,11 +146,24 @@ def write_json(path: str, obj) -> None:
 
 
 def read_results(model_dir: str) -> dict | None:
+  """The run's results.json, or None if it has none.
+
+  Raises:
+    UserError: the file is not a JSON object (damaged: never trusted).
+  """
   path = os.path.join(model_dir, RESULTS_FILE)
   if not os.path.exists(path):
     return None
-  with open(path) as f:
-    return json.load(f)
+  try:
+    with open(path, "rb") as f:
+      results = json.loads(f.read().decode())
+  except (OSError, ValueError) as e:  # JSONDecodeError, UnicodeDecodeError.
+    raise UserError(f"{path} is damaged ({first_line(e)}); restore it, or "
+                    f"retrain the run into a fresh --model_dir") from None
+  if not isinstance(results, dict):
+    raise UserError(f"{path} is damaged (not a JSON object); restore it, or "
+                    f"retrain the run into a fresh --model_dir")
+  return results
 
 
 # results.json holds evaluations in `history` (one row per evaluation:
@@ -194,20 +215,46 @@ def _differences(old: dict, new: dict) -> list[str]:
   return diffs
 
 
-def check_compatible(model_dir: str, cfg) -> bool:
+def run_entries(model_dir: str) -> list[str]:
+  """The entries of a run that `model_dir` holds: `_RUN_ENTRIES`, the
+  run-level event file (the model graph and hyperparameters) and the
+  checkpoints that `--resume_from` moved aside."""
+  if not os.path.isdir(model_dir):
+    return []
+  return sorted(
+      entry for entry in os.listdir(model_dir)
+      if entry in _RUN_ENTRIES or entry.startswith(
+          ("events.out.tfevents.", CHECKPOINT_DIR + ".after-")))
+
+
+def check_resumable(model_dir: str, cfg) -> bool:
   """Whether `model_dir` holds a run of `cfg` (True) or nothing (False).
 
+  Reads only. With `cfg.overwrite`, a run of other flags, or a damaged one,
+  gives False: the caller moves it aside (`start`) once the lock is held.
+
   Raises:
-    UserError: the directory holds a run with different flags and
-      `cfg.overwrite` is off, or it is a file.
+    UserError: `model_dir` is a file or lies under one; it holds a run of
+      other flags; or it holds a damaged run (checkpoints or results but no
+      readable flags.txt) and `cfg.overwrite` is off.
   """
-  if os.path.exists(model_dir) and not os.path.isdir(model_dir):
-    raise UserError(f"--model_dir={model_dir} is a file; choose a directory")
+  _check_directory_path(model_dir, "--model_dir")
   flags_path = os.path.join(model_dir, FLAGS_FILE)
+  entries = [e for e in run_entries(model_dir) if e != FLAGS_FILE]
   if not os.path.exists(flags_path):
+    if entries and not cfg.overwrite:
+      raise UserError(
+          f"--model_dir={model_dir} holds a run ({', '.join(entries[:3])}) "
+          f"but no {FLAGS_FILE}; restore {FLAGS_FILE} (the run's flagfile) "
+          f"to resume it, or pass --overwrite to move it aside and start "
+          f"afresh")
     return False
-  with open(flags_path) as f:
-    old = config_lib.parse_flagfile(f.read()).semantic_dict()
+  try:
+    old = load_config(model_dir).semantic_dict()
+  except UserError:
+    if cfg.overwrite:
+      return False
+    raise
   diffs = _differences(old, cfg.semantic_dict())
   if not diffs:
     return True
@@ -219,27 +266,130 @@ def check_compatible(model_dir: str, cfg) -> bool:
       f"use another --model_dir, or --overwrite to start afresh")
 
 
-def prepare(model_dir: str, cfg, chief: bool = True) -> bool:
-  """Makes `model_dir` ready; returns whether an earlier run may resume.
+def _check_directory_path(path: str, flag: str) -> None:
+  """Raises UserError if `path` is a file or lies under one."""
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise UserError(f"{flag}={path} is a file; choose a directory")
+  parent = os.path.dirname(os.path.abspath(path))
+  while parent and not os.path.exists(parent):
+    parent = os.path.dirname(parent)
+  if parent and not os.path.isdir(parent):
+    raise UserError(f"{flag}={path} lies under the file {parent}; choose a "
+                    f"directory path")
 
-  With `--overwrite` and a run of different flags, the earlier run's files
-  are removed. Call only after all input has been validated, so that bad
-  input never touches an existing directory.
+
+def state_key(model_dir: str) -> tuple:
+  """What changes when a writer changes a run: its checkpoint steps and the
+  modification times of flags.txt, results.json and the checkpoint state."""
+  def mtime(*parts):
+    try:
+      return os.stat(os.path.join(model_dir, *parts)).st_mtime_ns
+    except OSError:
+      return None
+  return (tuple(checkpoint_steps(model_dir)), mtime(FLAGS_FILE),
+          mtime(RESULTS_FILE), mtime(CHECKPOINT_DIR, CHECKPOINT_STATE))
+
+
+class RunLock:
+  """An exclusive flock on `<model_dir>/.run.lock`, held until `release`
+  (or the process's end: the kernel drops a dead process's locks)."""
+
+  def __init__(self, fd: int, path: str):
+    self.fd, self.path = fd, path
+
+  def release(self) -> None:
+    if self.fd is not None:
+      os.close(self.fd)
+      self.fd = None
+
+  def __del__(self):
+    self.release()
+
+
+def lock(model_dir: str, flag: str = "--model_dir") -> RunLock:
+  """Creates `model_dir` if needed and takes its one-writer lock.
+
+  The lock file holds the holder's pid and host, for the message that a
+  second writer gets.
+
+  Raises:
+    UserError: the directory cannot be created or written, or another
+      process holds the lock (the message names its pid and host).
   """
-  resumable = check_compatible(model_dir, cfg)
-  if not chief:
-    return resumable
-  if not resumable and cfg.overwrite and os.path.isdir(model_dir):
-    for entry in _RUN_ENTRIES:
-      path = os.path.join(model_dir, entry)
-      if os.path.isdir(path):
-        shutil.rmtree(path)
-      elif os.path.exists(path):
-        os.unlink(path)
+  _check_directory_path(model_dir, flag)
+  path = os.path.join(model_dir, LOCK_FILE)
+  try:
+    os.makedirs(model_dir, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+  except OSError as e:
+    raise UserError(f"{flag}={model_dir} is not writable ({e.strerror}); "
+                    f"choose a directory you can write") from None
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except BlockingIOError:
+    holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
+    os.close(fd)
+    raise UserError(
+        f"{flag}={model_dir} is in use by {holder or 'another process'} "
+        f"(lock {path}); wait for it to finish, or use another "
+        f"{flag}") from None
+  holder = (f"pid {os.getpid()} on {socket.gethostname()} since "
+            f"{time.strftime('%Y-%m-%d %H:%M:%S')}")
+  try:
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, holder.encode() + b"\n", 0)
+  except OSError as e:
+    os.close(fd)
+    raise UserError(f"{flag}={model_dir} is not writable ({e.strerror}); "
+                    f"choose a directory you can write") from None
+  return RunLock(fd, path)
+
+
+def move_aside(model_dir: str) -> str | None:
+  """Moves the run in `model_dir` (its `_RUN_ENTRIES`) into a new sibling
+  `<model_dir>.replaced-<time>/`; returns that path (None: nothing there).
+
+  Only renames: nothing of the old run is deleted. The lock file and files
+  that are not the run's (e.g. a sweep cell's log) stay.
+  """
+  entries = run_entries(model_dir)
+  if not entries:
+    return None
+  stamp = time.strftime("%Y%m%d-%H%M%S")
+  target = f"{os.path.normpath(model_dir)}.replaced-{stamp}"
+  suffix = 1
+  while os.path.exists(target):
+    suffix += 1
+    target = f"{os.path.normpath(model_dir)}.replaced-{stamp}-{suffix}"
+  os.makedirs(target)
+  for entry in entries:
+    os.replace(os.path.join(model_dir, entry), os.path.join(target, entry))
+  return target
+
+
+def start(model_dir: str, cfg, resumable: bool) -> str | None:
+  """Makes `model_dir` ready to train `cfg`, under the lock, after every
+  check has passed; returns where an earlier run was moved (or None).
+
+  A run that cannot resume (`--overwrite` over other flags or a damaged
+  run) is moved aside, never deleted. flags.txt is written when its text
+  changes (a resume with other operational flags records them).
+  """
+  moved = None if resumable else move_aside(model_dir)
   os.makedirs(model_dir, exist_ok=True)
-  atomic_write(os.path.join(model_dir, FLAGS_FILE),
-               config_lib.to_flagfile(cfg))
-  return resumable
+  text = config_lib.to_flagfile(cfg)
+  path = os.path.join(model_dir, FLAGS_FILE)
+  if not os.path.exists(path) or _read_text(path) != text:
+    atomic_write(path, text)
+  return moved
+
+
+def _read_text(path: str) -> str | None:
+  try:
+    with open(path) as f:
+      return f.read()
+  except (OSError, ValueError):
+    return None
 
 
 def export_model(model, model_dir: str) -> None:
@@ -266,13 +416,24 @@ def export_model(model, model_dir: str) -> None:
 
 
 def load_config(model_dir: str):
-  """The Config of the run in `model_dir`, from its flags.txt."""
+  """The Config of the run in `model_dir`, from its flags.txt.
+
+  Raises:
+    UserError: no flags.txt, or one that is not a valid flagfile.
+  """
   path = os.path.join(model_dir, FLAGS_FILE)
   if not os.path.exists(path):
     raise UserError(f"{model_dir} has no {FLAGS_FILE}: is it a tfcapacity "
                     f"run directory?")
-  with open(path) as f:
-    return config_lib.parse_flagfile(f.read())
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  try:
+    with open(path, "rb") as f:
+      text = f.read().decode()
+    return config_lib.parse_flagfile(text)
+  except (OSError, ValueError, flags.Error) as e:  # UserError is a ValueError.
+    raise UserError(f"{path} is damaged ({first_line(e)}); restore the "
+                    f"run's flagfile, or pass --overwrite to start "
+                    f"afresh") from None
 
 
 def is_checkpoint_name(value: str | None) -> bool:
@@ -302,9 +463,12 @@ def checkpoint_steps(model_dir: str) -> list[int]:
   return sorted(steps)
 
 
-def resolve_checkpoint(model_dir: str, checkpoint: str | None
+def resolve_checkpoint(model_dir: str, checkpoint: str | None,
+                       flag: str = "--checkpoint"
                        ) -> tuple[str, int | None]:
   """The file to load for `--checkpoint` and its step.
+
+  `flag` names the option in messages (e.g. --from_checkpoint).
 
   Returns:
     (checkpoint prefix, step) for 'latest' (None) or a step number, and
@@ -313,13 +477,13 @@ def resolve_checkpoint(model_dir: str, checkpoint: str | None
   Raises:
     UserError: no such checkpoint (the message lists the steps there are).
   """
-  check_checkpoint_name("--checkpoint", checkpoint)
+  check_checkpoint_name(flag, checkpoint)
   if checkpoint == "final":
     path = os.path.join(model_dir, KERAS_FILE)
     if not os.path.isfile(path):
       raise UserError(f"{model_dir} has no {KERAS_FILE} (the run has not "
                       f"finished, or ran with --noexport); use "
-                      f"--checkpoint=latest")
+                      f"{flag}=latest")
     return path, None
   steps = checkpoint_steps(model_dir)
   directory = os.path.join(model_dir, CHECKPOINT_DIR)
@@ -333,10 +497,137 @@ def resolve_checkpoint(model_dir: str, checkpoint: str | None
     step = int(checkpoint)
     if step not in steps:
       shown = ", ".join(str(s) for s in steps)
-      raise UserError(f"--checkpoint={checkpoint}: {directory} has no "
+      raise UserError(f"{flag}={checkpoint}: {directory} has no "
                       f"checkpoint of step {step}; available steps: {shown} "
                       f"(or latest)")
   return os.path.join(directory, f"ckpt-{step}"), step
+
+
+def checkpoint_damage(prefix: str) -> str | None:
+  """Why the checkpoint at `prefix` cannot be read (None: it reads whole).
+
+  Reads its index and every tensor, as a restore would: a truncated or
+  garbled `.index` or `.data` file is found before anything trusts it.
+  """
+  import tensorflow as tf
+  try:
+    reader = tf.train.load_checkpoint(prefix)
+    for name in reader.get_variable_to_shape_map():
+      reader.get_tensor(name)
+  except Exception as e:  # pylint: disable=broad-except
+    return first_line(e)
+  return None
+
+
+_STATE_LINE = re.compile(
+    r'^(model_checkpoint_path|all_model_checkpoint_paths|'
+    r'all_model_checkpoint_timestamps|last_preserved_timestamp): '
+    r'("[^"]*"|[-+0-9.eE]+)$')
+
+
+def _latest_in_state(path: str) -> str | None:
+  """The latest checkpoint that the manager's state file names (None: the
+  file is missing or is not a checkpoint state). Parsed here: TensorFlow
+  logs a parse failure and carries on as if there were no checkpoint."""
+  try:
+    with open(path, "rb") as f:
+      lines = f.read().decode().splitlines()
+  except (OSError, ValueError):
+    return None
+  latest = None
+  for line in filter(None, (line.strip() for line in lines)):
+    match = _STATE_LINE.match(line)
+    if not match:
+      return None
+    if match.group(1) == "model_checkpoint_path":
+      latest = match.group(2).strip('"')
+  return latest
+
+
+def _intact_steps(model_dir: str, below: int | None = None) -> list[int]:
+  directory = os.path.join(model_dir, CHECKPOINT_DIR)
+  return [step for step in checkpoint_steps(model_dir)
+          if (below is None or step < below) and checkpoint_damage(
+              os.path.join(directory, f"ckpt-{step}")) is None]
+
+
+def _resume_fix(model_dir: str, below: int | None = None) -> str:
+  intact = _intact_steps(model_dir, below)
+  which = "an intact earlier" if below is not None else "the newest intact"
+  offer = (f"resume from {which} checkpoint with --resume_from={intact[-1]}"
+           if intact else "no other checkpoint is intact")
+  return f"{offer}, or pass --overwrite to move the run aside and start afresh"
+
+
+def checkpoint_to_resume(model_dir: str, resume_from: int | None = None
+                         ) -> str | None:
+  """The checkpoint prefix a resumed run restores (None: none, step 0).
+
+  The checkpoint manager's state file names the latest checkpoint; it must
+  agree with the checkpoint files, and that checkpoint must read whole.
+  `resume_from` picks an older checkpoint instead (the state file is then
+  not consulted: `start_from_checkpoint` rewrites it).
+
+  Raises:
+    UserError: a missing or garbled state file beside checkpoint files, a
+      damaged checkpoint, or no checkpoint of step `resume_from`; the
+      message names the file and offers `--resume_from` where an intact
+      older checkpoint exists.
+  """
+  directory = os.path.join(model_dir, CHECKPOINT_DIR)
+  steps = checkpoint_steps(model_dir)
+  if resume_from is not None:
+    if resume_from not in steps:
+      shown = ", ".join(str(s) for s in steps) or "none"
+      raise UserError(f"--resume_from={resume_from}: {directory} has no "
+                      f"checkpoint of that step; available steps: {shown}")
+    step = resume_from
+  elif not steps:
+    return None
+  else:
+    state_path = os.path.join(directory, CHECKPOINT_STATE)
+    latest = _latest_in_state(state_path)
+    match = latest and _CHECKPOINT_RE.match(
+        os.path.basename(latest) + ".index")
+    if not match or int(match.group(1)) not in steps:
+      what = ("is missing" if not os.path.exists(state_path) else
+              "is damaged" if not match else f"names {latest}, which is not "
+              f"there")
+      raise UserError(
+          f"{state_path} {what} (the checkpoints there have steps "
+          f"{', '.join(str(s) for s in steps)}); "
+          f"{_resume_fix(model_dir)}")
+    step = int(match.group(1))
+  prefix = os.path.join(directory, f"ckpt-{step}")
+  why = checkpoint_damage(prefix)
+  if why:
+    raise UserError(f"checkpoint {prefix} is damaged ({why}); "
+                    f"{_resume_fix(model_dir, below=step)}")
+  return prefix
+
+
+def start_from_checkpoint(model_dir: str, step: int) -> str | None:
+  """For `--resume_from=STEP`: moves the checkpoints after `step` into
+  `checkpoints.after-<step>-<time>/` (kept, not deleted) and rewrites the
+  state file to name ckpt-`step`; returns where they went (None: none)."""
+  directory = os.path.join(model_dir, CHECKPOINT_DIR)
+  later = [s for s in checkpoint_steps(model_dir) if s > step]
+  target = None
+  if later:
+    target = (f"{directory}.after-{step}-"
+              f"{time.strftime('%Y%m%d-%H%M%S')}")
+    os.makedirs(target, exist_ok=True)
+    for name in os.listdir(directory):
+      match = re.match(r"^ckpt-(\d+)\.", name)
+      if match and int(match.group(1)) > step:
+        os.replace(os.path.join(directory, name), os.path.join(target, name))
+  # The manager's state file (a text proto), naming ckpt-`step` latest.
+  lines = [f'model_checkpoint_path: "ckpt-{step}"'] + [
+      f'all_model_checkpoint_paths: "ckpt-{s}"'
+      for s in checkpoint_steps(model_dir)]
+  atomic_write(os.path.join(directory, CHECKPOINT_STATE),
+               "\n".join(lines) + "\n")
+  return target
 
 
 @dataclasses.dataclass(frozen=True)
@@ -363,6 +654,10 @@ class Request:
   # The run's model as training initialised it (its flags and seed), no
   # checkpoint: a run directory with flags.txt alone will do.
   at_init: bool = False
+  # The options that named `model_dir` and `checkpoint`, for messages
+  # (e.g. --from and --from_checkpoint in tfcapacity.interpolate).
+  model_flag: str = "--model_dir"
+  checkpoint_flag: str = "--checkpoint"
   # num_examples is an upper bound: a smaller split is taken whole.
   at_most: bool = False
   # The run's model rebuilt in this dtype with its weights copied (float64
@@ -415,11 +710,12 @@ class Request:
       raise choices_error("--dtype", self.dtype, config_lib.DTYPES)
     if self.model_dir:
       if not os.path.isdir(self.model_dir):
-        raise UserError(f"--model_dir={self.model_dir} is not a directory; "
-                        f"name a tfcapacity run directory")
+        raise UserError(f"{self.model_flag}={self.model_dir} is not a "
+                        f"directory; name a tfcapacity run directory")
       load_config(self.model_dir)  # Raises if flags.txt is missing.
       if not self.at_init:
-        resolve_checkpoint(self.model_dir, self.checkpoint)
+        resolve_checkpoint(self.model_dir, self.checkpoint,
+                           self.checkpoint_flag)
       return
     flag = f"--{self.source}"
     path = getattr(self, self.source)
@@ -487,7 +783,9 @@ def load(request: Request, strategy=None) -> Loaded:
 
 
 def load_run_model(model_dir: str, checkpoint: str | None = None, *,
-                   at_init: bool = False, strategy=None):
+                   at_init: bool = False, strategy=None,
+                   model_flag: str = "--model_dir",
+                   checkpoint_flag: str = "--checkpoint"):
   """A run directory's model alone, as `load` builds it for a model_dir.
 
   For tools that need a run's model without its examples (e.g. the second
@@ -502,13 +800,15 @@ def load_run_model(model_dir: str, checkpoint: str | None = None, *,
   """
   import tensorflow as tf
   if not os.path.isdir(model_dir):
-    raise UserError(f"{model_dir} is not a directory; name a tfcapacity run "
-                    f"directory")
+    raise UserError(f"{model_flag}={model_dir} is not a directory; name a "
+                    f"tfcapacity run directory")
   run_cfg = load_config(model_dir)
   path, step = ((None, 0) if at_init
-                else resolve_checkpoint(model_dir, checkpoint))
+                else resolve_checkpoint(model_dir, checkpoint,
+                                        checkpoint_flag))
   model = _run_model(model_dir, run_cfg, path, checkpoint,
-                     strategy or tf.distribute.get_strategy(), None)
+                     strategy or tf.distribute.get_strategy(), None,
+                     checkpoint_flag)
   return model, path, step
 
 
@@ -576,12 +876,8 @@ def _check_fit(x, y, input_shape, num_outputs, dataset):
         f"{num_outputs} outputs; use the dataset the model was trained on")
 
 
-def _first_line(e: BaseException) -> str:
-  text = str(e).strip()
-  return text.splitlines()[0] if text else type(e).__name__
-
-
-def _run_model(model_dir, run_cfg, path, checkpoint, strategy, run_info):
+def _run_model(model_dir, run_cfg, path, checkpoint, strategy, run_info,
+               checkpoint_flag="--checkpoint"):
   """The run's model, built and restored under `strategy`'s scope.
 
   `run_info`: the run's own training split's info (it fixes the input shape
@@ -605,14 +901,23 @@ def _run_model(model_dir, run_cfg, path, checkpoint, strategy, run_info):
     model = models_lib.from_config(run_cfg, run_info.input_shape,
                                    run_info.num_classes)
     if path is not None:
+      why = checkpoint_damage(path)
+      if why:
+        intact = [str(s) for s in _intact_steps(model_dir)]
+        raise UserError(
+            f"checkpoint {path} is damaged ({why}); "
+            + (f"measure an intact one with {checkpoint_flag}=STEP (steps: "
+               f"{', '.join(intact)})" if intact else
+               "the run has no intact checkpoint; retrain it"))
       try:
         status = tf.train.Checkpoint(model=model).restore(path)
         status.expect_partial()
         status.assert_existing_objects_matched()
       except (AssertionError, ValueError, tf.errors.OpError) as e:
+        tf.get_logger().setLevel("ERROR")  # The half-restore's warnings.
         raise UserError(
             f"checkpoint {path} does not match the model that "
-            f"{model_dir}/{FLAGS_FILE} describes ({_first_line(e)}); was "
+            f"{model_dir}/{FLAGS_FILE} describes ({first_line(e)}); was "
             f"{FLAGS_FILE} edited?") from None
   return model
 
@@ -621,14 +926,15 @@ def _load_run(request: Request, strategy) -> Loaded:
   model_dir = request.model_dir
   run_cfg = load_config(model_dir)
   path, step = ((None, 0) if request.at_init
-                else resolve_checkpoint(model_dir, request.checkpoint))
+                else resolve_checkpoint(model_dir, request.checkpoint,
+                                        request.checkpoint_flag))
   data_cfg = _data_config(request, run_cfg, None)
   x, y, info = _examples(request, data_cfg)
 
   run_info = (info if request.split == "train" and not request.dataset
               else None)
   model = _run_model(model_dir, run_cfg, path, request.checkpoint, strategy,
-                     run_info)
+                     run_info, request.checkpoint_flag)
   if request.dtype:
     model = _with_dtype(model, run_cfg, request.dtype, strategy)
   _check_fit(x, y, model.input_shape[1:], model.output_shape[-1], info.name)
@@ -659,14 +965,19 @@ def _with_dtype(model, run_cfg, dtype: str, strategy):
 
 
 def _load_keras_file(path: str, flag: str):
+  import zipfile
   import keras
+  if path.endswith(".keras") and not zipfile.is_zipfile(path):
+    raise UserError(f"{flag}: {path} is not a .keras file (not a zip "
+                    f"archive: damaged, or another format); name a file "
+                    f"that model.save wrote")
   # Importing the models registers tfcapacity's layers with Keras.
   from tfcapacity import models  # noqa: F401
   try:
     return keras.saving.load_model(path, compile=False)
   except Exception as e:  # pylint: disable=broad-except
     raise UserError(f"{flag}: cannot load {path} as a Keras model "
-                    f"({_first_line(e)})") from None
+                    f"({first_line(e)})") from None
 
 
 def _load_file(request: Request, strategy) -> Loaded:
@@ -684,7 +995,7 @@ def _load_file(request: Request, strategy) -> Loaded:
         model = tf.saved_model.load(path)
     except Exception as e:  # pylint: disable=broad-except
       raise UserError(f"--saved_model: cannot load {path} "
-                      f"({_first_line(e)})") from None
+                      f"({first_line(e)})") from None
     serve = getattr(model, "serve", None)
     if serve is None or not getattr(serve, "input_signature", None):
       raise UserError(f"--saved_model={path} has no 'serve' function with an "

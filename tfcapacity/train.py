@@ -19,7 +19,6 @@ from absl import logging  # noqa: E402
 
 from tfcapacity import cli  # noqa: E402
 from tfcapacity import config  # noqa: E402
-from tfcapacity.errors import UserError  # noqa: E402
 
 PROG = "tfcapacity.train"
 config.define_flags()
@@ -29,16 +28,14 @@ FLAGS = flags.FLAGS
 
 def main(argv):
   cli.no_arguments(PROG, argv)
-  cfg = config.from_flag_values(FLAGS)
-  try:
+  with cli.one_line_errors(PROG):
+    cfg = config.from_flag_values(FLAGS)
     with cli.quiet_native_stderr():  # TF's load-time and device-probe lines.
       from tfcapacity import distribute  # pylint: disable=g-import-not-at-top
       strategy = distribute.make_strategy(cfg.strategy, cfg.cpu_replicas)
       # After the strategy: no module may run a TF op before it exists.
       from tfcapacity import measurements  # pylint: disable=g-import-not-at-top
     results = measurements.train(cfg, strategy)
-  except UserError as e:
-    cli.fail(PROG, str(e))
   if results["status"] == "diverged":
     cli.fail(PROG, f"the run diverged at step "
              f"{results.get('diverged_at_step')} (loss became NaN or Inf); "

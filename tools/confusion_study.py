@@ -217,19 +217,20 @@ def main(argv):
     except UserError as e:
       fail(str(e))
 
-  at_init = measure(parts, configs)
-  init_seconds = time.time() - started
-  states = {} if FLAGS.report_only else train(train_parts, configs)
-  train_seconds = time.time() - started - init_seconds
-  if FLAGS.num_shards > 1:
-    common.exit_if_unfinished(PROG, states, "training runs of this shard")
-    return
-  _, missing = report(parts, at_init, {
-      "at_init_seconds_this_invocation": (
-          0.0 if FLAGS.report_only else init_seconds),
-      "training_seconds_this_invocation": (
-          0.0 if FLAGS.report_only else train_seconds),
-      "seconds_this_invocation": time.time() - started})
+  with cli.one_line_errors(PROG):  # E.g. a damaged cell's results.json.
+    at_init = measure(parts, configs)
+    init_seconds = time.time() - started
+    states = {} if FLAGS.report_only else train(train_parts, configs)
+    train_seconds = time.time() - started - init_seconds
+    if FLAGS.num_shards > 1:
+      common.exit_if_unfinished(PROG, states, "training runs of this shard")
+      return
+    _, missing = report(parts, at_init, {
+        "at_init_seconds_this_invocation": (
+            0.0 if FLAGS.report_only else init_seconds),
+        "training_seconds_this_invocation": (
+            0.0 if FLAGS.report_only else train_seconds),
+        "seconds_this_invocation": time.time() - started})
   if FLAGS.report_only:
     states.update(missing)
   print(f"{time.time() - started:.0f} s")

@@ -49,6 +49,7 @@ from absl import logging
 import numpy as np
 
 from tfcapacity import data as data_lib
+from tfcapacity.errors import UserError
 from tfcapacity import objective
 from tfcapacity.curvature import eigen
 from tfcapacity.curvature import hvp
@@ -132,7 +133,44 @@ class CurvatureCallback(callbacks_lib.Callback):
     """How lambda_max is measured (results.json's `callbacks.curvature`)."""
     return dict(self._info)
 
+  def check(self, ctx):
+    """Builds the operators on the fixed examples (before anything is
+    written): a bad --curvature_bn_mode or --curvature_top_k fails here. A
+    --curvature_examples above the training set's size takes all of it,
+    with a logged note."""
+    cfg = self.cfg
+    n = ctx.train_data.info.num_examples
+    if cfg.curvature_examples > n:
+      logging.warning("--curvature_examples=%d exceeds the %d training "
+                      "examples: lambda_max is measured on all %d.",
+                      cfg.curvature_examples, n, n)
+    try:
+      self._build(ctx)
+    except UserError as e:
+      raise UserError(str(e).replace("--bn_mode", "--curvature_bn_mode")
+                      ) from None
+    k = cfg.curvature_top_k
+    if k > self.train_op.size:
+      raise UserError(
+          f"--curvature_top_k={k} exceeds the {self.train_op.size} "
+          f"parameters the Hessian is taken over; use at most "
+          f"{self.train_op.size}")
+
   def on_train_begin(self, ctx):
+    if self.train_op is None:
+      self._build(ctx)
+    m = len(self.train_examples[1])
+    logging.info("curvature: lambda_max over %d training examples and %d "
+                 "test batches of %d, bn_mode=%s (batches of %d), every %s%s",
+                 m, len(self.test_examples), m, self.bn_mode,
+                 self.train_op.batch_size,
+                 f"{self.every_epochs} epochs" if self.every_epochs
+                 else f"{self.every_steps} steps",
+                 f" and after epochs {sorted(self.around_drop)}"
+                 if self.around_drop else "")
+
+  def _build(self, ctx):
+    """The fixed examples and the operators on them."""
     cfg = self.cfg
     index = fixed_indices(cfg.seed, ctx.train_data.info.num_examples,
                           cfg.curvature_examples)
@@ -156,14 +194,6 @@ class CurvatureCallback(callbacks_lib.Callback):
         "test_batches": len(self.test_examples), "seed": int(cfg.seed),
         "loss": self.train_op.loss,
         "extra_epochs": sorted(self.around_drop)}
-    logging.info("curvature: lambda_max over %d training examples and %d "
-                 "test batches of %d, bn_mode=%s (batches of %d), every %s%s",
-                 m, len(self.test_examples), m, self.bn_mode,
-                 self.train_op.batch_size,
-                 f"{self.every_epochs} epochs" if self.every_epochs
-                 else f"{self.every_steps} steps",
-                 f" and after epochs {sorted(self.around_drop)}"
-                 if self.around_drop else "")
 
   def _top(self, op, vectors, seed):
     """The top eigenvalues of `op` and their vectors (warm-started)."""

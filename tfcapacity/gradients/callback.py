@@ -41,10 +41,12 @@ import functools
 import io
 import os
 
+from absl import logging
 import numpy as np
 import tensorflow as tf
 
 from tfcapacity import distribute
+from tfcapacity.errors import UserError
 from tfcapacity import rundir
 from tfcapacity.gradients import features
 from tfcapacity.gradients import measure
@@ -85,13 +87,30 @@ class GradientStatisticsCallback(callbacks_lib.Callback):
     self.examples = None
     self.ntk_init = None
 
+  def check(self, ctx):
+    """A bad --gradients_feature_layer fails here, before anything is
+    written; --gradients_examples above the training set's size takes all
+    of it, with a logged note."""
+    cfg = self.cfg
+    n = ctx.train_data.info.num_examples
+    if cfg.gradients_examples > n:
+      logging.warning("--gradients_examples=%d exceeds the %d training "
+                      "examples: the gradient statistics use all %d.",
+                      cfg.gradients_examples, n, n)
+    if cfg.gradients_feature_layer:
+      try:
+        features.feature_model(ctx.model, cfg.gradients_feature_layer)
+      except UserError as e:
+        message = str(e)
+        if "--gradients_feature_layer" not in message:
+          message = f"--gradients_feature_layer: {message}"
+        raise UserError(message) from None
+
   def on_train_begin(self, ctx):
     cfg = self.cfg
     index = fixed_indices(cfg.seed, ctx.train_data.info.num_examples,
                           cfg.gradients_examples)
     self.examples = ctx.train_data.examples(index)
-    if cfg.gradients_feature_layer:  # A bad name fails before training.
-      features.feature_model(ctx.model, cfg.gradients_feature_layer)
 
   def __call__(self, ctx):
     cfg = self.cfg

@@ -64,6 +64,14 @@ class Callback:
   every_steps = 0
   every_epochs = 0
 
+  def check(self, ctx: Context) -> None:
+    """Checks the callback's flags against the built model and data.
+
+    Called when the trainer is built, before the run directory is touched
+    (the model is not restored yet). Raises UserError for flags that cannot
+    work (a missing layer, too many examples, ...).
+    """
+
   def on_train_begin(self, ctx: Context) -> None:
     """Called once, after the model is built or restored."""
 

@@ -74,6 +74,7 @@ import tensorflow as tf
 from tfcapacity import data as data_lib
 from tfcapacity import distribute
 from tfcapacity import models as models_lib
+from tfcapacity import errors
 from tfcapacity.errors import UserError
 from tfcapacity.models import layers as layers_lib
 from tfcapacity.objective import function as function_lib
@@ -177,6 +178,11 @@ class Trainer:
         cfg.eval_recompute_bn and layers_lib.batch_norm_layers(self.model))
     if self.accumulate:
       self._build_full_batch_step()
+    # Measurement flags are checked against the built model here, before
+    # `run` touches the run directory.
+    for cb in self.callbacks:
+      cb.check(self.context(0))
+    self._lock = None
 
   # -- set-up -------------------------------------------------------------
 
@@ -564,13 +570,18 @@ class Trainer:
   # after an evaluation or every --checkpoint_every_steps steps.
 
   def run(self) -> dict:
-    """Trains to the end (or resumes there) and returns results.json."""
+    """Trains to the end (or resumes there) and returns results.json.
+
+    A run directory that already holds this run, completed, is only read:
+    its results are returned and nothing is written (unless its export is
+    missing, which is then written under the lock).
+    """
+    previous = self._finished_run()
+    if previous is not None:
+      return previous
     run, previous = self._restore()
     for cb in self.callbacks:
       cb.on_train_begin(self.context(run.step))
-    if (previous.get("status") == "completed"
-        and run.step >= self.total_steps and run.history):
-      return self._already_completed(previous)
     if run.step == 0 and not run.history:
       if not self._record_stop(run, epoch_end=True, evaluate=True):
         return self._diverged(run, "the initial loss",
@@ -591,26 +602,100 @@ class Trainer:
     return step >= self.total_steps or (
         epoch_end and epochs_done % self.cfg.eval_every == 0)
 
+  def _finished_run(self) -> dict | None:
+    """The results of this run if `model_dir` holds it completed, else None.
+
+    Reads only (a finished run is never rewritten); a missing export is
+    written under the lock from the final checkpoint.
+    """
+    cfg, model_dir = self.cfg, self.model_dir
+    if cfg.resume_from is not None or not rundir.check_resumable(model_dir,
+                                                                 cfg):
+      return None
+    previous = rundir.read_results(model_dir) or {}
+    if not (previous.get("status") == "completed" and previous.get("history")
+            and int(previous.get("steps", 0)) >= self.total_steps):
+      return None
+    logging.info("%s already holds this run, completed: nothing to do.",
+                 model_dir)
+    if self.chief and cfg.export and not os.path.exists(
+        os.path.join(model_dir, rundir.SAVED_MODEL_DIR)):
+      self._lock = rundir.lock(model_dir)
+      self._restore_checkpoint(rundir.checkpoint_to_resume(model_dir))
+      rundir.export_model(self.model, model_dir)
+    return previous
+
+  def _restore_checkpoint(self, prefix: str | None) -> None:
+    if prefix is None:
+      return
+    try:
+      with self.strategy.scope():
+        self.checkpoint.restore(prefix).assert_existing_objects_matched()
+    except (AssertionError, ValueError, tf.errors.OpError) as e:
+      # The half-restored checkpoint warns when collected: the line above
+      # says all there is.
+      tf.get_logger().setLevel("ERROR")
+      raise UserError(
+          f"checkpoint {prefix} does not match the model that "
+          f"{rundir.FLAGS_FILE} describes ({errors.first_line(e)}); restore "
+          f"the run's {rundir.FLAGS_FILE}, or pass --overwrite to start "
+          f"afresh") from None
+
+  def _inspect(self) -> tuple[bool, dict, str | None]:
+    """(whether the run resumes, its results.json, the checkpoint to
+    restore), or UserError for a run of other flags or a damaged one."""
+    cfg, model_dir = self.cfg, self.model_dir
+    resumable = rundir.check_resumable(model_dir, cfg)
+    if cfg.resume_from is not None and not resumable:
+      raise UserError(f"--resume_from={cfg.resume_from}: {model_dir} holds "
+                      f"no run of these flags to resume; drop the flag")
+    previous = (rundir.read_results(model_dir) if resumable else None) or {}
+    latest = (rundir.checkpoint_to_resume(model_dir, cfg.resume_from)
+              if resumable else None)
+    return resumable, previous, latest
+
   def _restore(self) -> tuple[_Run, dict]:
-    """Prepares the run directory and resumes from its latest checkpoint.
+    """Takes the run directory and resumes from its latest checkpoint.
+
+    Everything is checked before anything is written: the flags against
+    flags.txt, the checkpoint state and the checkpoint itself (read whole
+    and restored). Only then, holding the directory's lock, does the chief
+    move an earlier run aside (`--overwrite`), write flags.txt and open the
+    event files.
 
     Returns:
       (the run's state, the results.json it had (or {})).
     """
     cfg, model_dir = self.cfg, self.model_dir
-    resumable = rundir.prepare(model_dir, cfg, chief=self.chief)
+    # Every check reads only, so a refusal leaves the directory as it was.
+    # Then the chief takes the one-writer lock for the rest of the process
+    # (workers write nothing there) and makes sure no other writer changed
+    # the run meanwhile.
+    seen = rundir.state_key(model_dir)
+    resumable, previous, latest = self._inspect()
+    self._restore_checkpoint(latest)
+    self._lock = rundir.lock(model_dir) if self.chief else None
+    if rundir.state_key(model_dir) != seen:
+      raise UserError(f"{model_dir} changed while this trainer was starting "
+                      f"(another process wrote it and has ended); rerun the "
+                      f"command")
+    if latest:
+      logging.info("Resumed %s at step %d.", latest, int(self.step_var))
+    if self.chief:
+      moved = rundir.start(model_dir, cfg, resumable)
+      if moved:
+        logging.info("Moved the earlier run in %s to %s.", model_dir, moved)
+      if cfg.resume_from is not None:
+        aside = rundir.start_from_checkpoint(model_dir, cfg.resume_from)
+        if aside:
+          logging.info("Moved the checkpoints after step %d to %s.",
+                       cfg.resume_from, aside)
     ckpt_dir = os.path.join(model_dir, rundir.CHECKPOINT_DIR)
     save_dir = ckpt_dir if self.chief else tempfile.mkdtemp(
         prefix="tfcapacity-worker-")
     manager = tf.train.CheckpointManager(
         self.checkpoint, save_dir, max_to_keep=cfg.keep_checkpoints,
         step_counter=self.step_var)
-    latest = tf.train.latest_checkpoint(ckpt_dir) if resumable else None
-    previous = (rundir.read_results(model_dir) if resumable else None) or {}
-    if latest:
-      with self.strategy.scope():
-        self.checkpoint.restore(latest).assert_existing_objects_matched()
-      logging.info("Resumed %s at step %d.", latest, int(self.step_var))
     step = int(self.step_var.numpy())
     if step == 0 and self.chief:
       self._write_run_summaries(model_dir)
@@ -767,13 +852,6 @@ class Trainer:
     logging.error("Run diverged at step %d (%s is %s); the last good "
                   "checkpoint is kept.", run.step, where, value)
     return self._save_results(run, "diverged", diverged_at_step=run.step)
-
-  def _already_completed(self, previous: dict) -> dict:
-    logging.info("%s already holds a completed run.", self.model_dir)
-    if self.chief and self.cfg.export and not os.path.exists(
-        os.path.join(self.model_dir, rundir.SAVED_MODEL_DIR)):
-      rundir.export_model(self.model, self.model_dir)
-    return previous
 
   def _finish(self, run: _Run) -> dict:
     for cb in self.callbacks:
