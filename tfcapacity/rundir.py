@@ -551,28 +551,26 @@ def _intact_steps(model_dir: str, below: int | None = None) -> list[int]:
               os.path.join(directory, f"ckpt-{step}")) is None]
 
 
-def _resume_fix(model_dir: str, below: int | None = None) -> str:
+def _resume_fix(model_dir: str, below: int) -> str:
   intact = _intact_steps(model_dir, below)
-  which = "an intact earlier" if below is not None else "the newest intact"
-  offer = (f"resume from {which} checkpoint with --resume_from={intact[-1]}"
-           if intact else "no other checkpoint is intact")
+  offer = (f"resume from an intact earlier checkpoint with --resume_from="
+           f"{intact[-1]}" if intact else "no earlier checkpoint is intact")
   return f"{offer}, or pass --overwrite to move the run aside and start afresh"
 
 
-def checkpoint_to_resume(model_dir: str, resume_from: int | None = None
-                         ) -> str | None:
-  """The checkpoint prefix a resumed run restores (None: none, step 0).
+def resume_prefix(model_dir: str, resume_from: int | None = None
+                  ) -> str | None:
+  """The checkpoint prefix a resumed run restores (None: none, step 0),
+  from the file names and the state file alone (no TensorFlow).
 
   The checkpoint manager's state file names the latest checkpoint; it must
-  agree with the checkpoint files, and that checkpoint must read whole.
-  `resume_from` picks an older checkpoint instead (the state file is then
-  not consulted: `start_from_checkpoint` rewrites it).
+  agree with the checkpoint files. `resume_from` picks another checkpoint
+  instead (the state file is then not consulted: `start_from_checkpoint`
+  rewrites it).
 
   Raises:
-    UserError: a missing or garbled state file beside checkpoint files, a
-      damaged checkpoint, or no checkpoint of step `resume_from`; the
-      message names the file and offers `--resume_from` where an intact
-      older checkpoint exists.
+    UserError: a missing or garbled state file beside checkpoint files, or
+      no checkpoint of step `resume_from`.
   """
   directory = os.path.join(model_dir, CHECKPOINT_DIR)
   steps = checkpoint_steps(model_dir)
@@ -581,29 +579,64 @@ def checkpoint_to_resume(model_dir: str, resume_from: int | None = None
       shown = ", ".join(str(s) for s in steps) or "none"
       raise UserError(f"--resume_from={resume_from}: {directory} has no "
                       f"checkpoint of that step; available steps: {shown}")
-    step = resume_from
-  elif not steps:
+    return os.path.join(directory, f"ckpt-{resume_from}")
+  if not steps:
     return None
-  else:
-    state_path = os.path.join(directory, CHECKPOINT_STATE)
-    latest = _latest_in_state(state_path)
-    match = latest and _CHECKPOINT_RE.match(
-        os.path.basename(latest) + ".index")
-    if not match or int(match.group(1)) not in steps:
-      what = ("is missing" if not os.path.exists(state_path) else
-              "is damaged" if not match else f"names {latest}, which is not "
-              f"there")
-      raise UserError(
-          f"{state_path} {what} (the checkpoints there have steps "
-          f"{', '.join(str(s) for s in steps)}); "
-          f"{_resume_fix(model_dir)}")
-    step = int(match.group(1))
-  prefix = os.path.join(directory, f"ckpt-{step}")
+  state_path = os.path.join(directory, CHECKPOINT_STATE)
+  latest = _latest_in_state(state_path)
+  match = latest and _CHECKPOINT_RE.match(os.path.basename(latest) + ".index")
+  if not match or int(match.group(1)) not in steps:
+    what = ("is missing" if not os.path.exists(state_path) else
+            "is damaged" if not match else f"names {latest}, which is not "
+            f"there")
+    shown = ", ".join(str(s) for s in steps)
+    raise UserError(
+        f"{state_path} {what}; resume from one of the checkpoints there with "
+        f"--resume_from={steps[-1]} (steps: {shown}; the one chosen is read "
+        f"whole before it is used), or pass --overwrite to move the run "
+        f"aside and start afresh")
+  return os.path.join(directory, f"ckpt-{int(match.group(1))}")
+
+
+def checkpoint_to_resume(model_dir: str, resume_from: int | None = None
+                         ) -> str | None:
+  """`resume_prefix`, read whole (`checkpoint_damage`).
+
+  Raises:
+    UserError: those of `resume_prefix`, and a damaged checkpoint (the
+      message offers `--resume_from` where an older one is intact).
+  """
+  prefix = resume_prefix(model_dir, resume_from)
+  if prefix is None:
+    return None
   why = checkpoint_damage(prefix)
   if why:
+    step = int(prefix.rsplit("-", 1)[1])
     raise UserError(f"checkpoint {prefix} is damaged ({why}); "
                     f"{_resume_fix(model_dir, below=step)}")
   return prefix
+
+
+def check_run(model_dir: str, cfg) -> bool:
+  """Every check of a run directory that needs no TensorFlow; returns
+  whether the run resumes (`check_resumable`).
+
+  The train CLI calls it before TensorFlow loads, so that most mistakes
+  end in a second; the trainer calls it again, then reads the checkpoint.
+
+  Raises:
+    UserError: those of `check_resumable`, a damaged results.json,
+      `resume_prefix`'s, and `--resume_from` without a run to resume.
+  """
+  resumable = check_resumable(model_dir, cfg)
+  resume_from = getattr(cfg, "resume_from", None)
+  if resume_from is not None and not resumable:
+    raise UserError(f"--resume_from={resume_from}: {model_dir} holds no run "
+                    f"of these flags to resume; drop the flag")
+  if resumable:
+    read_results(model_dir)
+    resume_prefix(model_dir, resume_from)
+  return resumable
 
 
 def start_from_checkpoint(model_dir: str, step: int) -> str | None:

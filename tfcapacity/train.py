@@ -19,6 +19,7 @@ from absl import logging  # noqa: E402
 
 from tfcapacity import cli  # noqa: E402
 from tfcapacity import config  # noqa: E402
+from tfcapacity import rundir  # noqa: E402
 
 PROG = "tfcapacity.train"
 config.define_flags()
@@ -30,6 +31,9 @@ def main(argv):
   cli.no_arguments(PROG, argv)
   with cli.one_line_errors(PROG):
     cfg = config.from_flag_values(FLAGS)
+    # The run directory's own checks need no TensorFlow: a damaged or
+    # mismatched run is refused in a second.
+    rundir.check_run(cfg.model_dir, cfg)
     with cli.quiet_native_stderr():  # TF's load-time and device-probe lines.
       from tfcapacity import distribute  # pylint: disable=g-import-not-at-top
       strategy = distribute.make_strategy(cfg.strategy, cfg.cpu_replicas)

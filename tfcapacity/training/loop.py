@@ -645,10 +645,7 @@ class Trainer:
     """(whether the run resumes, its results.json, the checkpoint to
     restore), or UserError for a run of other flags or a damaged one."""
     cfg, model_dir = self.cfg, self.model_dir
-    resumable = rundir.check_resumable(model_dir, cfg)
-    if cfg.resume_from is not None and not resumable:
-      raise UserError(f"--resume_from={cfg.resume_from}: {model_dir} holds "
-                      f"no run of these flags to resume; drop the flag")
+    resumable = rundir.check_run(model_dir, cfg)
     previous = (rundir.read_results(model_dir) if resumable else None) or {}
     latest = (rundir.checkpoint_to_resume(model_dir, cfg.resume_from)
               if resumable else None)
