@@ -576,6 +576,14 @@ class Trainer:
     its results are returned and nothing is written (unless its export is
     missing, which is then written under the lock).
     """
+    try:
+      return self._run()
+    finally:  # The run directory is free again once `run` returns.
+      if self._lock is not None:
+        self._lock.release()
+        self._lock = None
+
+  def _run(self) -> dict:
     previous = self._finished_run()
     if previous is not None:
       return previous
