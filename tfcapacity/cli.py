@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import sys
 import tempfile
 from typing import Callable, Iterator, NoReturn
@@ -42,9 +43,101 @@ def fail(prog: str, message: str, status: int = 2) -> NoReturn:
   sys.exit(status)
 
 
+# (id of the FlagValues, flag name) -> what a required flag is for.
+_REQUIRED: dict[tuple[int, str], str] = {}
+
+
+def require(name: str, purpose: str,
+            fv: flags.FlagValues = flags.FLAGS) -> None:
+  """Marks `--name` required; if it is missing, `flags_parser` says why.
+
+  absl's `mark_flag_as_required` reports "flag --x must have a value other
+  than None"; a missing flag here is one line that says what it names:
+  `<prog>: error: --name is required: <purpose>`. An empty value counts as
+  missing.
+
+  Args:
+    name: the flag, defined on `fv`.
+    purpose: what the flag names, with an example value, e.g. "the run
+      directory (...); e.g. --model_dir=runs/quickstart". `{tool}` is
+      replaced by the program's last name part (`tfcapacity.hessian`:
+      hessian).
+    fv: where the flag is defined.
+  """
+  _REQUIRED[(id(fv), name)] = purpose
+  flags.register_validator(name, lambda v: v is not None and v != "",
+                           f"--{name} is required", flag_values=fv)
+
+
+# The flag of one line of absl's validation error: "flag --name=value: ...".
+_FLAG_OF_LINE = re.compile(r"flag --([\w-]+)=")
+
+
+def parse_error_line(prog: str, error: flags.Error,
+                     fv: flags.FlagValues = flags.FLAGS) -> str:
+  """One line for absl's parse `error` (which may hold several lines).
+
+  A missing required flag (`require`) is reported with its purpose; of
+  several failed checks the first is shown and the other flags are named.
+  A flagfile absl cannot open (one named inside another) is reported
+  without absl's "ERROR::" prefix.
+  """
+  lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+  if not lines:
+    return f"{type(error).__name__}; see --helpfull"
+  first = lines[0]
+  others = [m.group(1) for m in map(_FLAG_OF_LINE.match, lines[1:]) if m]
+  more = ""
+  if len(others) == len(lines) - 1 and others:
+    more = f" (also check {', '.join('--' + n for n in others)})"
+  elif len(lines) > 1:
+    more = f" (and {len(lines) - 1} more flag errors)"
+  for (fv_id, name), purpose in _REQUIRED.items():
+    if fv_id == id(fv) and first.endswith(f": --{name} is required"):
+      tool = prog.rsplit(".", 1)[-1]
+      return (f"--{name} is required: {purpose.replace('{tool}', tool)}"
+              f"{more}")
+  if first.startswith("ERROR:: Unable to open flagfile: "):
+    return (f"cannot open a flagfile: "
+            f"{first[len('ERROR:: Unable to open flagfile: '):]}; check "
+            f"the path")
+  return f"{first}{more}; see --helpfull"
+
+
+def check_flagfiles(argv: list[str]) -> None:
+  """Raises UserError for a `--flagfile` on the command line that is not a
+  file, naming it and the directory a relative path was looked up in
+  (absl's message gives only the OS error)."""
+  args = iter(argv[1:])
+  for arg in args:
+    if arg == "--":
+      return
+    if arg in ("--flagfile", "-flagfile"):
+      value = next(args, "")
+    elif arg.startswith(("--flagfile=", "-flagfile=")):
+      value = arg.split("=", 1)[1]
+    else:
+      continue
+    path = os.path.expanduser(value.strip())
+    if not path:
+      continue
+    flag = f"--flagfile={value}"
+    if os.path.isdir(path):
+      raise UserError(f"{flag} is a directory; name a flags file (e.g. "
+                      f"flags/quickstart.flags)")
+    if not os.path.isfile(path):
+      where = "" if os.path.isabs(path) else f" in {os.getcwd()}"
+      raise UserError(f"{flag}: no such file{where}; check the path (e.g. "
+                      f"flags/quickstart.flags)")
+
+
 def flags_parser(prog: str, fv: flags.FlagValues = flags.FLAGS,
                  rewrite: Callable[[list[str]], list[str]] | None = None):
   """absl's parser for `app.run`, but a bad flag is one line and status 2.
+
+  A command-line flagfile that does not exist is named, a missing required
+  flag says what it is for (`require`), and of several bad flags the first
+  is reported (`parse_error_line`).
 
   It also makes --help list tfcapacity's flags when the program is a console
   script: absl lists the flags of the module named by sys.argv[0], which for
@@ -56,10 +149,14 @@ def flags_parser(prog: str, fv: flags.FlagValues = flags.FLAGS,
       if module.startswith("tfcapacity.") and module != main:
         for flag in module_flags:
           fv.register_key_flag_for_module(main, flag)
+    args = rewrite(argv) if rewrite else argv
     try:
-      return fv(rewrite(argv) if rewrite else argv)
+      check_flagfiles(args)
+      return fv(args)
+    except UserError as e:
+      fail(prog, str(e))
     except flags.Error as e:
-      fail(prog, f"{e}; see --helpfull")
+      fail(prog, parse_error_line(prog, e, fv))
   return parse
 
 
@@ -244,7 +341,9 @@ def define_analysis_flags(fv: flags.FlagValues = flags.FLAGS, *,
       "checkpoint", rundir.is_checkpoint_name,
       "--checkpoint must be 'latest', 'final' or a step number",
       flag_values=fv)
-  flags.mark_flag_as_required("output", flag_values=fv)
+  require("output", "the JSON file this tool writes its results to (its "
+          "directory must exist); e.g. --output=runs/quickstart/{tool}.json",
+          fv)
 
 
 def data_flags(fv: flags.FlagValues = flags.FLAGS) -> dict:

@@ -125,7 +125,9 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
   fv.set_default("num_examples", -1)
   flags.register_validator("num_points", lambda v: v >= 2,
                            "--num_points must be at least 2", flag_values=fv)
-  flags.mark_flag_as_required("to", flag_values=fv)
+  cli.require("to", "the run directory of end point B (alpha = 1; the "
+              "centre of --plane), whose training examples give the "
+              "losses; e.g. --to=runs/quickstart", fv)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -708,7 +708,8 @@ class Request:
 
     Raises:
       UserError: no model source or several, missing files or checkpoints,
-        no dataset for a saved or Keras model, a bad split or loss.
+        no dataset for a saved or Keras model, an unknown --dataset or a
+        missing file of one (`data.check_name`), a bad split or loss.
     """
     given = [s for s in SOURCES if getattr(self, s)]
     if not given:
@@ -717,6 +718,8 @@ class Request:
     if len(given) > 1:
       raise UserError(f"--{given[0]} and --{given[1]} both name a model; "
                       f"give only one")
+    if self.dataset:
+      data_lib.check_name(self.dataset)
     if self.split not in data_lib.SPLITS:
       raise UserError(f"--split={self.split}: choose one of "
                       f"{', '.join(data_lib.SPLITS)}")

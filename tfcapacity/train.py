@@ -19,11 +19,15 @@ from absl import logging  # noqa: E402
 
 from tfcapacity import cli  # noqa: E402
 from tfcapacity import config  # noqa: E402
+from tfcapacity import data  # noqa: E402
 from tfcapacity import rundir  # noqa: E402
 
 PROG = "tfcapacity.train"
 config.define_flags()
-flags.mark_flag_as_required("model_dir")
+cli.require(
+    "model_dir", "the run directory (flags.txt, checkpoints, results.json, "
+    "TensorBoard events; rerunning the command there resumes); e.g. "
+    "--model_dir=runs/quickstart")
 FLAGS = flags.FLAGS
 
 
@@ -31,8 +35,10 @@ def main(argv):
   cli.no_arguments(PROG, argv)
   with cli.one_line_errors(PROG):
     cfg = config.from_flag_values(FLAGS)
-    # The run directory's own checks need no TensorFlow: a damaged or
+    # The dataset's name and files, and the run directory's own checks,
+    # need no TensorFlow: a mistyped name, a missing file or a damaged or
     # mismatched run is refused in a second.
+    data.check_name(cfg.dataset, cfg)
     rundir.check_run(cfg.model_dir, cfg)
     with cli.quiet_native_stderr():  # TF's load-time and device-probe lines.
       from tfcapacity import distribute  # pylint: disable=g-import-not-at-top

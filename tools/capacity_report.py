@@ -52,7 +52,9 @@ def fail(message: str):
 def main(argv):
   cli.no_arguments(PROG, argv)
   if not FLAGS.sweep_dir:
-    fail("--sweep_dir is required")
+    fail("--sweep_dir is required: the directory of a finished sweep "
+         "(tools/sweep.py --sweep_dir), whose runs are reported; e.g. "
+         "--sweep_dir=runs/capacity")
   try:
     runs, unfinished = capacity.load_runs(FLAGS.sweep_dir)
     runs = capacity.filter_runs(runs, FLAGS.where)

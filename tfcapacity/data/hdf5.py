@@ -55,6 +55,7 @@ import h5py
 import numpy as np
 import tensorflow as tf
 
+from tfcapacity import data as data_lib
 from tfcapacity.data import arrays
 from tfcapacity.data import base
 from tfcapacity.errors import UserError, first_line
@@ -91,10 +92,6 @@ def block_rows(dset: h5py.Dataset) -> int:
   return target
 
 
-def _strip_prefix(path: str) -> str:
-  return path[len("hdf5:"):] if path.startswith("hdf5:") else path
-
-
 # The fix for a file whose bytes are wrong.
 _DAMAGED = "the file is damaged; regenerate or re-copy it"
 # What h5py raises when the HDF5 library fails to read metadata or data
@@ -104,10 +101,7 @@ _H5_ERRORS = (OSError, RuntimeError, KeyError, UnicodeDecodeError)
 
 
 def _open(path: str, what: str) -> h5py.File:
-  if os.path.isdir(path):
-    raise UserError(f"{path} is a directory, not an HDF5 file; check {what}")
-  if not os.path.isfile(path):
-    raise UserError(f"HDF5 file not found: {path}; check {what}")
+  data_lib.check_file(path, what)
   try:
     return h5py.File(path, "r")
   except OSError as e:
@@ -195,7 +189,8 @@ def _missing_error(f: h5py.File, path: str, prefix: str, cfg) -> UserError:
 def _resolve(path: str, cfg) -> tuple[_Part, _Part]:
   """The train and test parts of `path` under the split rules above."""
   feats, labs = cfg.hdf5_features, cfg.hdf5_labels
-  test_path = _strip_prefix(cfg.test_dataset) if cfg.test_dataset else None
+  test_path = (data_lib.hdf5_path(cfg.test_dataset) if cfg.test_dataset
+               else None)
   with _open(path, "--dataset=hdf5:<path>") as f, _damaged_as_user_error(
       path, "its list of datasets"):
     grouped = all(isinstance(f.get(g), h5py.Group) for g in ("train", "test"))
