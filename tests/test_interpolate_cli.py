@@ -288,7 +288,6 @@ def test_bad_inputs_one_line(runs, tmp_path):
     (("--from_init", "--from=A"), "exactly one"),
     ((), "exactly one"),
     (("--from=A", "--plane"), "drop --from"),
-    (("--from=A", "--model_dir=A"), "--model_dir does not apply"),
     (("--from=A", "--bn_stats=keep"), "for --plane"),
     (("--plane", "--bn_stats=interpolate"), "two end points"),
     (("--from_init", "--from_checkpoint=3"), "drop --from_checkpoint"),

@@ -14,8 +14,14 @@ a `rundir.Request` by `request_from_flags`) and their whole program
 (`tool_main`: parse, check before TensorFlow loads, compute, write the JSON
 atomically). A flag name keeps one meaning across programs: where a shared
 name means something tool-specific (`--seed`, `--batch_size`, `--per_layer`,
-`--max_iterations`), the tool states its meaning there, and its help text
-says how it differs from `tfcapacity.train`'s flag of that name.
+`--max_iterations`, `--figure`, `--logdir`), the tool states its meaning
+there, and its help text says how it differs from `tfcapacity.train`'s flag
+of that name. A tool has only the shared flags it uses, and only the values
+it accepts (confusion's `--bn_mode` is `auto|inference`), so its --help
+lists what it takes and its parser refuses the rest in one line.
+`check_logdir` and `write_summaries` serve the tools' `--logdir`: checked
+before computing, then one TensorBoard step of scalars, images (PNG bytes)
+and histograms.
 """
 
 from __future__ import annotations
@@ -132,7 +138,8 @@ def check_flagfiles(argv: list[str]) -> None:
 
 
 def flags_parser(prog: str, fv: flags.FlagValues = flags.FLAGS,
-                 rewrite: Callable[[list[str]], list[str]] | None = None):
+                 rewrite: Callable[[list[str]], list[str]] | None = None,
+                 unknown: dict[str, str] | None = None):
   """absl's parser for `app.run`, but a bad flag is one line and status 2.
 
   A command-line flagfile that does not exist is named, a missing required
@@ -142,6 +149,13 @@ def flags_parser(prog: str, fv: flags.FlagValues = flags.FLAGS,
   It also makes --help list tfcapacity's flags when the program is a console
   script: absl lists the flags of the module named by sys.argv[0], which for
   `tfcapacity-confusion` is the script, not the modules defining them.
+
+  Args:
+    prog: the program's name, starting the error line.
+    fv: the flags.
+    rewrite: applied to argv before parsing.
+    unknown: {name: what to do instead} for flags the program does not
+      have but a user may expect (another tool's): the error line says it.
   """
   def parse(argv):
     main = argv[0] if argv else sys.argv[0]
@@ -155,6 +169,14 @@ def flags_parser(prog: str, fv: flags.FlagValues = flags.FLAGS,
       return fv(args)
     except UserError as e:
       fail(prog, str(e))
+    except flags.UnrecognizedFlagError as e:
+      hints = unknown or {}
+      name = e.flagname  # --noNAME of a boolean is NAME's.
+      if name not in hints and name.startswith("no"):
+        name = name[2:]
+      if name in hints:
+        fail(prog, f"--{name} does not apply to {prog}; {hints[name]}")
+      fail(prog, f"{e}; see --helpfull")
     except flags.Error as e:
       fail(prog, parse_error_line(prog, e, fv))
   return parse
@@ -195,59 +217,128 @@ def quiet_native_stderr() -> Iterator[None]:
 # --- The analysis tools ------------------------------------------------------
 
 
+class ReasonedEnumParser(flags.EnumParser):
+  """absl's enum parser, whose refusal also says why a value is missing.
+
+  For a flag whose shared choices a tool takes only some of (confusion's
+  --bn_mode): `--help` lists the accepted values, and a refused one fails
+  in the parser, with one line naming the choices and `why`.
+  """
+
+  def __init__(self, enum_values, why: str | None = None):
+    super().__init__(list(enum_values))
+    self.why = why
+
+  def parse(self, argument):
+    try:
+      return super().parse(argument)
+    except ValueError as e:
+      raise ValueError(f"{e} ({self.why})" if self.why else str(e)) from None
+
+
+def define_enum(name: str, default: str, values, text: str,
+                fv: flags.FlagValues, why: str | None = None) -> None:
+  """`flags.DEFINE_enum`, with `why` added to a refusal (see above)."""
+  values = list(values)
+  flags.DEFINE(ReasonedEnumParser(values, why), name, default,
+               f"<{'|'.join(values)}>: {text}", flag_values=fv,
+               serializer=flags.ArgumentSerializer())
+
+
+BN_MODE_HELP = (
+    "Batch-norm statistics in the loss: auto = those the run's training "
+    "steps used (per batch for --normalization=batch, per ghost sub-batch "
+    "for ghost; inference without a run directory or batch norm), or "
+    "moving (inference), per batch, per ghost sub-batch.")
+LOSS_DEFAULT = ("with --model_dir the run's own --loss (its flags.txt), else "
+                "cross_entropy")
+
+
 def define_analysis_flags(fv: flags.FlagValues = flags.FLAGS, *,
                           seed: str,
+                          models: bool = True,
+                          num_examples: tuple[int | None, str] | None = None,
+                          loss_default: str = LOSS_DEFAULT,
+                          bn_modes: tuple[str, ...] | None =
+                          objective.BN_MODE_CHOICES,
+                          bn_mode: str = BN_MODE_HELP,
+                          bn_mode_refused: str | None = None,
+                          parameters: bool = True,
                           batch_size: str | None = None,
                           per_layer: str | None = None,
-                          max_iterations: tuple[int, str] | None = None
-                          ) -> None:
+                          max_iterations: tuple[int, str] | None = None,
+                          figure: str | None = None,
+                          logdir: str | None = None) -> None:
   """Defines the flags the analysis tools share (idempotent per `fv`).
 
-  Every tool gets the model, example, loss and running flags. The four
-  flags below are shared by name but mean something tool-specific; each
-  tool says what, and a tool that passes None for one does not have it.
+  Every tool gets the example, loss and running flags. The others exist
+  only where the tool uses them, and their help says what they mean there,
+  so that a tool's --help lists what it accepts and nothing else: a flag a
+  tool has no use for is unknown to its parser, a value it refuses is
+  refused by the parser (one line, `flags_parser`).
 
   Args:
     fv: where to define them.
     seed: what `--seed` seeds besides the example draw (e.g. "the random
       starts of the eigen-solvers").
+    models: the flags naming one model (--model_dir, --checkpoint,
+      --at_init, --saved_model, --keras_model, --split, --dtype); False
+      for a tool that names its models otherwise (interpolate).
+    num_examples: (default, help) of `--num_examples`; None: the curvature
+      tools' (rundir.DEFAULT_NUM_EXAMPLES of one split).
+    loss_default: which loss `--loss` defaults to, in words.
+    bn_modes: the --bn_mode values the tool accepts, first the default;
+      None: no --bn_mode (nor --ghost_batch_size, which needs ghost).
+    bn_mode: the help of --bn_mode.
+    bn_mode_refused: why the other `objective.BN_MODE_CHOICES` are refused,
+      added to the parser's one-line refusal.
+    parameters: --layers and --include_slopes (the differentiated block).
     batch_size: what one `--batch_size` batch is (e.g. "Hessian-vector-
       product batch"), with its default; None: no --batch_size.
     per_layer: the help of `--per_layer`; None: no --per_layer.
     max_iterations: (default, help) of `--max_iterations`; None: none.
+    figure: the help of `--figure` (default on); None: no --figure.
+    logdir: what `--logdir` logs to TensorBoard; None: no --logdir.
   """
-  if "saved_model" in fv:
+  if "output" in fv:
     return
   # The model.
-  flags.DEFINE_string("model_dir", None,
-                      "A tfcapacity run directory (flags.txt, checkpoints/).",
-                      flag_values=fv)
-  flags.DEFINE_string(
-      "checkpoint", None,
-      "With --model_dir: 'latest' (default), a step number, or 'final' "
-      "(the run's model.keras).", flag_values=fv)
-  flags.DEFINE_bool(
-      "at_init", False,
-      "With --model_dir: the run's model freshly initialised from its flags "
-      "and seed, no checkpoint (flags.txt suffices).", flag_values=fv)
-  flags.DEFINE_string("saved_model", None,
-                      "A tf_saved_model export (serve function); needs "
-                      "--dataset.", flag_values=fv)
-  flags.DEFINE_string("keras_model", None,
-                      "A .keras model file; needs --dataset.", flag_values=fv)
+  if models:
+    flags.DEFINE_string(
+        "model_dir", None,
+        "A tfcapacity run directory (flags.txt, checkpoints/).",
+        flag_values=fv)
+    flags.DEFINE_string(
+        "checkpoint", None,
+        "With --model_dir: 'latest' (default), a step number, or 'final' "
+        "(the run's model.keras).", flag_values=fv)
+    flags.DEFINE_bool(
+        "at_init", False,
+        "With --model_dir: the run's model freshly initialised from its "
+        "flags and seed, no checkpoint (flags.txt suffices).",
+        flag_values=fv)
+    flags.DEFINE_string("saved_model", None,
+                        "A tf_saved_model export (serve function); needs "
+                        "--dataset.", flag_values=fv)
+    flags.DEFINE_string("keras_model", None,
+                        "A .keras model file; needs --dataset.",
+                        flag_values=fv)
   # The examples.
   flags.DEFINE_string(
       "dataset", None,
-      "digits | mnist1d | synthetic | hdf5:<path> | tfds:<name>. Required "
-      "for --saved_model/--keras_model; with --model_dir it replaces the "
-      "run's dataset (used as stored: none of the run's label transforms, "
-      "subset or standardisation).", flag_values=fv)
-  flags.DEFINE_enum("split", "train", list(data_lib.SPLITS), "Which split.",
-                    flag_values=fv)
-  flags.DEFINE_integer(
-      "num_examples", None,
-      f"Examples of the loss (default {rundir.DEFAULT_NUM_EXAMPLES}, or the "
-      f"whole split if smaller; -1 or 0: the whole split).", flag_values=fv)
+      "digits | mnist1d | synthetic | hdf5:<path> | tfds:<name>. " + (
+          "Required for --saved_model/--keras_model; with --model_dir it "
+          "replaces the run's dataset" if models else
+          "Replaces the run's dataset") +
+      " (used as stored: none of the run's label transforms, subset or "
+      "standardisation).", flag_values=fv)
+  if models:
+    flags.DEFINE_enum("split", "train", list(data_lib.SPLITS),
+                      "Which split.", flag_values=fv)
+  default, text = num_examples or (
+      None, f"Examples of the loss (default {rundir.DEFAULT_NUM_EXAMPLES}, "
+      f"or the whole split if smaller; -1 or 0: the whole split).")
+  flags.DEFINE_integer("num_examples", default, text, flag_values=fv)
   flags.DEFINE_bool(
       "shuffle", True,
       "The examples are a random subset drawn with --seed (else the first N "
@@ -273,27 +364,31 @@ def define_analysis_flags(fv: flags.FlagValues = flags.FLAGS, *,
                      ("cache_dir", "Cache of generated data (mnist1d)")):
     flags.DEFINE_string(name, None, f"{text} (default: the run's, or the "
                         f"training default).", flag_values=fv)
-  flags.DEFINE_enum(
-      "dtype", None, list(config_lib.DTYPES),
-      "With --model_dir: rebuild the run's model (mlp, fc_resnet) in this "
-      "dtype and copy its weights; float64 resolves Gram and Hessian "
-      "eigenvalues below float32 round-off. Default: the model's own.",
-      flag_values=fv)
+  if models:
+    flags.DEFINE_enum(
+        "dtype", None, list(config_lib.DTYPES),
+        "With --model_dir: rebuild the run's model (mlp, fc_resnet) in this "
+        "dtype and copy its weights; float64 resolves Gram and Hessian "
+        "eigenvalues below float32 round-off. Default: the model's own.",
+        flag_values=fv)
   # The loss and its parameters.
   flags.DEFINE_enum(
       "loss", None, list(objective.LOSSES),
-      "The per-example loss measured: cross_entropy, or squared = 1/2 "
-      "||logits - one_hot(label)||^2. Default: with --model_dir the run's "
-      "own --loss (its flags.txt), else cross_entropy.", flag_values=fv)
-  flags.DEFINE_enum(
-      "bn_mode", "auto", list(objective.BN_MODE_CHOICES),
-      "Batch-norm statistics in the loss: auto = those the run's training "
-      "steps used (per batch for --normalization=batch, per ghost sub-batch "
-      "for ghost; inference without a run directory or batch norm), or "
-      "moving (inference), per batch, per ghost sub-batch.", flag_values=fv)
-  flags.DEFINE_integer(
-      "ghost_batch_size", None,
-      "Sub-batch of --bn_mode=ghost (default: the run's).", flag_values=fv)
+      f"The per-example loss: cross_entropy, or squared = 1/2 "
+      f"||logits - one_hot(label)||^2. Default: {loss_default}.",
+      flag_values=fv)
+  if bn_modes is not None:
+    define_enum("bn_mode", bn_modes[0], bn_modes, bn_mode, fv,
+                why=bn_mode_refused)
+    if "ghost" in bn_modes:
+      flags.DEFINE_integer(
+          "ghost_batch_size", None,
+          "Sub-batch of --bn_mode=ghost (default: the run's).",
+          flag_values=fv)
+      flags.register_validator("ghost_batch_size",
+                               lambda v: v is None or v > 0,
+                               "--ghost_batch_size must be positive",
+                               flag_values=fv)
   if batch_size is not None:
     flags.DEFINE_integer(
         "batch_size", None,
@@ -301,13 +396,14 @@ def define_analysis_flags(fv: flags.FlagValues = flags.FLAGS, *,
         flag_values=fv)
     flags.register_validator("batch_size", lambda v: v is None or v > 0,
                              "--batch_size must be positive", flag_values=fv)
-  flags.DEFINE_list(
-      "layers", None,
-      "Differentiate only these layers' weights (names or name prefixes); "
-      "default all trainable weights.", flag_values=fv)
-  flags.DEFINE_bool("include_slopes", False,
-                    "Also differentiate the adaptive rectifier slopes.",
-                    flag_values=fv)
+  if parameters:
+    flags.DEFINE_list(
+        "layers", None,
+        "Differentiate only these layers' weights (names or name prefixes); "
+        "default all trainable weights.", flag_values=fv)
+    flags.DEFINE_bool("include_slopes", False,
+                      "Also differentiate the adaptive rectifier slopes.",
+                      flag_values=fv)
   # What to compute, where the tool has it.
   if per_layer is not None:
     flags.DEFINE_bool("per_layer", False, per_layer, flag_values=fv)
@@ -327,20 +423,29 @@ def define_analysis_flags(fv: flags.FlagValues = flags.FLAGS, *,
   flags.DEFINE_bool("progress_bar", True,
                     "A progress bar when stderr is a terminal (else log "
                     "lines).", flag_values=fv)
+  # What is written.
   flags.DEFINE_string("output", None, "The JSON file to write.",
                       flag_values=fv)
+  if figure is not None:
+    flags.DEFINE_bool("figure", True, figure, flag_values=fv)
+  if logdir is not None:
+    flags.DEFINE_string(
+        "logdir", None,
+        f"Also write TensorBoard event files to this directory (created if "
+        f"missing), at the step of the measured checkpoint (0 without one): "
+        f"{logdir}", flag_values=fv)
 
   flags.register_validator(
       "num_examples", lambda v: v is None or v >= -1,
       "--num_examples must be positive, or -1/0 for the whole split",
       flag_values=fv)
-  for name in ("ghost_batch_size", "cpu_replicas"):
-    flags.register_validator(name, lambda v: v is None or v > 0,
-                             f"--{name} must be positive", flag_values=fv)
-  flags.register_validator(
-      "checkpoint", rundir.is_checkpoint_name,
-      "--checkpoint must be 'latest', 'final' or a step number",
-      flag_values=fv)
+  flags.register_validator("cpu_replicas", lambda v: v is None or v > 0,
+                           "--cpu_replicas must be positive", flag_values=fv)
+  if models:
+    flags.register_validator(
+        "checkpoint", rundir.is_checkpoint_name,
+        "--checkpoint must be 'latest', 'final' or a step number",
+        flag_values=fv)
   require("output", "the JSON file this tool writes its results to (its "
           "directory must exist); e.g. --output=runs/quickstart/{tool}.json",
           fv)
@@ -391,6 +496,62 @@ def check_output(path: str, flag: str = "--output") -> None:
                     f"({e.strerror}); choose a writable directory") from None
 
 
+def check_logdir(path: str, flag: str = "--logdir") -> None:
+  """Raises UserError unless `path` is, or can be made, a writable directory.
+
+  Checked before any computation and creating nothing: the nearest
+  existing directory on the path must be one and take a file (as
+  `check_output` probes it).
+  """
+  path = os.path.abspath(path)
+  existing = path
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    where = ("is a file" if existing == path
+             else f"lies under a file, {existing}")
+    raise UserError(f"{flag}={path} {where}; name a directory")
+  try:
+    fd, probe = tempfile.mkstemp(dir=existing, prefix=".tfcapacity-probe-")
+    os.close(fd)
+    os.unlink(probe)
+  except OSError as e:
+    raise UserError(f"{flag}={path}: cannot write in {existing} "
+                    f"({e.strerror}); choose a writable directory") from None
+
+
+def summary_step(result: dict) -> int:
+  """The TensorBoard step of a tool's result: its checkpoint's step, or 0
+  (a model file, or a run's initial model)."""
+  return int(result.get("step") or 0)
+
+
+def write_summaries(logdir: str, step: int, *,
+                    scalars: dict[str, float] | None = None,
+                    images: dict[str, bytes] | None = None,
+                    histograms: dict[str, object] | None = None) -> None:
+  """Writes one step of TensorBoard summaries to a new event file in logdir.
+
+  Args:
+    logdir: the directory (created if missing).
+    step: their step.
+    scalars: {tag: number}.
+    images: {tag: PNG bytes}.
+    histograms: {tag: values}; `tf.summary.histogram` of each.
+  """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  os.makedirs(logdir, exist_ok=True)
+  writer = tf.summary.create_file_writer(logdir)
+  with writer.as_default(step=int(step)):
+    for tag, value in (scalars or {}).items():
+      tf.summary.scalar(tag, float(value))
+    for tag, data in (images or {}).items():
+      tf.summary.image(tag, tf.image.decode_png(data, channels=4)[tf.newaxis])
+    for tag, values in (histograms or {}).items():
+      tf.summary.histogram(tag, tf.constant(values, tf.float64))
+  writer.close()
+
+
 def os_error_line(e: OSError) -> str:
   """One line for a file-system refusal met while writing (read-only,
   full disk, permissions), naming the file."""
@@ -427,14 +588,18 @@ def run_tool(prog: str, fv: flags.FlagValues, compute, summary, *,
   """The body of the analysis mains.
 
   Checks what needs no TensorFlow first (`check`, default
-  `request_from_flags`, and the output path), builds the strategy with
-  TensorFlow's load-time lines hidden, runs `compute(fv, strategy)`, and on
-  the chief writes the JSON atomically and logs `summary(result)`. A
-  UserError ends the program with one line and status 2.
+  `request_from_flags`, the output path and any --logdir), builds the
+  strategy with TensorFlow's load-time lines hidden, runs `compute(fv,
+  strategy)` (which may also write the tool's figures and TensorBoard
+  events), and on the chief writes the JSON atomically and logs
+  `summary(result)`. A UserError ends the program with one line and
+  status 2.
   """
   with one_line_errors(prog):
     (check or request_from_flags)(fv)
     check_output(fv.output)
+    if "logdir" in fv and fv.logdir:
+      check_logdir(fv.logdir)
     with quiet_native_stderr():  # TF's load-time and device-probe lines.
       from tfcapacity import distribute  # pylint: disable=g-import-not-at-top
       strategy = distribute.make_strategy(fv.strategy, fv.cpu_replicas)
@@ -446,11 +611,13 @@ def run_tool(prog: str, fv: flags.FlagValues, compute, summary, *,
 
 
 def tool_main(prog: str, define_flags, compute, summary, *, check=None,
+              unknown: dict[str, str] | None = None,
               fv: flags.FlagValues = flags.FLAGS) -> None:
   """The whole program of an analysis tool (its console-script entry).
 
   Defines the tool's flags with `define_flags(fv)`, parses them (bad flags:
-  one line, status 2), refuses positional arguments and runs `run_tool`.
+  one line, status 2, with the advice of `unknown`, see `flags_parser`),
+  refuses positional arguments and runs `run_tool`.
   """
   from absl import app  # pylint: disable=g-import-not-at-top
   define_flags(fv)
@@ -459,4 +626,4 @@ def tool_main(prog: str, define_flags, compute, summary, *, check=None,
     no_arguments(prog, argv)
     run_tool(prog, fv, compute, summary, check=check)
 
-  app.run(program, flags_parser=flags_parser(prog, fv))
+  app.run(program, flags_parser=flags_parser(prog, fv, unknown=unknown))

@@ -15,8 +15,12 @@ SavedModel or a .keras file, and the examples from `--dataset`, `--split`,
 `--num_examples`, `--seed`/`--noshuffle`: `tfcapacity.rundir` loads them,
 `tfcapacity.curvature.report` measures, and `tfcapacity.cli` holds the flags
 and program the analysis tools share. With `--density` the figure is written
-next to the JSON as `<output stem>_density.png`. The JSON (with `"loss"`,
-the loss measured) is written once, atomically, at the end: a failed or
+next to the JSON as `<output stem>_density.png`. `--logdir=DIR` also writes
+TensorBoard events to DIR at the checkpoint's step (0 for a model file or
+`--at_init`): the eigenvalues as `hessian/eigenvalue_1` ...
+`hessian/eigenvalue_k`, `hessian/trace` with `--trace`, and the density
+figure as the image `figures/hessian_density`. The JSON (with `"loss"`, the
+loss measured) is written once, atomically, at the end: a failed or
 interrupted run leaves an earlier file intact.
 
 Exit status: 0 done, 2 bad input (one line on stderr).
@@ -27,9 +31,11 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import flags  # noqa: E402
+import numpy as np  # noqa: E402
 
 from tfcapacity import cli  # noqa: E402
 from tfcapacity import curvature  # noqa: E402
+from tfcapacity import figures  # noqa: E402
 from tfcapacity.curvature import report  # noqa: E402
 from tfcapacity import objective  # noqa: E402
 from tfcapacity import rundir  # noqa: E402
@@ -56,7 +62,11 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
       per_layer="Also lambda_max of each layer's diagonal Hessian block "
       "(where the curvature lives).",
       max_iterations=(100, "Power-iteration products per eigenvalue, at "
-                      "most."))
+                      "most."),
+      logdir="hessian/eigenvalue_1 ... hessian/eigenvalue_k, with --trace "
+      "hessian/trace and hessian/trace_stderr, with --per_layer "
+      "hessian/lambda_max/<layer>, and with --density the figure as the "
+      "image figures/hessian_density.")
   # --help lists the shared flags with the tool's own.
   flags.adopt_module_key_flags(cli, flag_values=fv)
   if "top_k" in fv:
@@ -116,12 +126,65 @@ def compute(fv: flags.FlagValues = flags.FLAGS, strategy=None) -> dict:
       loaded, top_k=fv.top_k, method=fv.method, hvp_method=fv.hvp_method,
       trace=fv.trace, trace_probes=fv.trace_probes, density=fv.density,
       density_runs=fv.density_runs, density_steps=fv.density_steps,
-      density_figure=density_path(fv.output) if fv.density else None,
       bn_mode=fv.bn_mode, ghost_batch_size=fv.ghost_batch_size,
       batch_size=fv.batch_size, layers=fv.layers,
       include_slopes=fv.include_slopes, tol=fv.tol,
       max_iterations=fv.max_iterations, lanczos_steps=fv.lanczos_steps,
       seed=fv.seed, per_layer=fv.per_layer, progress_bar=fv.progress_bar)
+
+
+def density_figure(result: dict, path: str) -> str:
+  """Draws the result's eigenvalue density (`eigen.density_figure`), titled
+  with the model and examples, to `path`."""
+  from tfcapacity.curvature import eigen  # pylint: disable=g-import-not-at-top
+  found = result["density"]
+  density = eigen.Density(
+      grid=np.asarray(found["grid"]), values=np.asarray(found["values"]),
+      nodes=[np.asarray(n) for n in found["nodes"]],
+      weights=[np.asarray(w) for w in found["weights"]],
+      sigma=found["sigma"], iterations=0)
+  return eigen.density_figure(
+      density, path, title=f"Hessian eigenvalue density (SLQ, "
+      f"{found['runs']} runs, sigma={found['sigma']:.3g})\n"
+      f"{figures.subject(result)}")
+
+
+def tensorboard_scalars(result: dict) -> dict[str, float]:
+  """hessian/eigenvalue_<i> (i from 1), hessian/trace, hessian/trace_stderr
+  and hessian/lambda_max/<layer>, as far as the result has them."""
+  out = {f"hessian/eigenvalue_{i}": value
+         for i, value in enumerate(result["eigenvalues"], 1)}
+  for key in ("trace", "trace_stderr"):
+    if key in result:
+      out[f"hessian/{key}"] = result[key]
+  for row in result.get("per_layer") or []:
+    out[f"hessian/lambda_max/{row['layer']}"] = row["lambda_max"]
+  return out
+
+
+def publish(fv: flags.FlagValues, result: dict) -> None:
+  """The density figure (--density) and the TensorBoard summaries
+  (--logdir) of a result; their paths join the result."""
+  images = {}
+  if "density" in result:
+    path = density_figure(result, density_path(fv.output))
+    result["density_figure"] = os.path.abspath(path)
+    with open(path, "rb") as f:
+      images["figures/hessian_density"] = f.read()
+  if fv.logdir:
+    cli.write_summaries(fv.logdir, cli.summary_step(result),
+                        scalars=tensorboard_scalars(result), images=images)
+    result["logdir"] = os.path.abspath(fv.logdir)
+
+
+def produce(fv: flags.FlagValues = flags.FLAGS, strategy=None) -> dict:
+  """`compute`, then (on the chief) the figure and TensorBoard summaries
+  the flags ask for: the tool's work before its JSON is written."""
+  from tfcapacity import distribute  # pylint: disable=g-import-not-at-top
+  result = compute(fv, strategy)
+  if distribute.is_chief(strategy):
+    publish(fv, result)
+  return result
 
 
 def _summary(result: dict) -> str:
@@ -134,7 +197,7 @@ def _summary(result: dict) -> str:
 
 def run():
   """Console-script entry point (tfcapacity-hessian)."""
-  cli.tool_main(PROG, define_flags, compute, _summary)
+  cli.tool_main(PROG, define_flags, produce, _summary)
 
 
 if __name__ == "__main__":

@@ -69,11 +69,17 @@ from tfcapacity import rundir  # noqa: E402
 
 PROG = "tfcapacity.interpolate"
 FLAGS = flags.FLAGS
-# Shared analysis flags (tfcapacity.cli) naming models, splits or
-# Hessian options that this tool does not use.
-NOT_HERE = ("model_dir", "checkpoint", "at_init", "saved_model",
-            "keras_model", "split", "bn_mode", "ghost_batch_size", "layers",
-            "include_slopes")
+# The other analysis tools' flags (tfcapacity.cli) that this tool does not
+# have, and what to give instead; its parser names them in its refusal.
+NOT_HERE = {name: "name the models with --from/--to (and --from_checkpoint/"
+            "--to_checkpoint), the data with --dataset"
+            for name in ("model_dir", "checkpoint", "at_init", "saved_model",
+                         "keras_model", "split")}
+NOT_HERE["dtype"] = "the models are evaluated in the dtype they were saved in"
+NOT_HERE.update({name: "the losses are of the whole model at each point, "
+                 "with the batch-norm statistics --bn_stats says"
+                 for name in ("bn_mode", "ghost_batch_size", "layers",
+                              "include_slopes")})
 # Run flags whose difference means the two runs trained on different data.
 DATA_KEYS = ("dataset", "random_labels", "label_noise", "train_subset",
              "data_seed", "test_dataset", "holdout_fraction", "standardize")
@@ -85,9 +91,15 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
   cli.define_analysis_flags(
       fv,
       seed="the two random directions of --plane",
+      models=False, parameters=False, bn_modes=None,
+      num_examples=(-1, "Examples of each split, train and test (default "
+                    "-1 or 0: the whole splits; a smaller split whole)."),
+      loss_default="the --to run's own --loss (its flags.txt)",
       batch_size=f"evaluation batch of the losses, errors and recomputed "
       f"batch-norm statistics (default {DEFAULT_BATCH_SIZE}; the results do "
-      f"not depend on it, only memory and speed)")
+      f"not depend on it, only memory and speed)",
+      figure="Draw the losses and errors to <output stem>.png (lines "
+      "against alpha, or contours over the plane).")
   # --help lists the shared flags with the tool's own.
   flags.adopt_module_key_flags(cli, flag_values=fv)
   if "plane" in fv:
@@ -119,10 +131,6 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
                     "Batch-norm statistics at each point: recomputed on the "
                     "training examples, interpolated (line), or the "
                     "centre's (keep, plane).", flag_values=fv)
-  flags.DEFINE_bool("figure", True, "Write <output stem>.png.",
-                    flag_values=fv)
-  # The whole splits by default (-1), unlike the curvature tools.
-  fv.set_default("num_examples", -1)
   flags.register_validator("num_points", lambda v: v >= 2,
                            "--num_points must be at least 2", flag_values=fv)
   cli.require("to", "the run directory of end point B (alpha = 1; the "
@@ -168,11 +176,6 @@ def check_flags(fv: flags.FlagValues = flags.FLAGS) -> Spec:
   Raises:
     UserError: bad input.
   """
-  for name in NOT_HERE:
-    if fv[name].present:
-      raise UserError(f"--{name} does not apply to {PROG}; name the models "
-                      f"with --from/--to (and --from_checkpoint/"
-                      f"--to_checkpoint), the data with --dataset")
   source = fv["from"].value
   if fv.plane:
     if source or fv.from_init or fv.from_checkpoint:
@@ -325,7 +328,8 @@ def _summary(result: dict) -> str:
 
 def run():
   """Console-script entry point (tfcapacity-interpolate)."""
-  cli.tool_main(PROG, define_flags, compute, _summary, check=check_flags)
+  cli.tool_main(PROG, define_flags, compute, _summary, check=check_flags,
+                unknown=NOT_HERE)
 
 
 if __name__ == "__main__":
