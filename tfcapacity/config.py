@@ -27,7 +27,7 @@ from tfcapacity.errors import UserError
 # resumed with different values of these.
 OPERATIONAL_FLAGS = frozenset({
     "model_dir", "overwrite", "resume_from", "progress_bar", "data_dir",
-    "manual_dir",
+    "manual_dir", "hparams_keys",
     "steps_per_loop", "keep_checkpoints", "checkpoint_every_steps", "export",
     "cache_dir", "strategy", "cpu_replicas", "eval_batch_size",
     "full_batch_chunk",
@@ -333,6 +333,11 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
   flags.DEFINE_bool("progress_bar", True,
                     "Show a progress bar when stderr is a terminal.",
                     flag_values=fv)
+  flags.DEFINE_list(
+      "hparams_keys", None,
+      "The flags of the run's TensorBoard HParams session (the sweep runner "
+      "sets the swept ones); default: those that differ from their "
+      "defaults.", flag_values=fv)
   flags.DEFINE_bool("export", True,
                     "Write model.keras and saved_model/ at the end.",
                     flag_values=fv)

@@ -79,6 +79,8 @@ class GradientStatisticsCallback(callbacks_lib.Callback):
   """Per-example gradient statistics on fixed training examples."""
 
   name = "gradients"
+  log_keys = ("gradients/gradient_confusion", "gradients/min_cosine",
+              "gradients/mean_cosine", "gradients/gradient_diversity")
 
   def __init__(self, cfg):
     self.cfg = cfg
