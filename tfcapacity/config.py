@@ -287,7 +287,8 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
       "eval_recompute_bn", True,
       "With batch norm, also evaluate with its statistics recomputed "
       "exactly over the training set (history keys *_recomputed_bn, "
-      "TensorBoard run eval_recomputed_bn), beside the moving statistics.",
+      "TensorBoard runs train_recomputed_bn and test_recomputed_bn), "
+      "beside the moving statistics.",
       flag_values=fv)
   flags.DEFINE_integer("eval_batch_size", 1024, "Batch size of evaluation.",
                        flag_values=fv)

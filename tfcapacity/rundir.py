@@ -5,7 +5,7 @@ Layout of a model_dir:
   results.json     status, flags, loss, history (evaluations), measurements
                    (callback scalars), final metrics (written atomically)
   checkpoints/     tf.train.CheckpointManager checkpoints (ckpt-STEP)
-  train/, eval/    TensorBoard event files
+  train/, test/    TensorBoard event files (training.summaries)
   model.keras      the final Keras model
   saved_model/     `model.export(..., format="tf_saved_model")`, `serve`
 
@@ -84,8 +84,10 @@ RESULTS_FILE = "results.json"
 CHECKPOINT_DIR = "checkpoints"
 KERAS_FILE = "model.keras"
 SAVED_MODEL_DIR = "saved_model"
-_RUN_ENTRIES = (FLAGS_FILE, RESULTS_FILE, CHECKPOINT_DIR, "train", "eval",
-                "eval_recomputed_bn", KERAS_FILE, SAVED_MODEL_DIR,
+_RUN_ENTRIES = (FLAGS_FILE, RESULTS_FILE, CHECKPOINT_DIR, "train", "test",
+                "train_recomputed_bn", "test_recomputed_bn",
+                # TensorBoard runs of runs written before `train`/`test`.
+                "eval", "eval_recomputed_bn", KERAS_FILE, SAVED_MODEL_DIR,
                 "ntk_init.npz")
 _CHECKPOINT_RE = re.compile(r"^ckpt-(\d+)\.index$")
 # The one-writer lock: the process that trains (or otherwise writes) a run

@@ -296,7 +296,7 @@ def load_run(cell_dir: str) -> Run | None:
   flags = rundir.load_config(cell_dir)
   history = _history(results)
   batch = random_labels.read_scalar_events(
-      os.path.join(cell_dir, "train"), random_labels.LOSS_TAG)
+      os.path.join(cell_dir, "train"), random_labels.LOSS_TAGS)
   steps, losses = random_labels.loss_curve(results.get("history", []), batch)
   mins = dict(random_labels.measurement_series(
       results, "gradients/ntk_min_eigenvalue"))

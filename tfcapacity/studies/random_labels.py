@@ -24,7 +24,7 @@ the squared loss on a scalar output; the initialiser carries the
 is picked from a small grid per setting rather than from the theorem's
 bound.
 
-Steps to the threshold are read per step from the `train/batch_loss`
+Steps to the threshold are read per step from the `batch/loss`
 TensorBoard scalars: with the whole training set as the batch and no batch
 norm, the value logged at step s is the training loss of the parameters
 after s - 1 steps. The evaluation rows of results.json (the loss after
@@ -48,7 +48,9 @@ from tfcapacity.studies import sweep
 from tfcapacity import rundir
 
 THRESHOLD = 1e-3
-LOSS_TAG = "train/batch_loss"
+# The per-step loss in the train run (`train/batch_loss` in runs written
+# before the tags of `training.summaries`).
+LOSS_TAGS = ("batch/loss", "train/batch_loss")
 # Least eigenvalues of the Gram matrices the gradients callback logs.
 GRAM_KEYS = {
     "ntk": "gradients/ntk_min_eigenvalue",
@@ -120,8 +122,9 @@ def study_cells(grid: Sequence[tuple[str, Sequence[str]]],
 # --- One run -----------------------------------------------------------------
 
 
-def read_scalar_events(logdir: str, tag: str) -> dict[int, float]:
-  """{step: value} of a scalar tag in `logdir`'s event files.
+def read_scalar_events(logdir: str, tags) -> dict[int, float]:
+  """{step: value} of a scalar tag (or the first found of several names of
+  it, `tags`) in `logdir`'s event files.
 
   A step logged twice (a resumed run repeats the steps after its last
   checkpoint) keeps the value written last.
@@ -130,12 +133,13 @@ def read_scalar_events(logdir: str, tag: str) -> dict[int, float]:
   # a file cut short by a killed run ends its iteration quietly.
   from tensorboard.backend.event_processing import event_file_loader  # pylint: disable=g-import-not-at-top
   from tensorboard.util import tensor_util  # pylint: disable=g-import-not-at-top
+  tags = (tags,) if isinstance(tags, str) else tuple(tags)
   latest = {}
   for path in sorted(glob.glob(os.path.join(logdir,
                                             "events.out.tfevents.*"))):
     for event in event_file_loader.EventFileLoader(path).Load():
       for value in event.summary.value:
-        if value.tag != tag:
+        if value.tag not in tags:
           continue
         number = (float(tensor_util.make_ndarray(value.tensor))
                   if value.HasField("tensor") else float(value.simple_value))
@@ -226,7 +230,7 @@ def load_run(cell_dir: str, threshold: float = THRESHOLD) -> Run | None:
     return None
   flags = rundir.load_config(cell_dir)
   history = results.get("history", [])
-  batch = read_scalar_events(os.path.join(cell_dir, "train"), LOSS_TAG)
+  batch = read_scalar_events(os.path.join(cell_dir, "train"), LOSS_TAGS)
   steps, losses = loss_curve(history, batch)
   final = results.get("final") or {}
   final_loss = float(final.get("train_loss", math.nan))

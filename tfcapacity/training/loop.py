@@ -49,10 +49,12 @@ results.json holds:
   * the flags, the loss, throughput, the number of parameters, replicas and
     steps, and the run's status.
 
-TensorBoard holds the training scalars and the callbacks' in the `train`
-run, the evaluations in the `eval` run and those with recomputed statistics
-in the `eval_recomputed_bn` run under the same tags (`train/top1_error`,
-`test/loss`, ...), so that one chart overlays the two.
+TensorBoard (`training.summaries` describes the layout): the `train` and
+`test` runs hold each set's evaluations under the same tags (`loss`,
+`top1_error`, `top5_error`), so that one chart overlays them, and
+`train_recomputed_bn`/`test_recomputed_bn` those with recomputed statistics;
+the optimiser's scalars and the measurements are in the `train` run (the
+test set's in the `test` run).
 """
 
 from __future__ import annotations
@@ -89,8 +91,8 @@ from tfcapacity import rundir
 
 EVAL_KEYS = ("train_loss", "train_top1_error", "train_top5_error",
              "test_loss", "test_top1_error", "test_top5_error")
-# The suffix of the evaluation keys with recomputed batch-norm statistics,
-# and the TensorBoard run that holds them under the `eval` run's tags.
+# The suffix of the evaluation keys (and TensorBoard runs) with recomputed
+# batch-norm statistics.
 RECOMPUTED_BN_SUFFIX = summaries.RECOMPUTED_BN_SUFFIX
 # Examples of the per-layer gradient norms logged at each evaluation.
 _NORM_EXAMPLES = 256
@@ -810,8 +812,11 @@ class Trainer:
   def _evaluation_row(self, run: _Run) -> dict:
     """The evaluation at `run.step` as a history row, also to TensorBoard.
 
-    The evaluation with recomputed batch-norm statistics goes to the
-    eval_recomputed_bn run under the tags of the eval run.
+    Each set's evaluation goes to its run (`train`, `test`; with
+    recomputed batch-norm statistics `train_recomputed_bn`,
+    `test_recomputed_bn`) under the same tags; the train run also gets the
+    test set's values for HParams, the weight histograms and the per-layer
+    weight and gradient norms.
     """
     metrics = self.evaluate()
     for split in data_lib.SPLITS:
