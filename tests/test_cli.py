@@ -165,9 +165,12 @@ def test_cli_bad_inputs_one_line_and_nothing_damaged(tmp_path):
     x[7, 1] = np.nan
     f["features"] = x
     f["labels"] = np.arange(20) % 2
+  # (A directory of its own: in `model_dir` the run directory's check,
+  # which needs no data, refuses the other flags first.)
   conftest.assert_one_line_error(
-      run_train(f"--dataset=hdf5:{path}", f"--model_dir={model_dir}",
+      run_train(f"--dataset=hdf5:{path}", f"--model_dir={tmp_path / 'nan'}",
                 "--batch_size=4"), "NaN", prog=PROG)
+  assert not (tmp_path / "nan").exists()
   conftest.assert_one_line_error(
       run_train("--dataset=synthetic", "--epochs=1",
                 f"--model_dir={model_dir}"), "different flags", prog=PROG)
