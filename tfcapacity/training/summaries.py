@@ -129,16 +129,27 @@ def session_hparams(cfg, keys=None, defaults=None) -> dict:
   return {k: _typed(values[k]) for k in chosen}
 
 
+# HParams metrics shown first (TensorBoard ticks the first five), and
+# measurement diagnostics that are no metric.
+_FIRST_METRICS = ("top1_error", FINAL_TEST_PREFIX + "top1_error",
+                  "curvature/lambda_max", "gradients/min_cosine",
+                  "gradients/gradient_confusion")
+_NOT_METRICS = ("/iterations", "/relative_residual", "_below_float32")
+
+
 def metric_tags(measured_keys=()) -> list[tuple[str, str]]:
   """(tag, description) of a run's HParams metrics: the final train loss
   and errors, their test twins, and the final value of every measured
-  `curvature/*`, `gradients/*` and `distance/*` scalar of the train run."""
-  tags = [(tag, f"train {tag}") for tag in EVAL_TAGS]
-  tags += [(FINAL_TEST_PREFIX + tag, f"test {tag}") for tag in EVAL_TAGS]
+  `curvature/*`, `gradients/*` and `distance/*` scalar of the train run
+  (not the solvers' diagnostics), the study's headline ones first."""
+  tags = {tag: f"train {tag}" for tag in EVAL_TAGS}
+  tags.update({FINAL_TEST_PREFIX + tag: f"test {tag}" for tag in EVAL_TAGS})
   train = route({k: 0.0 for k in measured_keys})[TRAIN_RUN]
-  tags += [(key, key) for key in sorted(train)
-           if key.startswith(METRIC_PREFIXES)]
-  return tags
+  tags.update({key: key for key in sorted(train)
+               if key.startswith(METRIC_PREFIXES)
+               and not key.endswith(_NOT_METRICS)})
+  first = [t for t in _FIRST_METRICS if t in tags]
+  return [(t, tags[t]) for t in first + [t for t in tags if t not in first]]
 
 
 def write_session(writer, hparams: dict, trial: str, *,
