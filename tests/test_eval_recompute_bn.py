@@ -7,6 +7,7 @@ gives, and the same statistics, read from that forward pass, evaluate the
 test set in inference mode.
 """
 
+import json
 import os
 
 import keras
@@ -214,7 +215,11 @@ def test_non_finite_recomputation_does_not_crash(tmp_path, monkeypatch):
     assert all(np.isnan(row[key]) for key in RECOMPUTED
                if "loss" in key)
   on_disk = rundir.read_results(cfg.model_dir)
-  assert on_disk["history"][-1]["train_loss" + SUFFIX] == "nan"
+  assert np.isnan(on_disk["history"][-1]["train_loss" + SUFFIX])
+  with open(os.path.join(cfg.model_dir, rundir.RESULTS_FILE)) as f:
+    raw = json.load(f)["history"][-1]  # JSON null, named in non_finite.
+  assert raw["train_loss" + SUFFIX] is None
+  assert raw["non_finite"]["train_loss" + SUFFIX] == "nan"
   monkeypatch.undo()
   reference = training.Trainer(bn_cfg(tmp_path, "plain", deterministic=True,
                                       eval_recompute_bn=False), one_device())

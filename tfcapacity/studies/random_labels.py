@@ -156,8 +156,8 @@ def loss_curve(history: Sequence[dict], batch_losses: dict[int, float]
   `batch_losses[s]` (full batch) is the loss after s - 1 steps; history rows
   give the loss after `row["step"]` steps where the events have none.
   """
-  curve = {int(row["step"]): float(row["train_loss"]) for row in history
-           if "train_loss" in row}
+  curve = {int(row["step"]): rundir.row_number(row, "train_loss")
+           for row in history if "train_loss" in row}
   for step, value in batch_losses.items():
     if step >= 1:
       curve[int(step) - 1] = float(value)
@@ -233,7 +233,7 @@ def load_run(cell_dir: str, threshold: float = THRESHOLD) -> Run | None:
   batch = read_scalar_events(os.path.join(cell_dir, "train"), LOSS_TAGS)
   steps, losses = loss_curve(history, batch)
   final = results.get("final") or {}
-  final_loss = float(final.get("train_loss", math.nan))
+  final_loss = rundir.number(final.get("train_loss"))
   if state == sweep.DIVERGED:
     final_loss = math.inf
   return Run(
@@ -244,13 +244,13 @@ def load_run(cell_dir: str, threshold: float = THRESHOLD) -> Run | None:
       steps=int(results.get("steps", 0)),
       total_steps=int(results.get("total_steps", 0)),
       curve_steps=steps, curve_losses=losses, final_loss=final_loss,
-      final_top1_error=float(final.get("train_top1_error", math.nan)),
+      final_top1_error=rundir.number(final.get("train_top1_error")),
       steps_to_threshold=steps_to_threshold(steps, losses, threshold),
       gram={short: measurement_series(results, key)
             for short, key in GRAM_KEYS.items()},
       condition={short: measurement_series(results, key)
                  for short, key in CONDITION_KEYS.items()},
-      wall_seconds=float(final.get("wall_seconds", math.nan)),
+      wall_seconds=rundir.number(final.get("wall_seconds")),
       num_parameters=int(results.get("num_parameters", 0)))
 
 
