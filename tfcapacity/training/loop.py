@@ -958,7 +958,7 @@ class Trainer:
     """Callback scalars to their runs (`summaries.route`); non-finite or
     unresolved ones are not written but logged once per tag, with the
     reason, to the console and as text."""
-    finite, dropped = scalars_lib.finite_scalars(scalars)
+    finite, dropped = scalars_lib.finite_scalars(scalars, self.cfg.dtype)
     for key, reason in dropped.items():
       run.dropped[key] = run.dropped.get(key, 0) + 1
       if run.dropped[key] == 1:
