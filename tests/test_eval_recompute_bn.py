@@ -168,8 +168,9 @@ def event_scalars(directory):
     for event in tf.compat.v1.train.summary_iterator(
         os.path.join(directory, name)):
       for value in event.summary.value:
-        out.setdefault(value.tag, {})[event.step] = float(
-            tf.make_ndarray(value.tensor))
+        array = tf.make_ndarray(value.tensor)
+        if array.ndim == 0:  # Scalars, not histograms.
+          out.setdefault(value.tag, {})[event.step] = float(array)
   return out
 
 
