@@ -29,8 +29,8 @@ PROG = "tfcapacity.confusion"
 KEYS = ("gradient_confusion", "min_inner_product", "mean_inner_product",
         "min_cosine", "mean_cosine", "cosine_quantiles", "gradient_diversity",
         "noise_scale_simple", "gram_min_eigenvalue", "gram_condition_number",
-        "num_examples", "bn_mode", "seconds", "source", "checkpoint", "step",
-        "dataset", "num_parameters")
+        "gram_resolved", "num_examples", "bn_mode", "seconds", "source",
+        "checkpoint", "step", "dataset", "num_parameters")
 
 
 def run_tool(*args):
@@ -93,9 +93,20 @@ def brute_force(model, x, y, loss="cross_entropy"):
                                        np.quantile(cos, [0.01, 0.5, 0.99]))),
           "gradient_diversity": np.trace(g) / g.sum(),
           "noise_scale_simple": trace_sigma / mean_sq,
-          "gram_min_eigenvalue": eig[0],
-          "gram_condition_number": (eig[-1] / eig[0] if eig[0] > 0
-                                    else float("inf"))}
+          "gram_min_eigenvalue": eig[0], **resolution(eig, n)}
+
+
+def resolution(eig, n):
+  """The spectrum's resolved flag and condition number in float32 (the
+  model's precision): resolved iff lambda_min >= n eps_32 lambda_max, by the
+  float64 eigenvalues; the flag is checked only clear of that edge."""
+  edge = n * np.finfo(np.float32).eps * eig[-1]
+  resolved = bool(eig[0] >= edge)
+  out = {"gram_condition_number": (eig[-1] / eig[0] if resolved
+                                   else float("nan"))}
+  if abs(eig[0] - edge) > 0.1 * edge:
+    out["gram_resolved"] = resolved
+  return out
 
 
 def assert_matches(result, exact):
@@ -103,6 +114,10 @@ def assert_matches(result, exact):
     if key == "cosine_quantiles":
       for q, v in value.items():
         assert result[key][q] == pytest.approx(v, rel=1e-4, abs=1e-5), q
+    elif key == "gram_resolved":
+      assert result[key] is value, key  # A JSON true/false.
+    elif key == "gram_condition_number" and np.isnan(value):
+      assert result[key] is None or np.isnan(result[key]), key
     elif key in ("gram_min_eigenvalue", "gram_condition_number"):
       # The least eigenvalue of a near-singular G: absolute tolerance.
       scale = exact["gram_min_eigenvalue"] if key == "gram_min_eigenvalue" \

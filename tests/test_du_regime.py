@@ -23,6 +23,7 @@ from tfcapacity import hessian
 from tfcapacity import measurements
 from tfcapacity import models
 from tfcapacity.errors import UserError
+from tfcapacity.gradients import measure
 from tfcapacity.gradients import per_example
 from tfcapacity.gradients import statistics
 from tfcapacity.gradients import tangent
@@ -304,6 +305,15 @@ def test_float64_gram_resolves_what_float32_cannot():
                                               output="logits")
   least32 = np.linalg.eigvalsh(got32)[0]
   assert abs(least32 - want[0]) > 0.5 * want[0]
+  # Each spectrum says so in the precision its model computes in.
+  assert measure.precision(m64) == "float64"
+  assert measure.precision(m32) == "float32"
+  resolved = statistics.gram_spectrum(got, dtype=measure.precision(m64))
+  assert resolved["resolved"] == 1.0
+  assert resolved["condition_number"] == pytest.approx(want[-1] / want[0],
+                                                       rel=1e-4)
+  lost = statistics.gram_spectrum(got32, dtype=measure.precision(m32))
+  assert lost["resolved"] == 0.0 and np.isnan(lost["condition_number"])
   assert statistics.gram_spectrum(jac @ jac.T)["min_below_float32"] == 1.0
   assert statistics.gram_spectrum(np.eye(3))["min_below_float32"] == 0.0
 

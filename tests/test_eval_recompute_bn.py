@@ -7,6 +7,7 @@ gives, and the same statistics, read from that forward pass, evaluate the
 test set in inference mode.
 """
 
+import json
 import os
 
 import keras
@@ -153,7 +154,8 @@ def test_nothing_new_without_batch_norm_or_flag(tmp_path, overrides):
   results = trainer.run()
   for row in results["history"]:
     assert not any(key.endswith(SUFFIX) for key in row)
-  assert not os.path.exists(os.path.join(cfg.model_dir, loop.RECOMPUTED_BN_RUN))
+  assert not [name for name in os.listdir(cfg.model_dir)
+              if name.endswith(SUFFIX)]
   assert results["callbacks"] == {}
 
 
@@ -166,8 +168,9 @@ def event_scalars(directory):
     for event in tf.compat.v1.train.summary_iterator(
         os.path.join(directory, name)):
       for value in event.summary.value:
-        out.setdefault(value.tag, {})[event.step] = float(
-            tf.make_ndarray(value.tensor))
+        array = tf.make_ndarray(value.tensor)
+        if array.ndim == 0:  # Scalars, not histograms.
+          out.setdefault(value.tag, {})[event.step] = float(array)
   return out
 
 
@@ -178,19 +181,17 @@ def test_tensorboard_run_and_log_line(tmp_path, monkeypatch):
                       lambda fmt, *args: messages.append(fmt % args))
   results = training.train(cfg, one_device())
   monkeypatch.undo()
-  recomputed = event_scalars(os.path.join(cfg.model_dir,
-                                          loop.RECOMPUTED_BN_RUN))
-  plain = event_scalars(os.path.join(cfg.model_dir, "eval"))
-  tags = {f"{split}/{name}" for split in ("train", "test")
-          for name in ("loss", "top1_error", "top5_error")}
-  assert set(recomputed) == tags == set(plain)
-  for row in results["history"]:
-    for key in loop.EVAL_KEYS:
-      split, name = key.split("_", 1)
-      assert recomputed[f"{split}/{name}"][row["step"]] == pytest.approx(
-          row[key + SUFFIX], rel=1e-6)
-      assert plain[f"{split}/{name}"][row["step"]] == pytest.approx(
-          row[key], rel=1e-6)
+  tags = {"loss", "top1_error", "top5_error"}
+  for split in ("train", "test"):
+    recomputed = event_scalars(os.path.join(cfg.model_dir, split + SUFFIX))
+    plain = event_scalars(os.path.join(cfg.model_dir, split))
+    assert set(recomputed) == tags <= set(plain)
+    for row in results["history"]:
+      for tag in tags:
+        assert recomputed[tag][row["step"]] == pytest.approx(
+            row[f"{split}_{tag}{SUFFIX}"], rel=1e-6)
+        assert plain[tag][row["step"]] == pytest.approx(
+            row[f"{split}_{tag}"], rel=1e-6)
   final = results["history"][-1]
   lines = [m for m in messages if "recomputed BN top1" in m]
   assert len(lines) == len(results["history"])
@@ -215,7 +216,11 @@ def test_non_finite_recomputation_does_not_crash(tmp_path, monkeypatch):
     assert all(np.isnan(row[key]) for key in RECOMPUTED
                if "loss" in key)
   on_disk = rundir.read_results(cfg.model_dir)
-  assert on_disk["history"][-1]["train_loss" + SUFFIX] == "nan"
+  assert np.isnan(on_disk["history"][-1]["train_loss" + SUFFIX])
+  with open(os.path.join(cfg.model_dir, rundir.RESULTS_FILE)) as f:
+    raw = json.load(f)["history"][-1]  # JSON null, named in non_finite.
+  assert raw["train_loss" + SUFFIX] is None
+  assert raw["non_finite"]["train_loss" + SUFFIX] == "nan"
   monkeypatch.undo()
   reference = training.Trainer(bn_cfg(tmp_path, "plain", deterministic=True,
                                       eval_recompute_bn=False), one_device())

@@ -1,5 +1,6 @@
 """Gradient statistics during training against a brute-force computation."""
 
+import math
 import os
 
 import keras
@@ -83,6 +84,18 @@ def test_logged_statistics_equal_a_loop_of_single_example_tapes(tiny_cfg,
         eig[0], rel=1e-3, abs=1e-6 * eig[-1]), name
     assert row[f"gradients/{name}_max_eigenvalue"] == pytest.approx(
         eig[-1], rel=1e-4), name
+    # Resolved in float32 iff lambda_min >= n eps_32 lambda_max (by the
+    # float64 truth); the width-6 features have rank 6 < 30: singular.
+    edge = n * np.finfo(np.float32).eps * eig[-1]
+    resolved = row[f"gradients/{name}_resolved"]
+    if abs(eig[0] - edge) > 0.1 * edge:  # Clear of the edge.
+      assert resolved == float(eig[0] > edge), name
+    condition = row[f"gradients/{name}_condition_number"]
+    if resolved:
+      assert condition == pytest.approx(eig[-1] / eig[0], rel=1e-2), name
+    else:
+      assert math.isnan(condition), name
+  assert row["gradients/features_resolved"] == 0.0
   assert row["timing/gradients_seconds"] > 0
 
 

@@ -196,9 +196,13 @@ def test_gram_spectrum_matches_eigvalsh(seed):
   assert s["min_eigenvalue"] == pytest.approx(eig[0])
   assert s["max_eigenvalue"] == pytest.approx(eig[-1])
   assert s["condition_number"] == pytest.approx(eig[-1] / eig[0])
-  # Rank-deficient (6 examples, 3 features): singular, condition inf.
+  assert s["resolved"] == 1.0
+  # Rank-deficient (6 examples, 3 features): singular, so not resolved and
+  # its condition number NaN, never inf.
   b = a[:, :3]
-  assert st.gram_spectrum(b @ b.T)["condition_number"] == float("inf")
+  singular = st.gram_spectrum(b @ b.T)
+  assert singular["resolved"] == 0.0
+  assert np.isnan(singular["condition_number"])
   # A non-symmetric input is symmetrised.
   skew = rng.normal(size=(6, 6))
   s = st.gram_spectrum(k + skew - skew.T)

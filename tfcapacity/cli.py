@@ -27,6 +27,7 @@ and histograms.
 from __future__ import annotations
 
 import contextlib
+import logging as std_logging
 import os
 import re
 import sys
@@ -603,6 +604,7 @@ def run_tool(prog: str, fv: flags.FlagValues, compute, summary, *,
     with quiet_native_stderr():  # TF's load-time and device-probe lines.
       from tfcapacity import distribute  # pylint: disable=g-import-not-at-top
       strategy = distribute.make_strategy(fv.strategy, fv.cpu_replicas)
+    quiet_tensorflow_logs()
     result = compute(fv, strategy)
     if not distribute.is_chief(strategy):
       return  # Under multi-worker training every worker computes; one writes.
@@ -627,3 +629,28 @@ def tool_main(prog: str, define_flags, compute, summary, *, check=None,
     run_tool(prog, fv, compute, summary, check=check)
 
   app.run(program, flags_parser=flags_parser(prog, fv, unknown=unknown))
+
+
+class _NoLibraryInfo(std_logging.Filter):
+  """Drops INFO (and DEBUG) records logged from inside TensorFlow, Keras,
+  TensorBoard or TensorFlow Datasets (they log through absl too)."""
+
+  _LIBRARIES = tuple(f"{os.sep}{name}{os.sep}" for name in (
+      "tensorflow", "keras", "tensorboard", "tensorflow_datasets"))
+
+  def filter(self, record):
+    return record.levelno >= std_logging.WARNING or not any(
+        lib in record.pathname for lib in self._LIBRARIES)
+
+
+def quiet_tensorflow_logs(fv: flags.FlagValues = flags.FLAGS) -> None:
+  """Hides the libraries' own INFO lines (checkpoint sharding, SavedModel
+  assets and fingerprints) unless --verbosity is 1 or more; their
+  warnings and errors still show."""
+  verbosity = fv["verbosity"].value if "verbosity" in fv else 0
+  if verbosity >= 1:
+    return
+  std_logging.getLogger("tensorflow").setLevel(std_logging.WARNING)
+  handler = logging.get_absl_handler()
+  if not any(isinstance(f, _NoLibraryInfo) for f in handler.filters):
+    handler.addFilter(_NoLibraryInfo())

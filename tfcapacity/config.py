@@ -27,7 +27,7 @@ from tfcapacity.errors import UserError
 # resumed with different values of these.
 OPERATIONAL_FLAGS = frozenset({
     "model_dir", "overwrite", "resume_from", "progress_bar", "data_dir",
-    "manual_dir",
+    "manual_dir", "hparams_keys",
     "steps_per_loop", "keep_checkpoints", "checkpoint_every_steps", "export",
     "cache_dir", "strategy", "cpu_replicas", "eval_batch_size",
     "full_batch_chunk",
@@ -287,7 +287,8 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
       "eval_recompute_bn", True,
       "With batch norm, also evaluate with its statistics recomputed "
       "exactly over the training set (history keys *_recomputed_bn, "
-      "TensorBoard run eval_recomputed_bn), beside the moving statistics.",
+      "TensorBoard runs train_recomputed_bn and test_recomputed_bn), "
+      "beside the moving statistics.",
       flag_values=fv)
   flags.DEFINE_integer("eval_batch_size", 1024, "Batch size of evaluation.",
                        flag_values=fv)
@@ -333,6 +334,11 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
   flags.DEFINE_bool("progress_bar", True,
                     "Show a progress bar when stderr is a terminal.",
                     flag_values=fv)
+  flags.DEFINE_list(
+      "hparams_keys", None,
+      "The flags of the run's TensorBoard HParams session (the sweep runner "
+      "sets the swept ones); default: those that differ from their "
+      "defaults.", flag_values=fv)
   flags.DEFINE_bool("export", True,
                     "Write model.keras and saved_model/ at the end.",
                     flag_values=fv)

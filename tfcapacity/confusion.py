@@ -23,6 +23,13 @@ or squared), over fixed examples, and writes them to a JSON file:
   * with `--feature_layer=LAYER` (or `penultimate`, the classifier's input),
     `features_*`: the spectrum of that layer's feature kernel F F^T / width.
 
+Each spectrum says whether its least eigenvalue, and so its condition
+number, is resolved in the model's precision (`gram_resolved` etc., true or
+false; `statistics.spectrum_resolved`): in float32 a least eigenvalue below
+n eps_32 times the largest is round-off, and the condition number is then
+null (JSON has no NaN), named in `non_finite`, never a ratio of noise or
+inf. `--dtype=float64` runs resolve far smaller eigenvalues.
+
 All of them are functions of G (`tfcapacity.gradients.statistics`), which
 `tfcapacity.gradients.per_example` computes chunk by chunk, exactly or after
 a Johnson-Lindenstrauss projection (`--projection_dim`). `--per_layer` adds
@@ -175,7 +182,8 @@ def confusion_report(loaded: rundir.Loaded, *, chunk_size: int = 128,
 
   Returns:
     A JSON-ready dict: `statistics.summarize` of G, the Gram spectrum
-    (gram_min_eigenvalue, gram_max_eigenvalue, gram_condition_number),
+    (gram_min_eigenvalue, gram_max_eigenvalue, gram_condition_number, NaN
+    when gram_resolved is False, gram_min_below_float32),
     ntk_* and features_* when asked, num_parameters, how it was computed,
     `loaded.description`, and per_layer {variable path: summarize of G_l}
     when asked.
@@ -221,6 +229,9 @@ def measure_confusion(loaded: rundir.Loaded, *, chunk_size: int = 128,
       per_layer=per_layer, ntk=ntk, feature_layer=feature_layer,
       loss=loaded.loss)
   out = {**loaded.description, **found.values}
+  for key in found.values:
+    if key.endswith("_resolved"):  # A JSON true/false beside the spectrum.
+      out[key] = bool(found.values[key])
   out.update({
       "bn_mode": "inference",
       "num_parameters": int(sum(int(v.numpy().size) for v in chosen)),

@@ -3,9 +3,10 @@
 Layout of a model_dir:
   flags.txt        a flagfile that reproduces the run
   results.json     status, flags, loss, history (evaluations), measurements
-                   (callback scalars), final metrics (written atomically)
+                   (callback scalars), final metrics (written atomically;
+                   NaN and inf as null, named in the row's `non_finite`)
   checkpoints/     tf.train.CheckpointManager checkpoints (ckpt-STEP)
-  train/, eval/    TensorBoard event files
+  train/, test/    TensorBoard event files (training.summaries)
   model.keras      the final Keras model
   saved_model/     `model.export(..., format="tf_saved_model")`, `serve`
 
@@ -84,8 +85,10 @@ RESULTS_FILE = "results.json"
 CHECKPOINT_DIR = "checkpoints"
 KERAS_FILE = "model.keras"
 SAVED_MODEL_DIR = "saved_model"
-_RUN_ENTRIES = (FLAGS_FILE, RESULTS_FILE, CHECKPOINT_DIR, "train", "eval",
-                "eval_recomputed_bn", KERAS_FILE, SAVED_MODEL_DIR,
+_RUN_ENTRIES = (FLAGS_FILE, RESULTS_FILE, CHECKPOINT_DIR, "train", "test",
+                "train_recomputed_bn", "test_recomputed_bn",
+                # TensorBoard runs of runs written before `train`/`test`.
+                "eval", "eval_recomputed_bn", KERAS_FILE, SAVED_MODEL_DIR,
                 "ntk_init.npz")
 _CHECKPOINT_RE = re.compile(r"^ckpt-(\d+)\.index$")
 # The one-writer lock: the process that trains (or otherwise writes) a run
@@ -130,23 +133,148 @@ def atomic_write(path: str, text: str | bytes) -> None:
     raise
 
 
-def _json_safe(value):
+# JSON has no NaN or infinity. `write_json` writes a non-finite float as
+# null and names what it was in a `non_finite` object of the dict that holds
+# it: {key: "inf" | "-inf" | "nan"}. A number in a list is named by its key
+# and index, `key[i]` (`key[i][j]` in a list of lists), in the `non_finite`
+# of the dict that holds the list; a list that no dict holds (a top-level
+# list) keeps bare nulls. So a row of results.json reads
+#   {"step": 5, "gradients/gradient_diversity": null, ...,
+#    "non_finite": {"gradients/gradient_diversity": "inf"}}
+# and any JSON reader sees null, never a string where a number belongs.
+# `read_json` (and `read_results`) put the floats back; files written before
+# this rule hold the strings "inf", "-inf" and "nan", which `number` and
+# `series` still read.
+NON_FINITE_KEY = "non_finite"
+_NON_FINITE_VALUES = {"inf": math.inf, "-inf": -math.inf, "nan": math.nan}
+_INDEXED_PATH = re.compile(r"^(.*?)((?:\[\d+\])+)$")
+
+
+def non_finite_reason(value: float) -> str:
+  """"nan", "inf" or "-inf": how `write_json` names a non-finite float."""
+  if math.isnan(value):
+    return "nan"
+  return "inf" if value > 0 else "-inf"
+
+
+def _encode(value, path: str | None, reasons: dict):
   if isinstance(value, float) and not math.isfinite(value):
-    return str(value)  # JSON has no NaN/Inf; keep the fact readable.
+    if path is not None:
+      reasons[path] = non_finite_reason(value)
+    return None
   if isinstance(value, dict):
-    return {k: _json_safe(v) for k, v in value.items()}
+    return json_safe(value)
   if isinstance(value, (list, tuple)):
-    return [_json_safe(v) for v in value]
+    return [_encode(v, None if path is None else f"{path}[{i}]", reasons)
+            for i, v in enumerate(value)]
+  return value
+
+
+def json_safe(value):
+  """`value` as `write_json` writes it: non-finite floats as None, named in
+  each holding dict's `non_finite` (see above). Other values unchanged.
+
+  Raises:
+    ValueError: a dict holds a `non_finite` entry that is not a dict.
+  """
+  if not isinstance(value, dict):
+    return _encode(value, None, {})
+  reasons = {}
+  out = {key: _encode(item, str(key), reasons)
+         for key, item in value.items() if key != NON_FINITE_KEY}
+  if NON_FINITE_KEY in value:  # E.g. a row read back raw and written again.
+    earlier = value[NON_FINITE_KEY]
+    if not isinstance(earlier, dict):
+      raise ValueError(f"{NON_FINITE_KEY!r} is reserved for the reasons of "
+                       f"non-finite numbers; got {earlier!r}")
+    # Kept where the value is still null.
+    reasons = {**{path: reason for path, reason in earlier.items()
+                  if _null_at(out, path)}, **reasons}
+  if reasons:
+    out[NON_FINITE_KEY] = reasons
+  return out
+
+
+def _restore_dict(value: dict) -> dict:
+  out = {key: restore_non_finite(item) for key, item in value.items()
+         if key != NON_FINITE_KEY}
+  reasons = value.get(NON_FINITE_KEY)
+  if not isinstance(reasons, dict):
+    if NON_FINITE_KEY in value:
+      out[NON_FINITE_KEY] = reasons
+    return out
+  left = {}
+  for path, reason in reasons.items():
+    if not (reason in _NON_FINITE_VALUES and _put(out, path, reason)):
+      left[path] = reason
+  if left:
+    out[NON_FINITE_KEY] = left
+  return out
+
+
+def _locate(obj: dict, path: str) -> tuple | None:
+  """(container, key or index) of `path` (`key` or `key[i]...`) in `obj`,
+  or None if there is no such place."""
+  if path in obj:
+    return obj, path
+  match = _INDEXED_PATH.match(path)
+  if not match or match.group(1) not in obj:
+    return None
+  container, last = obj, match.group(1)
+  for index in (int(i) for i in re.findall(r"\d+", match.group(2))):
+    container = container[last]
+    if not isinstance(container, list) or index >= len(container):
+      return None
+    last = index
+  return container, last
+
+
+def _null_at(obj: dict, path: str) -> bool:
+  place = _locate(obj, path)
+  return place is not None and place[0][place[1]] is None
+
+
+def _put(obj: dict, path: str, reason: str) -> bool:
+  """Sets the null at `path` to the float `reason` names; False if there is
+  no null there."""
+  if not _null_at(obj, path):
+    return False
+  container, last = _locate(obj, path)
+  container[last] = _NON_FINITE_VALUES[reason]
+  return True
+
+
+def restore_non_finite(value):
+  """The inverse of `json_safe`: each null named in a `non_finite` object
+  becomes its float again and the object is dropped (entries it cannot
+  place are kept)."""
+  if isinstance(value, dict):
+    return _restore_dict(value)
+  if isinstance(value, list):
+    return [restore_non_finite(v) for v in value]
   return value
 
 
 def write_json(path: str, obj) -> None:
-  atomic_write(path, json.dumps(_json_safe(obj), indent=1, sort_keys=False)
-               + "\n")
+  """Writes `obj` as JSON, atomically; non-finite floats as null with their
+  reasons (`json_safe`)."""
+  atomic_write(path, json.dumps(json_safe(obj), indent=1, sort_keys=False,
+                                allow_nan=False) + "\n")
+
+
+def read_json(path: str):
+  """A JSON file as `write_json` wrote it, non-finite floats restored.
+
+  Raises:
+    OSError, ValueError: as `open` and `json.load`.
+  """
+  with open(path, "rb") as f:
+    return restore_non_finite(json.loads(f.read().decode()))
 
 
 def read_results(model_dir: str) -> dict | None:
-  """The run's results.json, or None if it has none.
+  """The run's results.json, or None if it has none; non-finite numbers
+  are floats again (`read_json`).
 
   Raises:
     UserError: the file is not a JSON object (damaged: never trusted).
@@ -155,8 +283,7 @@ def read_results(model_dir: str) -> dict | None:
   if not os.path.exists(path):
     return None
   try:
-    with open(path, "rb") as f:
-      results = json.loads(f.read().decode())
+    results = read_json(path)
   except (OSError, ValueError) as e:  # JSONDecodeError, UnicodeDecodeError.
     raise UserError(f"{path} is damaged ({first_line(e)}); restore it, or "
                     f"retrain the run into a fresh --model_dir") from None
@@ -174,11 +301,25 @@ def read_results(model_dir: str) -> dict | None:
 # both lists, so they read alike.
 
 
-def _number(value) -> float:
+def number(value) -> float:
+  """A value of a results file as a float: a number as it is; the strings
+  "inf", "-inf" and "nan" of files written before `write_json` wrote null;
+  NaN for null or anything else that is not a number."""
   try:
-    return float(value)  # Also the "nan"/"inf" strings of `write_json`.
+    return float(value)
   except (TypeError, ValueError):
     return math.nan
+
+
+def row_number(row: dict, key: str) -> float:
+  """`row[key]` as a float: `number`, except that a null that the row's
+  `non_finite` names (raw JSON, not read through `read_json`) is the float
+  it names."""
+  value = row[key]
+  if value is None:
+    reason = (row.get(NON_FINITE_KEY) or {}).get(key)
+    return _NON_FINITE_VALUES.get(reason, math.nan)
+  return number(value)
 
 
 def _rows(results: dict) -> list[dict]:
@@ -190,21 +331,23 @@ def series(results: dict, key: str) -> list[tuple[int, int, float]]:
 
   `key` is an evaluation metric (`train_loss`, ...) or a callback scalar
   (`curvature/lambda_max`, ...); read from `history` and `measurements` of
-  the contents of a results.json, of either layout. A value that is not a
-  number reads as NaN.
+  the contents of a results.json, of either layout. A null reads as the
+  float its row's `non_finite` names, else NaN; the strings "inf", "-inf"
+  and "nan" of older files read as those floats; any other value that is
+  not a number reads as NaN.
   """
   points = {}
   for row in _rows(results):
     if key in row:
       step = int(row["step"])
-      points[step] = (step, int(row["epoch"]), _number(row[key]))
+      points[step] = (step, int(row["epoch"]), row_number(row, key))
   return [points[step] for step in sorted(points)]
 
 
 def keys_with_prefix(results: dict, prefix: str) -> list[str]:
   """The sorted scalar keys of `results` that start with `prefix`."""
   return sorted({key for row in _rows(results) for key in row
-                 if key.startswith(prefix)})
+                 if key.startswith(prefix) and key != NON_FINITE_KEY})
 
 
 def _differences(old: dict, new: dict) -> list[str]:

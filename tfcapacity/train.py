@@ -45,6 +45,7 @@ def main(argv):
       strategy = distribute.make_strategy(cfg.strategy, cfg.cpu_replicas)
       # After the strategy: no module may run a TF op before it exists.
       from tfcapacity import measurements  # pylint: disable=g-import-not-at-top
+    cli.quiet_tensorflow_logs()
     results = measurements.train(cfg, strategy)
   if results["status"] == "diverged":
     cli.fail(PROG, f"the run diverged at step "

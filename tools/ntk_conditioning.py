@@ -9,10 +9,13 @@ For each model, depth and number of examples n (the first n training
 examples, as `--train_subset=n` takes them), the model of the base flags is
 built at initialisation (seed `--seed` of the flagfile) and its NTK Gram
 matrix Theta(0) over the n examples is computed (float64 with
-`--dtype=float64`). The tool reports lambda_min, lambda_max, their ratio and
-the steps full-batch gradient descent on the linearised model needs to get
-every sign right with eta = c n / lambda_max (c = the flagfile's
---learning_rate under --learning_rate_from=gram), up to --horizon steps.
+`--dtype=float64`). The tool reports lambda_min, lambda_max, their ratio,
+whether lambda_min is resolved in the model's precision
+(`statistics.spectrum_resolved`; when it is not, the ratio is null in the
+JSON, named in `non_finite`), and the steps full-batch gradient descent on
+the linearised model needs to get every sign right with
+eta = c n / lambda_max (c = the flagfile's --learning_rate under
+--learning_rate_from=gram), up to --horizon steps.
 This is what decided the global-minima study's n (docs/random_labels.md).
 
 Exit status: 0, or 2 for bad input.
@@ -52,6 +55,7 @@ def measure(base, model: str, depth: int, n: int) -> dict:
   from tfcapacity import data  # pylint: disable=g-import-not-at-top
   from tfcapacity import models  # pylint: disable=g-import-not-at-top
   from tfcapacity.gradients import per_example  # pylint: disable=g-import-not-at-top
+  from tfcapacity.gradients import statistics  # pylint: disable=g-import-not-at-top
   from tfcapacity.studies import global_minima  # pylint: disable=g-import-not-at-top
   cfg = base.replace(model=model, depth=depth, width=FLAGS.width,
                      train_subset=n)
@@ -61,14 +65,15 @@ def measure(base, model: str, depth: int, n: int) -> dict:
   net = models.from_config(cfg, train.info.input_shape, train.info.num_classes)
   gram = per_example.gradient_inner_products(net, x, y, output="logits")
   eig = np.linalg.eigvalsh(gram)
+  spectrum = statistics.gram_spectrum(gram, dtype=cfg.dtype)
   c = cfg.learning_rate if cfg.learning_rate_from == "gram" else 1.0
   outputs = np.asarray(net(x), np.float64)
   steps, _ = global_minima.linearised_fit(gram, outputs, y, c * n / eig[-1],
                                           FLAGS.horizon)
   return {"model": model, "depth": depth, "n": n, "width": FLAGS.width,
           "lambda_min": float(eig[0]), "lambda_max": float(eig[-1]),
-          "condition_number": float(eig[-1] / eig[0]) if eig[0] > 0
-          else float("inf"), "c": float(c),
+          "condition_number": spectrum["condition_number"],
+          "resolved": bool(spectrum["resolved"]), "c": float(c),
           "linearised_steps_to_fit": steps}
 
 
@@ -96,8 +101,9 @@ def main(argv):
             r = rows[-1]
             print(f"n={n} {model} depth {depth}: lambda_min "
                   f"{r['lambda_min']:.3g}, lambda_max {r['lambda_max']:.3g}, "
-                  f"ratio {r['condition_number']:.3g}, linearised steps to "
-                  f"fit {r['linearised_steps_to_fit']}", flush=True)
+                  f"ratio {r['condition_number']:.3g}"
+                  f"{'' if r['resolved'] else ' (unresolved)'}, linearised "
+                  f"steps to fit {r['linearised_steps_to_fit']}", flush=True)
   except UserError as e:
     cli.fail(PROG, str(e))
   rundir.write_json(FLAGS.output, {

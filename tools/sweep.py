@@ -102,8 +102,7 @@ def main(argv):
       for cell, state in zip(mine, states):
         print(f"{cell.index:4d}  {state:11s}  {cell.name}")
       return
-    new_grid = sweep.prepare_sweep_dir(FLAGS.sweep_dir, base, grid,
-                                       all_cells)
+    sweep.prepare_sweep_dir(FLAGS.sweep_dir, base, grid, all_cells)
   except UserError as e:
     fail(str(e))
   threads = common.threads_per_cell(FLAGS.threads_per_cell, FLAGS.parallel)
@@ -118,9 +117,9 @@ def main(argv):
                        progress=FLAGS.progress)
   finally:
     # After the cells: it imports TensorFlow, which the runner's forks avoid.
-    if new_grid or not sweep.has_hparams_config(FLAGS.sweep_dir):
-      with cli.quiet_native_stderr():
-        sweep.write_hparams_config(FLAGS.sweep_dir, grid, configs)
+    # Rewritten each time: its metrics are those the cells measured.
+    with cli.quiet_native_stderr():
+      sweep.write_hparams_config(FLAGS.sweep_dir, grid, configs)
   counts = {}
   for state in states.values():
     counts[state] = counts.get(state, 0) + 1

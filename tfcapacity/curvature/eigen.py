@@ -410,7 +410,8 @@ def _power_run(op, v, *, tol, max_iterations, defl_vectors, defl_values,
 
 
 def _power_iteration(op, gen, *, v0, tol, max_iterations, which, deflate,
-                     progress, offset=0) -> EigenResult:
+                     progress, offset=0, label="the eigenvalue"
+                     ) -> EigenResult:
   if which not in WHICH:
     raise choices_error("eigenvalue selection", which, WHICH)
   max_iterations = _check_int("max_iterations", max_iterations)
@@ -440,9 +441,9 @@ def _power_iteration(op, gen, *, v0, tol, max_iterations, which, deflate,
   relative = _relative(residual, value)
   if not converged:
     logging.warning(
-        "power iteration (%s) stopped after %d matvecs without converging: "
-        "relative residual %.3g > tol %.3g (eigenvalue %.6g)", which, spent,
-        relative, tol, value)
+        "power iteration for %s (%s) stopped after %d matvecs without "
+        "converging: relative residual %.3g > tol %.3g (value %.6g)", label,
+        which, spent, relative, tol, value)
   return EigenResult(eigenvalue=value, eigenvector=_orient(v, reference),
                      residual=residual, relative_residual=relative,
                      iterations=spent, converged=converged, which=which)
@@ -564,7 +565,8 @@ def top_k_power(op: Operator, k: int, *, tol: float = 1e-3,
     result = _power_iteration(
         op, gen, v0=v0s[i] if i < len(v0s) else None, tol=tol,
         max_iterations=max_iterations, which="LM", deflate=found,
-        progress=report, offset=spent)
+        progress=report, offset=spent,
+        label=f"eigenvalue_{i + 1} (the top {i + 1} of {k} by magnitude)")
     spent += result.iterations
     found.append((result.eigenvalue, result.eigenvector))
 

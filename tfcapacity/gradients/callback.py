@@ -20,7 +20,11 @@ matrix of the logits, K_ij = sum_c <d z_c(x_i), d z_c(x_j)>; with
 `--gradients_feature_layer=LAYER` (or `penultimate`), `gradients/features_*`
 of the layer's feature kernel F F^T / width. Each spectrum also says whether
 its least eigenvalue is below float32 resolution (`*_min_below_float32`,
-1 or 0; `statistics.below_float32_resolution`).
+1 or 0; `statistics.below_float32_resolution`) and whether it and the
+condition number are resolved in the model's precision (`*_resolved`, 1 or
+0; `statistics.spectrum_resolved`); an unresolved condition number is NaN,
+never inf. `training.scalars.finite_scalars` tells the loop which scalars
+TensorBoard can take.
 
 With `--gradients_ntk`, the neural-tangent Gram matrix Theta(0) of the first
 measurement at step 0 is kept in the run directory (`NTK_INIT_FILE`, with
@@ -55,7 +59,7 @@ from tfcapacity.training import callbacks as callbacks_lib
 
 _SALT = 0x6A7D
 _SPECTRUM_KEYS = ("_min_eigenvalue", "_max_eigenvalue", "_condition_number",
-                  "_min_below_float32")
+                  "_min_below_float32", "_resolved")
 # Theta(0), f(0) and the labels of the examples, in the run directory.
 NTK_INIT_FILE = "ntk_init.npz"
 _SCALARS = ("gradient_confusion", "min_inner_product", "mean_inner_product",
@@ -79,6 +83,8 @@ class GradientStatisticsCallback(callbacks_lib.Callback):
   """Per-example gradient statistics on fixed training examples."""
 
   name = "gradients"
+  log_keys = ("gradients/gradient_confusion", "gradients/min_cosine",
+              "gradients/mean_cosine", "gradients/gradient_diversity")
 
   def __init__(self, cfg):
     self.cfg = cfg

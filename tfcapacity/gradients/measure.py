@@ -27,6 +27,15 @@ class Measurement:
   ntk: object = None
 
 
+def precision(model, params=None) -> str:
+  """"float64" if a differentiated variable is float64 (`--dtype=float64`:
+  G's products are then float64, `per_example`), else "float32"."""
+  chosen = (params if params is not None
+            else getattr(model, "trainable_variables", None) or ())
+  return ("float64" if any("float64" in str(getattr(v, "dtype", ""))
+                           for v in chosen) else "float32")
+
+
 def measure(model, x, y, *, params=None,
             chunk_size: int = gradients.DEFAULT_CHUNK_SIZE,
             projection_dim: int | None = None, seed: int = 0, strategy=None,
@@ -45,22 +54,25 @@ def measure(model, x, y, *, params=None,
 
   Returns:
     A `Measurement`; its values hold `statistics.summarize(G)` and
-    `gram_*`, plus `ntk_*` and `features_*` when asked.
+    `gram_*`, plus `ntk_*` and `features_*` when asked. Each spectrum's
+    `*_resolved` and NaN `*_condition_number` judge its least eigenvalue
+    against the resolution of the model's precision (`precision`).
   """
   options = dict(params=params, chunk_size=chunk_size,
                  projection_dim=projection_dim, seed=seed, strategy=strategy)
   found = per_example.gradient_inner_products(
       model, x, y, per_layer=per_layer, loss=loss, **options)
   gram, layer_grams = found if per_layer else (found, {})
+  dtype = precision(model, params)
   values = {**statistics.summarize(gram),
-            **statistics.named_spectrum(gram, "gram")}
+            **statistics.named_spectrum(gram, "gram", dtype=dtype)}
   kernel = None
   if ntk:
     kernel = per_example.gradient_inner_products(model, x, y,
                                                  output="logits", **options)
-    values.update(statistics.named_spectrum(kernel, "ntk"))
+    values.update(statistics.named_spectrum(kernel, "ntk", dtype=dtype))
   if feature_layer:
     found = features.layer_features(model, x, feature_layer)
     values.update(statistics.named_spectrum(statistics.feature_gram(found),
-                                            "features"))
+                                            "features", dtype=dtype))
   return Measurement(gram, layer_grams, values, kernel)

@@ -38,13 +38,16 @@ Statistics and where they come from:
   * Gram matrices as in Du, Lee, Li, Wang & Zhai (2019), "Gradient descent
     finds global minima of deep neural networks", whose convergence rate is
     governed by the least eigenvalue of a Gram matrix: `gram_spectrum` gives
-    the extreme eigenvalues (numpy.linalg.eigvalsh of (K + K^T) / 2) and the
-    condition number max / min, inf when min <= 0. `feature_gram` is the
-    kernel of a layer's outputs, F F^T / width: Du et al. put the
-    1/sqrt(width) into the features themselves (their x^(h) carries a
-    sqrt(c_sigma / m) factor); we take raw features and divide by width, and
-    leave out c_sigma. `ntk_gram` is the empirical neural tangent kernel of
-    per-example logit Jacobians.
+    the extreme eigenvalues (numpy.linalg.eigvalsh of (K + K^T) / 2), the
+    condition number max / min and whether they are resolved: a least
+    eigenvalue at or below the round-off n eps |max| of the precision K was
+    computed in (float32 by default) is not, and its condition number is
+    NaN, never inf or a ratio of noise (`spectrum_resolved`).
+    `feature_gram` is the kernel of a layer's outputs, F F^T / width: Du et
+    al. put the 1/sqrt(width) into the features themselves (their x^(h)
+    carries a sqrt(c_sigma / m) factor); we take raw features and divide by
+    width, and leave out c_sigma. `ntk_gram` is the empirical neural tangent
+    kernel of per-example logit Jacobians.
 
 `summarize` returns the scalar statistics in one flat dict; `per_layer`
 repeats it for each layer's own Gram matrix (the per-layer G_l sum to G, as
@@ -308,15 +311,31 @@ def per_layer(grams: Mapping[str, np.ndarray], *,
   return out
 
 
-def gram_spectrum(kernel) -> Dict[str, float]:
+def gram_spectrum(kernel, *, dtype: str = "float32") -> Dict[str, float]:
   """Extreme eigenvalues and condition number of a Gram matrix.
 
-  Uses numpy.linalg.eigvalsh on (K + K^T) / 2. The condition number is
-  max / min, and inf when min <= 0 (a singular or indefinite matrix, where
-  Du et al.'s rate bound is vacuous).
+  Uses numpy.linalg.eigvalsh on (K + K^T) / 2 (in float64). Whether the
+  least eigenvalue is resolved depends on the precision the entries of K
+  were computed in (`dtype`; `spectrum_resolved`): when it is not, the least
+  eigenvalue is round-off and the condition number is NaN rather than a
+  ratio of noise (or inf for a least eigenvalue <= 0, where Du et al.'s rate
+  bound is vacuous).
+
+  Args:
+    kernel: the n x n matrix K.
+    dtype: "float32" (the default: a float32 model's Gram matrices) or
+      "float64" (`--dtype=float64`), the precision of K's products.
+
+  Returns:
+    min_eigenvalue and max_eigenvalue (always the computed values);
+    condition_number, max / min when resolved, else NaN; min_below_float32,
+    1.0 when the least eigenvalue is below float32 resolution
+    (`below_float32_resolution`), else 0.0, whatever `dtype`; resolved, 1.0
+    when the least eigenvalue and the condition number are resolved in
+    `dtype`, else 0.0.
 
   Raises:
-    UserError: K is not square or not finite.
+    UserError: K is not square or not finite, or an unknown `dtype`.
   """
   k = np.asarray(kernel, dtype=np.float64)
   if k.ndim != 2 or k.shape[0] != k.shape[1] or k.shape[0] < 1:
@@ -325,12 +344,30 @@ def gram_spectrum(kernel) -> Dict[str, float]:
     raise UserError("kernel contains NaN or inf")
   eig = np.linalg.eigvalsh((k + k.T) / 2)
   lo, hi = float(eig[0]), float(eig[-1])
+  resolved = spectrum_resolved(lo, hi, len(k), dtype)
   return {
       "min_eigenvalue": lo,
       "max_eigenvalue": hi,
-      "condition_number": hi / lo if lo > 0 else float("inf"),
+      "condition_number": hi / lo if resolved else float("nan"),
       "min_below_float32": float(below_float32_resolution(lo, hi, len(k))),
+      "resolved": float(resolved),
   }
+
+
+def resolution(largest: float, n: int, dtype: str = "float32") -> float:
+  """n eps |largest|: the round-off in the eigenvalues of an n x n Gram
+  matrix whose products were computed in `dtype` ("float32" or "float64").
+
+  Its entries carry relative errors of about n eps (eps = 2^-23 for
+  float32, 2^-52 for float64), so by Weyl's bound its eigenvalues carry
+  errors of about n eps |largest|.
+
+  Raises:
+    UserError: an unknown `dtype`.
+  """
+  if dtype not in ("float32", "float64"):
+    raise UserError(f"dtype must be float32 or float64; got {dtype!r}")
+  return n * float(np.finfo(dtype).eps) * abs(largest)
 
 
 def below_float32_resolution(least: float, largest: float, n: int) -> bool:
@@ -342,13 +379,28 @@ def below_float32_resolution(least: float, largest: float, n: int) -> bool:
   resolved by a float32 computation, whatever its printed value, and needs
   `--dtype=float64`.
   """
-  return abs(least) < n * float(np.finfo(np.float32).eps) * abs(largest)
+  return abs(least) < resolution(largest, n, "float32")
 
 
-def named_spectrum(kernel, prefix: str) -> Dict[str, float]:
-  """`gram_spectrum` keyed `{prefix}_min_eigenvalue`, `_max_eigenvalue`, ..."""
+def spectrum_resolved(least: float, largest: float, n: int,
+                      dtype: str = "float32") -> bool:
+  """Whether the least eigenvalue of an n x n Gram matrix computed in
+  `dtype`, and with it the condition number largest / least, is resolved:
+  positive and at least `resolution(largest, n, dtype)`.
+
+  In float32 that caps a resolved condition number at 1 / (n eps_32), about
+  8e6 / n: 3e4 for 256 examples. A least eigenvalue at or below 0 (a
+  singular matrix, e.g. two equal gradients) is never resolved.
+  """
+  return least > 0 and least >= resolution(largest, n, dtype)
+
+
+def named_spectrum(kernel, prefix: str, *,
+                   dtype: str = "float32") -> Dict[str, float]:
+  """`gram_spectrum` keyed `{prefix}_min_eigenvalue`, `_max_eigenvalue`,
+  `_condition_number`, `_min_below_float32` and `_resolved`."""
   return {f"{prefix}_{key}": value
-          for key, value in gram_spectrum(kernel).items()}
+          for key, value in gram_spectrum(kernel, dtype=dtype).items()}
 
 
 def feature_gram(features) -> np.ndarray:

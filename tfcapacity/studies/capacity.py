@@ -49,7 +49,8 @@ class Run:
   history: list[dict]
 
   def final(self, key: str) -> float:
-    return float(self.history[-1][key]) if self.history else math.nan
+    return (rundir.row_number(self.history[-1], key) if self.history
+            else math.nan)
 
 
 @dataclasses.dataclass
@@ -255,7 +256,8 @@ def summarize(runs: Sequence[Run], *, x_flag: str = "width",
     group.errors[seed] = 100.0 * run.final(key)
     group.test_errors[seed] = 100.0 * run.final(f"test_{metric}_error")
     group.curves[seed] = (np.array([row["epoch"] for row in run.history]),
-                          100.0 * np.array([row[key] for row in run.history]))
+                          100.0 * np.array([rundir.row_number(row, key)
+                                            for row in run.history]))
   best = {}
   for x in sorted({x for x, _ in groups}):
     eligible = [g for (gx, _), g in groups.items()

@@ -323,10 +323,10 @@ def _jsonable(obj):
 
 
 def _read_json(path: str):
-  import json  # pylint: disable=g-import-not-at-top
+  """The JSON file at `path`, non-finite numbers restored; None if it is
+  missing or unreadable."""
   try:
-    with open(path) as f:
-      return json.load(f)
+    return rundir.read_json(path)
   except (OSError, ValueError):
     return None
 
@@ -415,9 +415,9 @@ def training_rows(study_dir: str, part: Part) -> tuple[list[dict],
     run = {**base, "state": state, "steps": int(results.get("steps", 0)),
            "batch_norm_step0_left_out": int(batch_norm),
            "final_train_loss": (math.inf if state == sweep.DIVERGED else
-                                float(final.get("train_loss", math.nan))),
-           "final_train_top1_error": float(final.get("train_top1_error",
-                                                     math.nan)),
+                                rundir.number(final.get("train_loss"))),
+           "final_train_top1_error": rundir.number(
+               final.get("train_top1_error")),
            "early_step": "" if early is None else early,
            "train_loss_early": (math.nan if early is None
                                 else float(losses[early]))}
@@ -427,7 +427,7 @@ def training_rows(study_dir: str, part: Part) -> tuple[list[dict],
       run[f"{short}_train"] = _finite_mean(later)
       run[f"{short}_last"] = later[-1] if later else math.nan
     run["num_parameters"] = int(results.get("num_parameters", 0))
-    run["wall_seconds"] = float(final.get("wall_seconds", math.nan))
+    run["wall_seconds"] = rundir.number(final.get("wall_seconds"))
     run["cell"] = cell.name
     run_rows.append(run)
   return steps_rows, run_rows, unfinished
@@ -466,7 +466,7 @@ def aggregate(rows: Sequence[dict], keys: Sequence[str] = AT_INIT_KEYS
     row["seeds"] = len(group)
     row["diverged"] = sum(r.get("state") == sweep.DIVERGED for r in group)
     for k in keys:
-      s = common.spread(float(r[k]) for r in group
+      s = common.spread(rundir.number(r[k]) for r in group
                         if r.get(k, "") != "")
       row.update({f"{k}_mean": s.mean, f"{k}_std": s.std,
                   f"{k}_min": s.min, f"{k}_max": s.max, f"{k}_n": s.n})
@@ -582,7 +582,7 @@ def by_seed(rows: Iterable[dict], key: str, **match) -> dict[int, float]:
   out = {}
   for r in rows:
     if all(r[k] == v for k, v in match.items()):
-      value = float(r[key]) if r.get(key, "") != "" else math.nan
+      value = rundir.number(r[key]) if r.get(key, "") != "" else math.nan
       if math.isfinite(value):
         out[int(r["seed"])] = value
   return out
@@ -1098,7 +1098,7 @@ def _training_panel(ax, steps_rows, part, line_key, fixed, y_key):
     for group in lines[key].values():
       group = sorted(group, key=lambda r: r["step"])
       curves.append(([r["step"] for r in group],
-                     [float(r[y_key]) for r in group]))
+                     [rundir.number(r[y_key]) for r in group]))
     xs, mean, lo, hi, n = common.band(curves)
     color = cmap(0.9 * i / max(1, len(ordered) - 1))
     ax.plot(xs, mean, marker="o" if y_key != "train_loss" else None, ms=3,

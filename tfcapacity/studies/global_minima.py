@@ -230,8 +230,8 @@ def steps_to_fit(history) -> int | None:
 
 
 def _history(results: dict) -> list:
-  return [(int(r["step"]), float(r["train_loss"]),
-           float(r["train_top1_error"]))
+  return [(int(r["step"]), rundir.row_number(r, "train_loss"),
+           rundir.row_number(r, "train_top1_error"))
           for r in results.get("history", [])]
 
 
@@ -296,7 +296,7 @@ def load_run(cell_dir: str) -> Run | None:
   flags = rundir.load_config(cell_dir)
   history = _history(results)
   batch = random_labels.read_scalar_events(
-      os.path.join(cell_dir, "train"), random_labels.LOSS_TAG)
+      os.path.join(cell_dir, "train"), random_labels.LOSS_TAGS)
   steps, losses = random_labels.loss_curve(results.get("history", []), batch)
   mins = dict(random_labels.measurement_series(
       results, "gradients/ntk_min_eigenvalue"))
@@ -312,7 +312,7 @@ def load_run(cell_dir: str) -> Run | None:
   for row in results.get("measurements", []):
     for key, value in row.items():
       if key.startswith("relative_distance/"):
-        change[key.split("/", 1)[1]] = float(value)
+        change[key.split("/", 1)[1]] = rundir.row_number(row, key)
   n = int(results.get("global_batch_size", 0))
   lr = float(results.get("learning_rate_used", flags.learning_rate))
   linear_steps, bound, linear_losses = None, None, np.zeros(0)
@@ -338,7 +338,7 @@ def load_run(cell_dir: str) -> Run | None:
       relative_change=change, linearised_steps=linear_steps,
       linearised_bound_holds=bound, linearised_losses=linear_losses,
       num_parameters=int(results.get("num_parameters", 0)),
-      wall_seconds=float(final.get("wall_seconds", math.nan)))
+      wall_seconds=rundir.number(final.get("wall_seconds")))
 
 
 def load_runs(study_dir: str, cells: Iterable[sweep.Cell]

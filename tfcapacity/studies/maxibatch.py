@@ -40,7 +40,6 @@ rates were picked).
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import re
@@ -340,10 +339,7 @@ class Run:
 
 
 def _float(value) -> float:
-  try:
-    return float(value)
-  except (TypeError, ValueError):
-    return math.nan  # "nan"/"inf" strings from rundir.write_json.
+  return rundir.number(value)  # null, and older files' "inf"/"nan" strings.
 
 
 def _group_of(name: str) -> str:
@@ -362,8 +358,7 @@ def load_run(cell_dir: str, variant: bool = False,
     return None
   path = os.path.join(cell_dir, rundir.RESULTS_FILE)
   try:
-    with open(path) as f:
-      results = json.load(f)
+    results = rundir.read_json(path)
   except ValueError as e:
     raise UserError(f"{path} is not valid JSON ({e}); delete the cell's "
                     f"directory and rerun the study") from None
@@ -714,8 +709,7 @@ def read_sharpness(path: str) -> float:
     UserError: unreadable, or no number under "sharpness".
   """
   try:
-    with open(path) as f:
-      data = json.load(f)
+    data = rundir.read_json(path)
     return float(data["sharpness"])
   except (OSError, ValueError, KeyError, TypeError) as e:
     raise UserError(f"cannot read sharpness {path} ({e.__class__.__name__}"
@@ -729,8 +723,7 @@ def read_interpolation(path: str, plane: bool = False) -> dict:
     UserError: unreadable, or keys missing or of unequal lengths.
   """
   try:
-    with open(path) as f:
-      data = json.load(f)
+    data = rundir.read_json(path)
   except (OSError, ValueError) as e:
     raise UserError(f"cannot read interpolation {path} ({e.__class__.__name__}"
                     f"); delete it and rerun the study") from None

@@ -24,7 +24,7 @@ the squared loss on a scalar output; the initialiser carries the
 is picked from a small grid per setting rather than from the theorem's
 bound.
 
-Steps to the threshold are read per step from the `train/batch_loss`
+Steps to the threshold are read per step from the `batch/loss`
 TensorBoard scalars: with the whole training set as the batch and no batch
 norm, the value logged at step s is the training loss of the parameters
 after s - 1 steps. The evaluation rows of results.json (the loss after
@@ -48,7 +48,9 @@ from tfcapacity.studies import sweep
 from tfcapacity import rundir
 
 THRESHOLD = 1e-3
-LOSS_TAG = "train/batch_loss"
+# The per-step loss in the train run (`train/batch_loss` in runs written
+# before the tags of `training.summaries`).
+LOSS_TAGS = ("batch/loss", "train/batch_loss")
 # Least eigenvalues of the Gram matrices the gradients callback logs.
 GRAM_KEYS = {
     "ntk": "gradients/ntk_min_eigenvalue",
@@ -120,8 +122,9 @@ def study_cells(grid: Sequence[tuple[str, Sequence[str]]],
 # --- One run -----------------------------------------------------------------
 
 
-def read_scalar_events(logdir: str, tag: str) -> dict[int, float]:
-  """{step: value} of a scalar tag in `logdir`'s event files.
+def read_scalar_events(logdir: str, tags) -> dict[int, float]:
+  """{step: value} of a scalar tag (or the first found of several names of
+  it, `tags`) in `logdir`'s event files.
 
   A step logged twice (a resumed run repeats the steps after its last
   checkpoint) keeps the value written last.
@@ -130,12 +133,13 @@ def read_scalar_events(logdir: str, tag: str) -> dict[int, float]:
   # a file cut short by a killed run ends its iteration quietly.
   from tensorboard.backend.event_processing import event_file_loader  # pylint: disable=g-import-not-at-top
   from tensorboard.util import tensor_util  # pylint: disable=g-import-not-at-top
+  tags = (tags,) if isinstance(tags, str) else tuple(tags)
   latest = {}
   for path in sorted(glob.glob(os.path.join(logdir,
                                             "events.out.tfevents.*"))):
     for event in event_file_loader.EventFileLoader(path).Load():
       for value in event.summary.value:
-        if value.tag != tag:
+        if value.tag not in tags:
           continue
         number = (float(tensor_util.make_ndarray(value.tensor))
                   if value.HasField("tensor") else float(value.simple_value))
@@ -152,8 +156,8 @@ def loss_curve(history: Sequence[dict], batch_losses: dict[int, float]
   `batch_losses[s]` (full batch) is the loss after s - 1 steps; history rows
   give the loss after `row["step"]` steps where the events have none.
   """
-  curve = {int(row["step"]): float(row["train_loss"]) for row in history
-           if "train_loss" in row}
+  curve = {int(row["step"]): rundir.row_number(row, "train_loss")
+           for row in history if "train_loss" in row}
   for step, value in batch_losses.items():
     if step >= 1:
       curve[int(step) - 1] = float(value)
@@ -226,10 +230,10 @@ def load_run(cell_dir: str, threshold: float = THRESHOLD) -> Run | None:
     return None
   flags = rundir.load_config(cell_dir)
   history = results.get("history", [])
-  batch = read_scalar_events(os.path.join(cell_dir, "train"), LOSS_TAG)
+  batch = read_scalar_events(os.path.join(cell_dir, "train"), LOSS_TAGS)
   steps, losses = loss_curve(history, batch)
   final = results.get("final") or {}
-  final_loss = float(final.get("train_loss", math.nan))
+  final_loss = rundir.number(final.get("train_loss"))
   if state == sweep.DIVERGED:
     final_loss = math.inf
   return Run(
@@ -240,13 +244,13 @@ def load_run(cell_dir: str, threshold: float = THRESHOLD) -> Run | None:
       steps=int(results.get("steps", 0)),
       total_steps=int(results.get("total_steps", 0)),
       curve_steps=steps, curve_losses=losses, final_loss=final_loss,
-      final_top1_error=float(final.get("train_top1_error", math.nan)),
+      final_top1_error=rundir.number(final.get("train_top1_error")),
       steps_to_threshold=steps_to_threshold(steps, losses, threshold),
       gram={short: measurement_series(results, key)
             for short, key in GRAM_KEYS.items()},
       condition={short: measurement_series(results, key)
                  for short, key in CONDITION_KEYS.items()},
-      wall_seconds=float(final.get("wall_seconds", math.nan)),
+      wall_seconds=rundir.number(final.get("wall_seconds")),
       num_parameters=int(results.get("num_parameters", 0)))
 
 

@@ -388,8 +388,7 @@ def finished_runs(study_dir: str) -> dict[str, dict]:
                                             "report", "train", "eval")]
     if rundir.RESULTS_FILE in files:
       try:
-        with open(os.path.join(path, rundir.RESULTS_FILE)) as f:
-          results = json.load(f)
+        results = rundir.read_json(os.path.join(path, rundir.RESULTS_FILE))
       except (OSError, ValueError):
         continue
       if results.get("status") in ("completed", "diverged"):

@@ -53,7 +53,6 @@ from typing import Callable, Iterable, Sequence
 
 from absl import logging
 
-from tfcapacity import data as data_lib
 from tfcapacity import config as config_lib
 from tfcapacity.errors import UserError
 from tfcapacity import rundir
@@ -605,37 +604,36 @@ def read_csv(path: str) -> list[dict]:
 def write_hparams_config(sweep_dir: str, grid, configs) -> None:
   """The sweep's HParams experiment: the grid's flags and their values.
 
-  Written at the sweep's root, so TensorBoard pointed at --sweep_dir shows
-  every cell as one session of one experiment, with the grid's flags as
-  columns and the training and test metrics of the cells' `eval` runs.
-  Imports TensorFlow: call it after the cells' processes have started.
+  Written at the sweep's root (replacing an earlier one), so TensorBoard
+  pointed at --sweep_dir shows every cell as one session of one experiment:
+  the grid's flags as columns, typed, with their values as domains (each
+  cell's session, in its `train` run, lists only those flags:
+  `--hparams_keys`), and as metrics the final train and test loss and
+  errors and every curvature, gradient and distance scalar that the cells
+  measured so far (`training.summaries.metric_tags`). Imports TensorFlow:
+  call it after the cells' processes have ended.
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from tensorboard.plugins.hparams import api as hp  # pylint: disable=g-import-not-at-top
+  from tfcapacity.training import summaries  # pylint: disable=g-import-not-at-top
   for entry in os.listdir(sweep_dir):
     if entry.startswith("events.out.tfevents."):
       os.unlink(os.path.join(sweep_dir, entry))
-  hparams = []
+  domains = {}
   for key, _ in grid:
-    values = {cfg.values[key] for cfg in configs.values()
-              if isinstance(cfg.values[key], (bool, int, float, str))}
-    if len({type(v) for v in values}) == 1 and len(values) == len(
-        {str(cfg.values[key]) for cfg in configs.values()}):
-      hparams.append(hp.HParam(key, hp.Discrete(sorted(values))))
-    else:  # Lists or None: the dashboard shows the values, no domain.
-      hparams.append(hp.HParam(key))
-  metrics = [hp.Metric(f"{split}/{name}", group="eval")
-             for split in data_lib.SPLITS
-             for name in ("top1_error", "top5_error", "loss")]
+    domains[key] = [summaries.session_hparams(cfg, [key])[key]
+                    for cfg in configs.values()]
+  measured = set()
+  for name in configs:
+    try:
+      results = read_cell_results(os.path.join(sweep_dir, name))
+    except UserError:
+      continue  # A damaged cell is reported elsewhere.
+    for row in (results or {}).get("measurements", []):
+      measured.update(k for k in row if k not in ("epoch", "step"))
   writer = tf.summary.create_file_writer(sweep_dir)
   with writer.as_default(step=0):
-    hp.hparams_config(hparams=hparams, metrics=metrics)
+    summaries.write_experiment(domains, summaries.metric_tags(measured))
   writer.close()
-
-
-def has_hparams_config(sweep_dir: str) -> bool:
-  return any(entry.startswith("events.out.tfevents.")
-             for entry in os.listdir(sweep_dir))
 
 
 # --- Running -----------------------------------------------------------------
@@ -792,6 +790,8 @@ def run(sweep_dir: str, grid_cells: Sequence[Cell],
     log.flush()
     cmd = [python, "-m", "tfcapacity.train", f"--flagfile={base_path}",
            *cell.args(), f"--model_dir={cell_dir}", "--noprogress_bar"]
+    if cell.overrides:  # The cell's HParams session: the swept flags.
+      cmd.append("--hparams_keys=" + ",".join(k for k, _ in cell.overrides))
     process = subprocess.Popen(
         cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         env=env, pass_fds=(fd,), process_group=0,  # Ctrl-C: the sweep's.

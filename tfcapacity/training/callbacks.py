@@ -56,6 +56,8 @@ class Callback:
 
   Attributes:
     name: used for the timing scalar and in log lines.
+    log_keys: the scalars of the console line the loop prints after each
+      call ((): none, the callback logs its own; None: all).
     every_steps: call every this many optimiser steps (0: never by steps).
     every_epochs: call at the end of every this many epochs (0: never).
   """
@@ -63,6 +65,9 @@ class Callback:
   name = "callback"
   every_steps = 0
   every_epochs = 0
+  # Scalars the loop prints in one console line after each call (a
+  # callback that logs its own line leaves it empty); None: all of them.
+  log_keys: tuple[str, ...] | None = ()
 
   def check(self, ctx: Context) -> None:
     """Checks the callback's flags against the built model and data.

@@ -90,6 +90,7 @@ class HookScalars(callbacks_lib.Callback):
   # are the study's training dynamics (tfcapacity.training.dynamics).
   name = "dynamics"
   every_epochs = 1
+  log_keys = ()  # Set at each call: the whole-model scalars.
 
   def __init__(self, hooks, every_epochs: int = 1):
     self.hooks = list(hooks)
@@ -103,4 +104,8 @@ class HookScalars(callbacks_lib.Callback):
     out = {}
     for hook in self.hooks:
       out.update(hook.scalars(ctx.step))
+    # The console line: the whole-model values, not each layer's.
+    layers = {layer.name for layer in ctx.model.layers}
+    self.log_keys = tuple(k for k in out
+                          if k.rsplit("/", 1)[-1] not in layers)
     return out

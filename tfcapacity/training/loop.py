@@ -49,10 +49,12 @@ results.json holds:
   * the flags, the loss, throughput, the number of parameters, replicas and
     steps, and the run's status.
 
-TensorBoard holds the training scalars and the callbacks' in the `train`
-run, the evaluations in the `eval` run and those with recomputed statistics
-in the `eval_recomputed_bn` run under the same tags (`train/top1_error`,
-`test/loss`, ...), so that one chart overlays the two.
+TensorBoard (`training.summaries` describes the layout): the `train` and
+`test` runs hold each set's evaluations under the same tags (`loss`,
+`top1_error`, `top5_error`), so that one chart overlays them, and
+`train_recomputed_bn`/`test_recomputed_bn` those with recomputed statistics;
+the optimiser's scalars and the measurements are in the `train` run (the
+test set's in the `test` run).
 """
 
 from __future__ import annotations
@@ -61,7 +63,6 @@ import dataclasses
 import math
 import os
 import shutil
-import sys
 import tempfile
 import time
 from typing import Any
@@ -74,6 +75,7 @@ import tensorflow as tf
 from tfcapacity import data as data_lib
 from tfcapacity import distribute
 from tfcapacity import models as models_lib
+from tfcapacity import progress
 from tfcapacity import errors
 from tfcapacity.errors import UserError
 from tfcapacity.models import layers as layers_lib
@@ -83,14 +85,17 @@ from tfcapacity.training import callbacks as callbacks_lib
 from tfcapacity.training import dynamics
 from tfcapacity.training import hooks as hooks_lib
 from tfcapacity.training import optim
+from tfcapacity.training import scalars as scalars_lib
+from tfcapacity.training import summaries
 from tfcapacity import rundir
 
 EVAL_KEYS = ("train_loss", "train_top1_error", "train_top5_error",
              "test_loss", "test_top1_error", "test_top5_error")
-# The suffix of the evaluation keys with recomputed batch-norm statistics,
-# and the TensorBoard run that holds them under the `eval` run's tags.
-RECOMPUTED_BN_SUFFIX = "_recomputed_bn"
-RECOMPUTED_BN_RUN = "eval_recomputed_bn"
+# The suffix of the evaluation keys (and TensorBoard runs) with recomputed
+# batch-norm statistics.
+RECOMPUTED_BN_SUFFIX = summaries.RECOMPUTED_BN_SUFFIX
+# Examples of the per-layer gradient norms logged at each evaluation.
+_NORM_EXAMPLES = 256
 
 
 def distribute_batches(strategy, dataset, global_batch_size, **batch_kwargs):
@@ -168,6 +173,11 @@ class Trainer:
     self._learning_rate_fn = learning_rate_fn
     self._load_data(datasets)
     self._check_task()
+    # Per-layer gradient norms at each evaluation: on a fixed draw of
+    # training examples, in inference mode.
+    n = self.train_data.info.num_examples
+    self._norm_examples = self.eval_train_data.examples(
+        data_lib.draw_indices(cfg.seed, n, min(_NORM_EXAMPLES, n)))
     self._build_state()
     if self.hooks:
       self.callbacks.append(hooks_lib.HookScalars(
@@ -547,7 +557,14 @@ class Trainer:
       start = time.time()
       values = cb(ctx) or {}
       values = {k: float(v) for k, v in values.items()}
-      values[f"timing/{cb.name}_seconds"] = time.time() - start
+      seconds = time.time() - start
+      shown = [k for k in (values if cb.log_keys is None else cb.log_keys)
+               if k in values]
+      if shown:
+        logging.info("step %d: %s: %s (%.1fs)", step, cb.name, ", ".join(
+            f"{k.removeprefix(cb.name + '/')} {values[k]:.4g}"
+            for k in shown), seconds)
+      values[f"timing/{cb.name}_seconds"] = seconds
       scalars.update(values)
     return scalars
 
@@ -705,8 +722,6 @@ class Trainer:
         self.checkpoint, save_dir, max_to_keep=cfg.keep_checkpoints,
         step_counter=self.step_var)
     step = int(self.step_var.numpy())
-    if step == 0 and self.chief:
-      self._write_run_summaries(model_dir)
     run = _Run(
         step=step, writers=self._summary_writers(), manager=manager,
         save_dir=save_dir,
@@ -715,20 +730,23 @@ class Trainer:
         history=[r for r in previous.get("history", []) if r["step"] <= step],
         measurements=[r for r in previous.get("measurements", [])
                       if r["step"] <= step])
-    if cfg.progress_bar and sys.stdout.isatty() and self.chief:
-      run.progbar = keras.utils.Progbar(self.total_steps,
-                                        stateful_metrics=["loss"])
-      run.progbar.update(step)
+    if step == 0 and self.chief:
+      self._write_run_summaries(run.writers[summaries.TRAIN_RUN])
+    self._log_start(step)
+    if self.chief and progress.TrainingBar.wanted(cfg.progress_bar):
+      run.progbar = progress.TrainingBar(self.total_steps, step)
     if self.accumulate:
       run.feed = distribute_batches(self.strategy, self.train_data,
                                     self.chunk_size, pad=True)
     return run, previous
 
   def _summary_writers(self) -> dict:
-    """TensorBoard writers of the train/, eval/ and (with `recompute_bn`)
-    eval_recomputed_bn/ runs (the chief's)."""
-    names = ["train", "eval"] + ([RECOMPUTED_BN_RUN] if self.recompute_bn
-                                 else [])
+    """TensorBoard writers of the train/ and test/ runs and (with
+    `recompute_bn`) train_recomputed_bn/ and test_recomputed_bn/ (the
+    chief's; `summaries` describes the layout)."""
+    names = list(summaries.RUNS) + (
+        [r + RECOMPUTED_BN_SUFFIX for r in summaries.RUNS]
+        if self.recompute_bn else [])
     if not self.chief:
       return {name: tf.summary.create_noop_writer() for name in names}
     return {name: tf.summary.create_file_writer(
@@ -758,14 +776,14 @@ class Trainer:
     if not finite:
       return False
     with run.writers["train"].as_default(step=run.step):
-      tf.summary.scalar("train/batch_loss", run.batch_loss)
-      tf.summary.scalar("train/learning_rate",
+      tf.summary.scalar("batch/loss", run.batch_loss)
+      tf.summary.scalar("batch/learning_rate",
                         float(self.schedule(run.step - 1)))
       if run.throughput.last_rate:
-        tf.summary.scalar("train/examples_per_second",
+        tf.summary.scalar("batch/examples_per_second",
                           run.throughput.last_rate)
     if run.progbar is not None:
-      run.progbar.update(run.step, [("loss", run.batch_loss)])
+      run.progbar.update(run.step, loss=run.batch_loss)
     run.throughput.add(done * self.global_batch_size, time.time() - start)
     return True
 
@@ -784,11 +802,11 @@ class Trainer:
       run.history.append(row)
       if not all(math.isfinite(row[k]) for k in EVAL_KEYS):
         return False
-    scalars = self.run_callbacks(step, epoch_end)
+    # Inside the train run's scope: a callback's histograms land there.
+    with run.writers["train"].as_default(step=step):
+      scalars = self.run_callbacks(step, epoch_end)
     if scalars:
-      with run.writers["train"].as_default(step=step):
-        for key, value in scalars.items():
-          tf.summary.scalar(key, value)
+      self._write_scalars(run, step, scalars)
       run.measurements.append({"epoch": epoch, "step": step, **scalars})
     every = self.cfg.checkpoint_every_steps
     if evaluate or (every and step % every == 0):
@@ -805,19 +823,34 @@ class Trainer:
   def _evaluation_row(self, run: _Run) -> dict:
     """The evaluation at `run.step` as a history row, also to TensorBoard.
 
-    The evaluation with recomputed batch-norm statistics goes to the
-    eval_recomputed_bn run under the tags of the eval run.
+    Each set's evaluation goes to its run (`train`, `test`; with
+    recomputed batch-norm statistics `train_recomputed_bn`,
+    `test_recomputed_bn`) under the same tags; the train run also gets the
+    test set's values for HParams, the weight histograms and the per-layer
+    weight and gradient norms.
     """
     metrics = self.evaluate()
-    for run_name, suffix in (("eval", ""),
-                             (RECOMPUTED_BN_RUN, RECOMPUTED_BN_SUFFIX)):
-      if run_name not in run.writers:
-        continue
-      with run.writers[run_name].as_default(step=run.step):
-        for key in EVAL_KEYS:
-          if key + suffix in metrics:
-            split, name = key.split("_", 1)
-            tf.summary.scalar(f"{split}/{name}", metrics[key + suffix])
+    for split in data_lib.SPLITS:
+      for suffix in ("", RECOMPUTED_BN_SUFFIX):
+        writer = run.writers.get(split + suffix)
+        if writer is None:
+          continue
+        with writer.as_default(step=run.step):
+          for tag in summaries.EVAL_TAGS:
+            key = f"{split}_{tag}{suffix}"
+            if key in metrics and math.isfinite(metrics[key]):
+              tf.summary.scalar(tag, metrics[key])
+    with run.writers["train"].as_default(step=run.step):
+      for tag in summaries.EVAL_TAGS:  # HParams reads the train run only.
+        if math.isfinite(metrics[f"test_{tag}"]):
+          tf.summary.scalar(summaries.FINAL_TEST_PREFIX + tag,
+                            metrics[f"test_{tag}"])
+      summaries.weight_histograms(self.model)
+      if self._norm_examples is not None:
+        for key, value in summaries.layer_norms(
+            self.model, *self._norm_examples, self._loss_fn).items():
+          if math.isfinite(value):
+            tf.summary.scalar(key, value)
     return {"epoch": run.step // self.steps_per_epoch, "step": run.step,
             **metrics,
             "learning_rate": float(self.schedule(max(run.step - 1, 0))),
@@ -847,6 +880,8 @@ class Trainer:
         "steps_per_epoch": self.steps_per_epoch,
         "global_batch_size": self.global_batch_size,
         "callbacks": {name: info for name, info in infos.items() if info},
+        # Steps at which a callback scalar was non-finite or unresolved.
+        "not_plotted": dict(run.dropped),
     }
 
   def _save_results(self, run: _Run, status: str, **extra) -> dict:
@@ -857,6 +892,8 @@ class Trainer:
     return results
 
   def _diverged(self, run: _Run, where: str, value: float) -> dict:
+    if run.progbar is not None:
+      run.progbar.close()
     logging.error("Run diverged at step %d (%s is %s); the last good "
                   "checkpoint is kept.", run.step, where, value)
     return self._save_results(run, "diverged", diverged_at_step=run.step)
@@ -864,6 +901,10 @@ class Trainer:
   def _finish(self, run: _Run) -> dict:
     for cb in self.callbacks:
       cb.on_train_end(self.context(run.step))
+    if run.progbar is not None:
+      run.progbar.close()
+    if self.chief:
+      self._write_experiment(run)
     for w in run.writers.values():
       w.flush()
     if self.chief and self.cfg.export:
@@ -888,34 +929,78 @@ class Trainer:
         row["test_top5_error"], recomputed, row["learning_rate"],
         row["wall_seconds"])
 
-  def _write_run_summaries(self, model_dir):
-    """HParams (so sweeps compare in its dashboard) and the flags as text."""
-    from tensorboard.plugins.hparams import api as hp  # pylint: disable=g-import-not-at-top
+  def _session(self) -> tuple[dict, str]:
+    """The run's HParams session: (hparams, trial id)."""
     from tfcapacity import config as config_lib  # pylint: disable=g-import-not-at-top
-    hparams = {}
-    for key, value in self.cfg.semantic_dict().items():
-      if isinstance(value, (list, tuple)):
-        value = ",".join(str(v) for v in value)
-      hparams[key] = "" if value is None else value
-    metrics = [hp.Metric(f"{split}/{name}", group="eval")
-               for split in data_lib.SPLITS
-               for name in ("loss", "top1_error", "top5_error")]
-    writer = tf.summary.create_file_writer(model_dir)
+    keys = list(getattr(self.cfg, "hparams_keys", None) or ())
+    hparams = summaries.session_hparams(self.cfg, keys, config_lib.make())
+    return hparams, summaries.trial_id(hparams)
+
+  def _write_run_summaries(self, writer):
+    """Into the train run: the HParams session (a sweep's cell: its swept
+    flags; a lone run: the flags that differ from the defaults), the flags
+    as text and the custom-scalars layout."""
+    from tfcapacity import config as config_lib  # pylint: disable=g-import-not-at-top
+    hparams, trial = self._session()
+    summaries.write_session(writer, hparams, trial)
     with writer.as_default(step=0):
-      hp.hparams_config(hparams=[hp.HParam(k) for k in hparams],
-                        metrics=metrics)
-      hp.hparams(hparams, trial_id=os.path.basename(
-          os.path.abspath(model_dir)))
       tf.summary.text("flags", "```\n" + config_lib.to_flagfile(self.cfg)
                       + "```")
-    writer.close()
+    summaries.write_layout(writer)
+    writer.flush()
+
+  def _write_experiment(self, run: _Run) -> None:
+    """A lone run's HParams experiment, at its end: its session's flags
+    and, as metrics, the final evaluations and every measured scalar.
+    A sweep's cells leave the experiment to the sweep."""
+    if getattr(self.cfg, "hparams_keys", None):
+      return
+    hparams, _ = self._session()
+    keys = {k for row in run.measurements for k in row
+            if k not in ("epoch", "step")}
+    with run.writers[summaries.TRAIN_RUN].as_default(step=run.step):
+      summaries.write_experiment({k: [v] for k, v in hparams.items()},
+                                 summaries.metric_tags(keys))
+
+  def _write_scalars(self, run: _Run, step: int, scalars: dict) -> None:
+    """Callback scalars to their runs (`summaries.route`); non-finite or
+    unresolved ones are not written but logged once per tag, with the
+    reason, to the console and as text."""
+    finite, dropped = scalars_lib.finite_scalars(scalars, self.cfg.dtype)
+    for key, reason in dropped.items():
+      run.dropped[key] = run.dropped.get(key, 0) + 1
+      if run.dropped[key] == 1:
+        note = (f"{key} is {reason} at step {step}: not plotted (the "
+                f"count of such steps is in results.json)")
+        logging.warning("%s", note)
+        with run.writers[summaries.TRAIN_RUN].as_default(step=step):
+          tf.summary.text("non_finite", note)
+    for name, values in summaries.route(finite).items():
+      with run.writers[name].as_default(step=step):
+        for key, value in values.items():
+          tf.summary.scalar(key, value)
+
+  def _log_start(self, step: int) -> None:
+    """One line: model, parameters, data, batch, replicas, run directory."""
+    cfg = self.cfg
+    logging.info(
+        "%s %s: %s %s, %d parameters; %s: %d train / %d test examples; "
+        "batch %d, %d steps (%d per epoch); %d replica%s; run directory %s",
+        "resuming at step %d of" % step if step else "training",
+        cfg.model, f"depth {cfg.depth}", f"width {cfg.width}",
+        self.num_parameters, self.train_data.info.name,
+        self.train_data.info.num_examples,
+        self.test_data.info.num_examples if self.test_data else 0,
+        self.global_batch_size, self.total_steps, self.steps_per_epoch,
+        self.num_replicas, "" if self.num_replicas == 1 else "s",
+        self.model_dir)
 
 
 @dataclasses.dataclass
 class _Run:
   """What one call of `Trainer.run` carries from stop to stop."""
   step: int
-  writers: dict            # "train", "eval" (, "eval_recomputed_bn")
+  writers: dict            # "train", "test" (, "*_recomputed_bn")
   manager: tf.train.CheckpointManager
   save_dir: str            # where `manager` writes
   throughput: _Throughput
@@ -924,6 +1009,8 @@ class _Run:
   measurements: list       # callback rows
   feed: Any = None         # this epoch's batches (or the chunked set)
   progbar: Any = None
+  # Steps at which each callback tag was non-finite (not plotted).
+  dropped: dict = dataclasses.field(default_factory=dict)
   batch_loss: float = math.nan  # mean loss of the last chunk of steps
   started: float = dataclasses.field(default_factory=time.time)
 
