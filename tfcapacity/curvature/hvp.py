@@ -13,7 +13,9 @@ include non-trainable ones such as the adaptive rectifier slopes.
 
 Computing a product never changes the model, and each operator traces its
 functions once (fixed shapes, input signatures): calls with new vectors or
-new parameter values do not retrace.
+new parameter values do not retrace. `to_scipy()` wraps an operator for
+scipy's solvers (`scipy_operator`); `tfcapacity.curvature.matrices` has the
+other curvature matrices (Gauss-Newton, Fisher) over the same objective.
 """
 
 from __future__ import annotations
@@ -24,10 +26,28 @@ import tensorflow as tf
 from tfcapacity.objective import objective as objective_lib
 
 
+def scipy_operator(op):
+  """`op` as a `scipy.sparse.linalg.LinearOperator` (size x size, float64).
+
+  Vectors are cast to the operator's dtype on the way in and back to
+  float64 numpy on the way out; the matrix is symmetric, so the adjoint
+  product is the product itself.
+  """
+  from scipy.sparse import linalg  # Only the callers that want scipy pay.
+
+  def matvec(v):
+    v = np.asarray(v).reshape(-1)
+    return np.asarray(op.matvec(tf.constant(v, op.dtype)), np.float64)
+
+  return linalg.LinearOperator((op.size, op.size), matvec=matvec,
+                               rmatvec=matvec, dtype=np.float64)
+
+
 class HessianOperator:
   """H v for the mean loss of a model over a fixed set of examples.
 
   Attributes:
+    matrix: "hessian" (the name `matrices.make_operator` knows it by).
     objective: the `Objective` whose Hessian this is.
     size: the number of parameters (length of the flat vectors).
     dtype: the parameters' dtype.
@@ -36,6 +56,8 @@ class HessianOperator:
     params: the variables differentiated against.
     shapes: their shapes, in the order of the flat vectors.
   """
+
+  matrix = "hessian"
 
   def __init__(self, model, x: np.ndarray, y: np.ndarray, *,
                method: str = "reverse", **options):
@@ -65,6 +87,10 @@ class HessianOperator:
   def matvec(self, v: tf.Tensor) -> tf.Tensor:
     """H v for a flat vector `v` of length `size`."""
     return self.objective.hvp(v)
+
+  def to_scipy(self):
+    """This operator for scipy's solvers (`scipy_operator`)."""
+    return scipy_operator(self)
 
   def loss_and_gradient(self, flat=None) -> tuple[float, tf.Tensor]:
     """The mean loss and its flat gradient at `flat` (default: the model's

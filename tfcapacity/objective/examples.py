@@ -155,11 +155,30 @@ class FixedExamples:
       return range(self.num_batches)
     return tf.range(self.num_batches)
 
-  def replica_batch(self, i):
-    """(x, y, w): this replica's part of batch `i` (in a replica context)."""
+  def batched(self, array: np.ndarray) -> np.ndarray:
+    """Per-example `array` [n, ...] laid out as the examples are:
+    [num_batches, batch_size, ...], zero rows padding the last batch."""
+    array = np.asarray(array)
+    if len(array) != self.num_examples:
+      raise UserError(f"need one row per example ({self.num_examples}); got "
+                      f"{len(array)}")
+    total = self.num_batches * self.batch_size
+    array = np.concatenate(
+        [array, np.zeros((total - len(array), *array.shape[1:]),
+                         array.dtype)])
+    return array.reshape((self.num_batches, self.batch_size)
+                         + array.shape[1:])
+
+  def replica_rows(self, data, i):
+    """This replica's rows of batch `i` of `data` [num_batches, batch_size,
+    ...] (in a replica context): the rows `replica_batch` takes."""
     replicas = self.strategy.num_replicas_in_sync
     if replicas == 1:
-      return tuple(a[i] for a in self.data)
+      return data[i]
     per = self.batch_size // replicas
     lo = tf.distribute.get_replica_context().replica_id_in_sync_group * per
-    return tuple(a[i, lo:lo + per] for a in self.data)
+    return data[i, lo:lo + per]
+
+  def replica_batch(self, i):
+    """(x, y, w): this replica's part of batch `i` (in a replica context)."""
+    return tuple(self.replica_rows(a, i) for a in self.data)

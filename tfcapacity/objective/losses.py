@@ -69,6 +69,79 @@ def get(name: str) -> Callable:
   return LOSSES[name]
 
 
+# --- Derivatives in the logits (curvature matrices) --------------------------
+#
+# Each per-example loss l(z, y) has a gradient r = dl/dz and a Hessian
+# H = d2l/dz2 in the logits z; the generalised Gauss-Newton matrix and the
+# Fisher of the mean loss are J^T H J and J^T E[r r^T] J with J the
+# Jacobian of the logits in the weights. For the softmax cross-entropy
+# H = diag(p) - p p^T (p = softmax(z)), and r = p - onehot(y); for the
+# squared loss H = I and r = z - target. Both losses are negative
+# log-likelihoods (a categorical distribution p; a Gaussian of unit variance
+# around z), and the expectation of r r^T over labels drawn from that
+# predictive distribution is H: the Fisher equals the GGN.
+
+
+def logit_gradient(name: str, labels, logits):
+  """dl/dz per example [n, C] at the true labels (by autodiff of the loss)."""
+  logits = wide(tf.stop_gradient(logits))
+  with tf.GradientTape() as tape:
+    tape.watch(logits)
+    per_example = get(name)(labels, logits)
+  return tape.gradient(per_example, logits)
+
+
+def logit_hessian_product(name: str, logits, u):
+  """H u per example, H = d2l/dz2 [n, C, C] (independent of the label)."""
+  logits = wide(tf.stop_gradient(logits))
+  u = tf.cast(u, logits.dtype)
+  if get(name) is squared:
+    return u
+  p = tf.nn.softmax(logits)
+  return p * u - p * tf.reduce_sum(p * u, axis=-1, keepdims=True)
+
+
+def logit_hessian(name: str, logits):
+  """H = d2l/dz2 per example, [n, C, C]."""
+  logits = wide(tf.stop_gradient(logits))
+  classes = tf.shape(logits)[-1]
+  eye = tf.eye(classes, batch_shape=tf.shape(logits)[:1], dtype=logits.dtype)
+  if get(name) is squared:
+    return eye
+  p = tf.nn.softmax(logits)
+  return tf.linalg.diag(p) - p[:, :, None] * p[:, None, :]
+
+
+def predictive_noise(name: str, rng, n: int, samples: int, classes: int):
+  """The randomness of `samples` labels per example drawn from the model's
+  predictive distribution, fixed ahead of the logits (numpy float64):
+  uniforms [n, samples] that pick a class by the softmax's inverse CDF for
+  the cross-entropy; standard normals [n, samples, C] for the squared loss
+  (the sampled target is z + noise)."""
+  if get(name) is squared:
+    return rng.standard_normal((n, samples, classes))
+  return rng.uniform(size=(n, samples))
+
+
+def sampled_logit_gradients(name: str, logits, noise):
+  """dl/dz at labels drawn with `noise` (`predictive_noise`), [n, S, C].
+
+  Cross-entropy: the class k with F(k-1) <= u < F(k), F the cumulative
+  softmax, and r = p - onehot(k). Squared loss: target z + e, so r = -e.
+  """
+  logits = wide(tf.stop_gradient(logits))
+  noise = tf.cast(noise, logits.dtype)
+  if get(name) is squared:
+    return -noise
+  p = tf.nn.softmax(logits)
+  classes = tf.shape(logits)[-1]
+  cdf = tf.cumsum(p, axis=-1)
+  drawn = tf.reduce_sum(tf.cast(cdf[:, None, :] <= noise[:, :, None],
+                                tf.int32), axis=-1)
+  drawn = tf.minimum(drawn, classes - 1)  # Rounding: F(C) may be < 1.
+  return p[:, None, :] - tf.one_hot(drawn, classes, dtype=logits.dtype)
+
+
 def topk_correct(labels, logits, k):
   """1.0 where the label is among the top `k` logits, ties broken by index.
 
