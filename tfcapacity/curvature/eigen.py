@@ -23,6 +23,14 @@ What is implemented, and from where:
     pairs from the tridiagonal in float64.
   * `hutchinson_trace`: Hutchinson's estimator tr(H) ~ mean z^T H z over
     Rademacher probes z, with its standard error.
+  * `hutchpp_trace`: Hutch++ (Meyer, Musco, Musco & Woodruff 2021, "Hutch++:
+    Optimal Stochastic Trace Estimation", Algorithm 1): the trace of a low-
+    rank sketch Q^T H Q exactly, plus Hutchinson on the rest
+    (I - QQ^T) H (I - QQ^T), for the same matvec budget as Hutchinson.
+  * `hutchinson_diagonal`: the diagonal estimate E[z * Hz] over Rademacher
+    probes (Bekas, Kokiopoulou & Saad 2007), with per-entry standard errors.
+  * `DenseOperator`: the operator interface over a dense numpy matrix, for
+    tests and small problems.
   * `spectral_density`: stochastic Lanczos quadrature as in Ghorbani,
     Krishnan & Xiao (2019), "An Investigation into Neural Net Optimization
     via Hessian Eigenvalue Density", Sec. 2: for each of a few Gaussian
@@ -101,6 +109,35 @@ class Operator(Protocol):
 
   def matvec(self, v: tf.Tensor) -> tf.Tensor:
     ...
+
+
+class DenseOperator:
+  """The `Operator` interface over a dense square numpy matrix.
+
+  The eigen-solvers assume a symmetric matrix; the trace and diagonal
+  estimators accept any square one.
+
+  Attributes:
+    matrix: the matrix, float64 numpy [size, size].
+    size: its order.
+    dtype: the dtype of the vectors `matvec` takes and returns.
+    calls: matvecs so far (to check an estimator's cost).
+  """
+
+  def __init__(self, matrix, dtype: tf.DType = tf.float64):
+    matrix = np.asarray(matrix, np.float64)
+    if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
+      raise UserError(f"DenseOperator needs a square matrix, got shape "
+                      f"{matrix.shape}")
+    self.matrix = matrix
+    self.size = int(matrix.shape[0])
+    self.dtype = tf.as_dtype(dtype)
+    self._matrix = tf.constant(matrix, self.dtype)
+    self.calls = 0
+
+  def matvec(self, v: tf.Tensor) -> tf.Tensor:
+    self.calls += 1
+    return tf.linalg.matvec(self._matrix, v)
 
 
 # --- Results -----------------------------------------------------------------
@@ -198,6 +235,21 @@ class TraceResult:
   stderr: float
   samples: np.ndarray
   iterations: int
+
+
+@dataclasses.dataclass
+class DiagonalResult:
+  """Hutchinson's estimate of diag(H).
+
+  Attributes:
+    diagonal: float64 [size], the mean of z * Hz over the probes.
+    stderr: float64 [size], per entry the sample standard deviation
+      (ddof=1) / sqrt(num_probes); all nan for a single probe.
+    num_probes: probes (= matvecs) spent.
+  """
+  diagonal: np.ndarray
+  stderr: np.ndarray
+  num_probes: int
 
 
 @dataclasses.dataclass
@@ -794,6 +846,143 @@ def _stderr(samples: np.ndarray) -> float:
   if len(samples) < 2:
     return math.nan
   return float(np.std(samples, ddof=1) / math.sqrt(len(samples)))
+
+
+def _rademacher(op: Operator, gen: tf.random.Generator) -> tf.Tensor:
+  bits = gen.uniform([op.size], minval=0, maxval=2, dtype=tf.int32)
+  return tf.cast(2 * bits - 1, op.dtype)
+
+
+@tf.function(reduce_retracing=True)
+def _project_out(basis, v):
+  """v - Q Q^T v for the orthonormal columns Q of `basis` ([size, k])."""
+  return v - tf.linalg.matvec(basis, tf.linalg.matvec(basis, v,
+                                                      transpose_a=True))
+
+
+def hutchpp_trace(op: Operator, num_probes: int, *, seed: int = 0,
+                  progress: Progress | None = None) -> TraceResult:
+  """The Hutch++ estimate of tr(H) (Meyer, Musco, Musco & Woodruff 2021).
+
+  With m = num_probes and k = m // 3: k Rademacher columns S give the
+  sketch Q = orth(H S) (k matvecs, a reduced QR in the operator's dtype);
+  tr(Q^T H Q) is computed exactly (k matvecs); the remaining m - 2k
+  Rademacher probes g are projected, p = (I - QQ^T) g, and Hutchinson's
+  estimator runs on the deflated operator, p^T H p (one matvec each). For
+  any orthonormal Q, tr(H) = tr(Q^T H Q) + tr((I - QQ^T) H (I - QQ^T)), so
+  the estimate is unbiased. The matvec count is exactly num_probes, as for
+  `hutchinson_trace` with the same num_probes. On a positive semi-definite
+  H the error falls as 1 / m rather than Hutchinson's 1 / sqrt(m), and
+  when H has rank <= k the sketch captures all of it and the result is
+  exact up to round-off. (If k > op.size, k = op.size and the rest of the
+  budget goes to probes.)
+
+  Each of the m - 2k samples is tr(Q^T H Q) + p^T H p, an unbiased estimate
+  of tr(H) given Q, and `trace` is their mean, as in `hutchinson_trace`.
+  The standard error comes from these samples only: the exact part adds
+  none. It is the error given the sketch Q; the spread of the sketch itself
+  over seeds is not in it (one run cannot measure it). With a single probe
+  left (num_probes 3, 4) it is nan.
+
+  Args:
+    op: the operator (square; H need not be PSD for unbiasedness).
+    num_probes: total matvec budget, >= 3.
+    seed: seeds the sketch and the probes.
+    progress: called as progress(matvecs_so_far, info) after every matvec,
+      info["phase"] being "sketch", "exact" or "probe"; during the probes
+      info also holds the running "trace" and "stderr".
+
+  Returns:
+    A `TraceResult` with num_probes - 2k samples and iterations=num_probes.
+
+  Raises:
+    UserError: for num_probes < 3.
+  """
+  num_probes = _check_int("num_probes", num_probes, 3)
+  k = min(num_probes // 3, op.size)
+  remaining = num_probes - 2 * k
+  gen = tf.random.Generator.from_seed(seed)
+  spent = 0
+
+  def report(phase, **info):
+    if progress is not None:
+      progress(spent, {"phase": phase, **info})
+
+  sketch = []
+  for _ in range(k):
+    sketch.append(op.matvec(_rademacher(op, gen)))
+    spent += 1
+    report("sketch")
+  basis, _ = tf.linalg.qr(tf.stack(sketch, axis=1))  # [size, k]
+  del sketch
+  exact = 0.0
+  for j in range(k):
+    q = basis[:, j]
+    exact += float(_dot(q, op.matvec(q)))
+    spent += 1
+    report("exact")
+  samples = np.empty(remaining, np.float64)
+  for i in range(remaining):
+    p = _project_out(basis, _rademacher(op, gen))
+    samples[i] = exact + float(_dot(p, op.matvec(p)))
+    spent += 1
+    report("probe", trace=float(np.mean(samples[:i + 1])),
+           stderr=_stderr(samples[:i + 1]))
+  return TraceResult(trace=float(np.mean(samples)), stderr=_stderr(samples),
+                     samples=samples, iterations=num_probes)
+
+
+@tf.function(reduce_retracing=True)
+def _welford_step(mean, m2, count, z, hz):
+  """Adds the sample z * hz to a running mean and sum of squared deviations
+  (Welford's update, float64; count is the number of samples after it)."""
+  x = tf.cast(z, tf.float64) * tf.cast(hz, tf.float64)
+  delta = x - mean
+  mean = mean + delta / count
+  return mean, m2 + delta * (x - mean)
+
+
+def hutchinson_diagonal(op: Operator, num_probes: int, *, seed: int = 0,
+                        progress: Progress | None = None) -> DiagonalResult:
+  """Hutchinson's estimate of diag(H) from Rademacher probes.
+
+  For z with independent +-1 entries, (z * Hz)_i = H_ii + sum_{j != i}
+  H_ij z_i z_j, so E[z * Hz] = diag(H), and entry i has variance
+  sum_{j != i} H_ij^2 per probe: the error shrinks as 1 / sqrt(num_probes),
+  and a diagonal H is recovered exactly by a single probe. The running
+  mean and variance stay on the operator's device in float64 (Welford's
+  update, so identical samples give a standard error of exactly zero).
+
+  Args:
+    op: the operator.
+    num_probes: number of probes (matvecs).
+    seed: seeds the probes.
+    progress: called as progress(probe, {"diagonal_mean": mean over entries
+      of the running estimate}) after every probe.
+
+  Returns:
+    A `DiagonalResult`.
+
+  Raises:
+    UserError: for num_probes < 1.
+  """
+  num_probes = _check_int("num_probes", num_probes)
+  gen = tf.random.Generator.from_seed(seed)
+  mean = tf.zeros([op.size], tf.float64)
+  m2 = tf.zeros([op.size], tf.float64)
+  for i in range(num_probes):
+    z = _rademacher(op, gen)
+    mean, m2 = _welford_step(mean, m2, tf.constant(i + 1, tf.float64), z,
+                             op.matvec(z))
+    if progress is not None:
+      progress(i + 1, {"diagonal_mean": float(tf.reduce_mean(mean))})
+  diagonal = mean.numpy()
+  if num_probes < 2:
+    stderr = np.full(op.size, math.nan)
+  else:
+    stderr = np.sqrt(m2.numpy() / (num_probes - 1) / num_probes)
+  return DiagonalResult(diagonal=diagonal, stderr=stderr,
+                        num_probes=num_probes)
 
 
 # --- Spectral density --------------------------------------------------------
