@@ -3,9 +3,10 @@ r"""Hessian spectrum of a trained model: `python -m tfcapacity.hessian`.
 Measures, on the mean loss over fixed examples (`--loss`: the run's own by
 default, or cross_entropy or squared), the top-k eigenvalues of the Hessian
 (power iteration with deflation, the lambda_max measurement of papers/003
-Sec. 2.3, or Lanczos), optionally its trace (Hutchinson 1990) and its
-eigenvalue density (stochastic Lanczos quadrature, Ghorbani, Krishnan & Xiao
-2019), and writes them to a JSON file:
+Sec. 2.3, or Lanczos), optionally its trace (Hutchinson 1990, or Hutch++
+with `--trace_method=hutchpp`), its diagonal summarised per layer
+(`--diagonal`) and its eigenvalue density (stochastic Lanczos quadrature,
+Ghorbani, Krishnan & Xiao 2019), and writes them to a JSON file:
 
   python -m tfcapacity.hessian --model_dir=runs/w256 --top_k=5 --trace \
       --density --output=runs/w256/hessian.json
@@ -18,8 +19,10 @@ and program the analysis tools share. With `--density` the figure is written
 next to the JSON as `<output stem>_density.png`. `--logdir=DIR` also writes
 TensorBoard events to DIR at the checkpoint's step (0 for a model file or
 `--at_init`): the eigenvalues as `hessian/eigenvalue_1` ...
-`hessian/eigenvalue_k`, `hessian/trace` with `--trace`, and the density
-figure as the image `figures/hessian_density`. The JSON (with `"loss"`, the
+`hessian/eigenvalue_k`, `hessian/trace` with `--trace`,
+`hessian/diagonal_mean` and `hessian/diagonal_sum/<layer>` with
+`--diagonal`, and the density figure as the image
+`figures/hessian_density`. The JSON (with `"loss"`, the
 loss measured) is written once, atomically, at the end: a failed or
 interrupted run leaves an earlier file intact.
 
@@ -53,7 +56,7 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
   cli.define_analysis_flags(
       fv,
       seed="the random starts of the eigen-solvers (--trace probes use "
-      "seed + 1, --density seed + 2)",
+      "seed + 1, --density seed + 2, --diagonal seed + 3)",
       batch_size=f"Hessian-vector-product batch (default: all the examples, at "
       f"most {objective.MAX_BATCH_SIZE}, or, with batch-norm statistics per "
       f"batch (--bn_mode=auto on a batch-norm run, batch, ghost), the run's "
@@ -65,8 +68,9 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
                       "most."),
       logdir="hessian/eigenvalue_1 ... hessian/eigenvalue_k, with --trace "
       "hessian/trace and hessian/trace_stderr, with --per_layer "
-      "hessian/lambda_max/<layer>, and with --density the figure as the "
-      "image figures/hessian_density.")
+      "hessian/lambda_max/<layer>, with --diagonal hessian/diagonal_mean "
+      "and hessian/diagonal_sum/<layer>, and with --density the figure as "
+      "the image figures/hessian_density.")
   # --help lists the shared flags with the tool's own.
   flags.adopt_module_key_flags(cli, flag_values=fv)
   if "top_k" in fv:
@@ -84,8 +88,23 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
       "forward-over-reverse differentiation.", flag_values=fv)
   flags.DEFINE_bool("trace", False, "Estimate the trace (Hutchinson).",
                     flag_values=fv)
-  flags.DEFINE_integer("trace_probes", 100, "Rademacher probes of --trace.",
-                       flag_values=fv)
+  flags.DEFINE_integer("trace_probes", 100,
+                       "Hessian-vector products of --trace (Hutchinson: one "
+                       "probe each; Hutch++: a third each for the sketch, "
+                       "its trace and the probes).", flag_values=fv)
+  flags.DEFINE_enum(
+      "trace_method", "hutchinson", list(report.TRACE_METHODS),
+      "Trace estimator of --trace: Hutchinson, or Hutch++ (a low-rank "
+      "sketch traced exactly plus Hutchinson on the rest; far smaller error "
+      "for the same products when a few eigenvalues dominate).",
+      flag_values=fv)
+  flags.DEFINE_bool(
+      "diagonal", False,
+      "Estimate the Hessian's diagonal (Hutchinson) and write its mean and "
+      "per-layer sums and means as \"diagonal\" in the JSON.",
+      flag_values=fv)
+  flags.DEFINE_integer("diagonal_probes", 100,
+                       "Rademacher probes of --diagonal.", flag_values=fv)
   flags.DEFINE_bool(
       "density", False,
       "Estimate the eigenvalue density (stochastic Lanczos quadrature) and "
@@ -102,12 +121,18 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
       "lanczos_steps", None,
       "Lanczos steps of --method=lanczos (default max(2k + 20, 30)).",
       flag_values=fv)
-  for name in ("top_k", "trace_probes", "density_runs", "density_steps",
-               "lanczos_steps"):
+  for name in ("top_k", "trace_probes", "diagonal_probes", "density_runs",
+               "density_steps", "lanczos_steps"):
     flags.register_validator(name, lambda v: v is None or v > 0,
                              f"--{name} must be positive", flag_values=fv)
   flags.register_validator("tol", lambda v: v > 0, "--tol must be positive",
                            flag_values=fv)
+  flags.register_multi_flags_validator(
+      ["trace_method", "trace_probes"],
+      lambda v: v["trace_probes"] >= report.MIN_TRACE_PROBES.get(
+          v["trace_method"], 1),
+      "--trace_method=hutchpp needs --trace_probes >= 3 (a third each for "
+      "the sketch, its trace and the probes)", flag_values=fv)
 
 
 def density_path(output: str) -> str:
@@ -124,7 +149,9 @@ def compute(fv: flags.FlagValues = flags.FLAGS, strategy=None) -> dict:
   loaded = rundir.load(cli.request_from_flags(fv), strategy)
   return report.hessian_report(
       loaded, top_k=fv.top_k, method=fv.method, hvp_method=fv.hvp_method,
-      trace=fv.trace, trace_probes=fv.trace_probes, density=fv.density,
+      trace=fv.trace, trace_probes=fv.trace_probes,
+      trace_method=fv.trace_method, diagonal=fv.diagonal,
+      diagonal_probes=fv.diagonal_probes, density=fv.density,
       density_runs=fv.density_runs, density_steps=fv.density_steps,
       bn_mode=fv.bn_mode, ghost_batch_size=fv.ghost_batch_size,
       batch_size=fv.batch_size, layers=fv.layers,
@@ -150,8 +177,9 @@ def density_figure(result: dict, path: str) -> str:
 
 
 def tensorboard_scalars(result: dict) -> dict[str, float]:
-  """hessian/eigenvalue_<i> (i from 1), hessian/trace, hessian/trace_stderr
-  and hessian/lambda_max/<layer>, as far as the result has them."""
+  """hessian/eigenvalue_<i> (i from 1), hessian/trace, hessian/trace_stderr,
+  hessian/lambda_max/<layer>, hessian/diagonal_mean and
+  hessian/diagonal_sum/<layer>, as far as the result has them."""
   out = {f"hessian/eigenvalue_{i}": value
          for i, value in enumerate(result["eigenvalues"], 1)}
   for key in ("trace", "trace_stderr"):
@@ -159,6 +187,10 @@ def tensorboard_scalars(result: dict) -> dict[str, float]:
       out[f"hessian/{key}"] = result[key]
   for row in result.get("per_layer") or []:
     out[f"hessian/lambda_max/{row['layer']}"] = row["lambda_max"]
+  if "diagonal" in result:
+    out["hessian/diagonal_mean"] = result["diagonal"]["mean"]
+    for row in result["diagonal"]["per_layer"]:
+      out[f"hessian/diagonal_sum/{row['layer']}"] = row["sum"]
   return out
 
 

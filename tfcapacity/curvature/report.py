@@ -5,9 +5,11 @@ model, fixed examples and the loss (`rundir.load`) and run one of these:
 
   * `hessian_report`: the top-k eigenvalues of the Hessian of the mean loss
     (power iteration with deflation, the lambda_max of papers/003 Sec. 2.3,
-    or Lanczos), optionally its trace (Hutchinson 1990), its eigenvalue
-    density (stochastic Lanczos quadrature, Ghorbani, Krishnan & Xiao 2019)
-    and the top eigenvalue of each layer's diagonal block;
+    or Lanczos), optionally its trace (Hutchinson 1990, or Hutch++, Meyer
+    et al. 2021), its diagonal (Hutchinson's estimate, summarised per
+    layer), its eigenvalue density (stochastic Lanczos quadrature,
+    Ghorbani, Krishnan & Xiao 2019) and the top eigenvalue of each layer's
+    diagonal block;
   * `sharpness_report`: Keskar et al.'s (2017) sharpness, Metric 2.1, the
     largest relative increase of the loss in a box around the weights.
 
@@ -34,6 +36,21 @@ from tfcapacity import objective
 from tfcapacity.errors import UserError, choices_error
 from tfcapacity.progress import Progress
 from tfcapacity import rundir
+
+# Trace estimators of `hessian_report` (`eigen.hutchinson_trace`,
+# `eigen.hutchpp_trace`), and the fewest probes each needs.
+TRACE_METHODS = ("hutchinson", "hutchpp")
+MIN_TRACE_PROBES = {"hutchinson": 1, "hutchpp": 3}
+
+
+def check_trace_options(trace_method: str, trace_probes: int) -> None:
+  """Raises UserError for an unknown method or too few probes."""
+  if trace_method not in TRACE_METHODS:
+    raise choices_error("--trace_method", trace_method, TRACE_METHODS)
+  least = MIN_TRACE_PROBES[trace_method]
+  if trace_probes < least:
+    raise UserError(f"--trace_probes={trace_probes} is too few for "
+                    f"--trace_method={trace_method}: use at least {least}")
 
 
 # --- The loss as an operator --------------------------------------------------
@@ -124,7 +141,9 @@ class LossObjective:
 def hessian_report(loaded: rundir.Loaded, *, top_k: int = 1,
                    method: str = "power", hvp_method: str = "reverse",
                    trace: bool = False,
-                   trace_probes: int = 100, density: bool = False,
+                   trace_probes: int = 100, trace_method: str = "hutchinson",
+                   diagonal: bool = False, diagonal_probes: int = 100,
+                   density: bool = False,
                    density_runs: int = 4, density_steps: int = 30,
                    density_figure: str | None = None,
                    bn_mode: str = "auto",
@@ -145,7 +164,12 @@ def hessian_report(loaded: rundir.Loaded, *, top_k: int = 1,
       as the curvature callback measures it; for more, with deflation, the
       largest in magnitude) | lanczos (largest algebraic); see `eigen`.
     hvp_method: reverse | forward.
-    trace, trace_probes: Hutchinson's estimate with that many probes.
+    trace, trace_probes: the trace estimate with that many probes
+      (matvecs).
+    trace_method: hutchinson | hutchpp (same matvecs; Hutch++ needs >= 3).
+    diagonal, diagonal_probes: Hutchinson's estimate of the Hessian's
+      diagonal with that many probes, summarised per layer (`diagonal_
+      summary`).
     density, density_runs, density_steps: stochastic Lanczos quadrature.
     density_figure: write the density's PNG here.
     bn_mode, ghost_batch_size, batch_size, layers, include_slopes: see
@@ -153,7 +177,8 @@ def hessian_report(loaded: rundir.Loaded, *, top_k: int = 1,
     tol, max_iterations: power iteration's stopping rule and budget (per
       eigenvalue); `tol` also decides `converged` for Lanczos.
     lanczos_steps: default `eigen.default_lanczos_steps`.
-    seed: seeds the starts (trace and density use seed + 1 and seed + 2).
+    seed: seeds the starts (trace, density and diagonal use seed + 1,
+      seed + 2 and seed + 3).
     per_layer: also lambda_max of every layer's diagonal block
       (`blocks.per_layer`), as `per_layer` rows.
     progress_bar: see `Progress`.
@@ -161,8 +186,8 @@ def hessian_report(loaded: rundir.Loaded, *, top_k: int = 1,
   Returns:
     A JSON-ready dict: eigenvalues, residuals, relative_residuals,
     iterations, converged (all pairs), converged_pairs, and trace,
-    trace_stderr, density when asked, plus how it was computed and
-    `loaded.description`.
+    trace_stderr, trace_probes, trace_method, diagonal, density when asked,
+    plus how it was computed and `loaded.description`.
 
   Raises:
     UserError: bad options.
@@ -170,6 +195,10 @@ def hessian_report(loaded: rundir.Loaded, *, top_k: int = 1,
   from tfcapacity.curvature import eigen
   if method not in curvature.EIGEN_METHODS:
     raise choices_error("--method", method, curvature.EIGEN_METHODS)
+  if trace:
+    check_trace_options(trace_method, trace_probes)
+  if diagonal and diagonal_probes < 1:
+    raise UserError(f"--diagonal_probes={diagonal_probes} must be positive")
   start = time.time()
   op = make_operator(loaded, bn_mode=bn_mode,
                      ghost_batch_size=ghost_batch_size,
@@ -215,11 +244,19 @@ def hessian_report(loaded: rundir.Loaded, *, top_k: int = 1,
   matvecs = found.iterations
   if trace:
     with Progress("trace", trace_probes, bar=progress_bar) as report:
-      estimate = eigen.hutchinson_trace(op, trace_probes, seed=seed + 1,
-                                        progress=report)
+      estimator = (eigen.hutchpp_trace if trace_method == "hutchpp"
+                   else eigen.hutchinson_trace)
+      estimate = estimator(op, trace_probes, seed=seed + 1, progress=report)
     out.update(trace=estimate.trace, trace_stderr=estimate.stderr,
-               trace_probes=int(trace_probes))
+               trace_probes=int(trace_probes), trace_method=trace_method)
     matvecs += estimate.iterations
+  if diagonal:
+    with Progress("diagonal", diagonal_probes, bar=progress_bar) as report:
+      found_diagonal = eigen.hutchinson_diagonal(op, diagonal_probes,
+                                                 seed=seed + 3,
+                                                 progress=report)
+    out["diagonal"] = diagonal_summary(op, found_diagonal, loaded)
+    matvecs += found_diagonal.num_probes
   if density:
     with Progress("density", density_runs * min(density_steps, op.size),
                   bar=progress_bar) as report:
@@ -256,6 +293,59 @@ def hessian_report(loaded: rundir.Loaded, *, top_k: int = 1,
   out["matvecs"] = int(matvecs)
   out["seconds"] = time.time() - start
   return out
+
+
+def parameter_groups(op, loaded: rundir.Loaded) -> list[tuple[str, int]]:
+  """(name, number of entries) of consecutive parts of the operator's flat
+  vectors: per layer for a Keras model (the layer that owns each variable,
+  nested models' layers included), per variable for a SavedModel."""
+  owner = {}
+  if loaded.is_keras:
+    import keras  # pylint: disable=g-import-not-at-top
+    from tfcapacity.models import layers as layers_lib
+    for layer in layers_lib.all_layers(loaded.model):
+      if isinstance(layer, keras.Model):
+        continue
+      for weight in layer.weights:
+        owner.setdefault(id(weight), layer.name)
+  groups: list[tuple[str, int]] = []
+  for param, shape in zip(op.params, op.shapes):
+    name = owner.get(id(param), getattr(param, "path", None) or param.name)
+    count = int(np.prod(shape))
+    if groups and groups[-1][0] == name:
+      groups[-1] = (name, groups[-1][1] + count)
+    else:
+      groups.append((name, count))
+  return groups
+
+
+def diagonal_summary(op, found, loaded: rundir.Loaded) -> dict:
+  """The JSON summary of an `eigen.DiagonalResult` of the Hessian.
+
+  Returns:
+    probes; mean (over all parameters) and sum (equal to the Hutchinson
+    trace estimate from the same probes); stderr_rms, the root mean square
+    of the per-entry standard errors; and per_layer, one row per
+    `parameter_groups` entry: layer, num_parameters, sum, mean, stderr_rms.
+    No standard error of a sum is given: the entries' errors are correlated
+    (their covariance is H_ij^2), so they do not add in quadrature.
+  """
+  diag, stderr = found.diagonal, found.stderr
+
+  def rms(values):
+    return float(np.sqrt(np.mean(values ** 2)))
+
+  rows, offset = [], 0
+  for name, count in parameter_groups(op, loaded):
+    part = slice(offset, offset + count)
+    rows.append({"layer": name, "num_parameters": count,
+                 "sum": float(np.sum(diag[part])),
+                 "mean": float(np.mean(diag[part])),
+                 "stderr_rms": rms(stderr[part])})
+    offset += count
+  return {"probes": int(found.num_probes), "mean": float(np.mean(diag)),
+          "sum": float(np.sum(diag)), "stderr_rms": rms(stderr),
+          "per_layer": rows}
 
 
 def sharpness_report(loaded: rundir.Loaded, *, epsilon: float = 1e-3,
