@@ -169,7 +169,8 @@ def event_scalars(directory):
         os.path.join(directory, name)):
       for value in event.summary.value:
         array = tf.make_ndarray(value.tensor)
-        if array.ndim == 0:  # Scalars, not histograms.
+        if array.ndim == 0 and array.dtype.kind in "fiu":  # Not histograms
+          # or the flags text.
           out.setdefault(value.tag, {})[event.step] = float(array)
   return out
 
