@@ -645,9 +645,11 @@ class Trainer:
                  model_dir)
     try:  # The trainer's model is the run's final one (library callers).
       self._restore_checkpoint(rundir.checkpoint_to_resume(model_dir))
+      restored = True
     except UserError as e:
       logging.warning("The trainer's model stays at initialisation: %s", e)
-    if self.chief and cfg.export and not os.path.exists(
+      restored = False
+    if restored and self.chief and cfg.export and not os.path.exists(
         os.path.join(model_dir, rundir.SAVED_MODEL_DIR)):
       self._lock = rundir.lock(model_dir)
       rundir.export_model(self.model, model_dir)
