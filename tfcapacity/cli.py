@@ -474,6 +474,19 @@ def request_from_flags(fv: flags.FlagValues = flags.FLAGS) -> rundir.Request:
   return request
 
 
+def _probe_writable(directory: str, flag: str, path: str) -> None:
+  """Raises UserError unless a file can be created (and is removed) in
+  `directory`: permission bits, read-only mounts and full quotas all show,
+  where `os.access` would not for root."""
+  try:
+    fd, probe = tempfile.mkstemp(dir=directory, prefix=".tfcapacity-probe-")
+    os.close(fd)
+    os.unlink(probe)
+  except OSError as e:
+    raise UserError(f"{flag}={path}: cannot write in {directory} "
+                    f"({e.strerror}); choose a writable directory") from None
+
+
 def check_output(path: str, flag: str = "--output") -> None:
   """Raises UserError unless `path` can be written as a file.
 
@@ -488,13 +501,7 @@ def check_output(path: str, flag: str = "--output") -> None:
     what = ("is a file" if os.path.exists(directory) else "does not exist; "
             "create it first")
     raise UserError(f"{flag}={path}: directory {directory} {what}")
-  try:
-    fd, probe = tempfile.mkstemp(dir=directory, prefix=".tfcapacity-probe-")
-    os.close(fd)
-    os.unlink(probe)
-  except OSError as e:
-    raise UserError(f"{flag}={path}: cannot write in {directory} "
-                    f"({e.strerror}); choose a writable directory") from None
+  _probe_writable(directory, flag, path)
 
 
 def check_logdir(path: str, flag: str = "--logdir") -> None:
@@ -512,13 +519,7 @@ def check_logdir(path: str, flag: str = "--logdir") -> None:
     where = ("is a file" if existing == path
              else f"lies under a file, {existing}")
     raise UserError(f"{flag}={path} {where}; name a directory")
-  try:
-    fd, probe = tempfile.mkstemp(dir=existing, prefix=".tfcapacity-probe-")
-    os.close(fd)
-    os.unlink(probe)
-  except OSError as e:
-    raise UserError(f"{flag}={path}: cannot write in {existing} "
-                    f"({e.strerror}); choose a writable directory") from None
+  _probe_writable(existing, flag, path)
 
 
 def summary_step(result: dict) -> int:
